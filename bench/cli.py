@@ -1,0 +1,148 @@
+"""The `bench` command.
+
+  bench data [PATH] [--json]                         what an HH-RLHF source holds
+  bench train ALGO [--recipe NAME|PATH] [overrides]  train with LightningCLI conventions
+"""
+
+import argparse
+import json
+import logging
+import sys
+import tempfile
+from datetime import datetime
+from pathlib import Path
+
+import yaml
+
+from bench.errors import BenchError
+
+log = logging.getLogger("bench")
+
+USAGE = __doc__
+
+
+def data_command(argv: list[str]) -> None:
+    from bench.data_report import describe, format_report
+    from datamodules.hh_rlhf import HUB_ID
+
+    parser = argparse.ArgumentParser(prog="bench data", description="Report what an HH-RLHF source holds.")
+    parser.add_argument("path", nargs="?", default=HUB_ID, help="hub id or local folder <subset>/<split>.jsonl.gz")
+    parser.add_argument("--subsets", nargs="*", default=None, help="subset folders (the hub's data_dir)")
+    parser.add_argument("--tokenizer", default="smollm2-135m-instruct", help="model spec for token lengths")
+    parser.add_argument("--no-chat-template", dest="chat_template", action="store_false")
+    parser.add_argument("--max-length", type=int, default=512)
+    parser.add_argument("--max-prompt-length", type=int, default=256)
+    parser.add_argument("--val-fraction", type=float, default=0.1)
+    parser.add_argument("--test-fraction", type=float, default=0.1)
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    args = parser.parse_args(argv)
+    report = describe(
+        args.path, args.subsets, args.tokenizer, args.chat_template, args.max_length, args.max_prompt_length,
+        args.val_fraction, args.test_fraction,
+    )
+    print(json.dumps(report, indent=2) if args.json else format_report(report))
+
+
+def _pop_option(argv: list[str], name: str, default: str) -> tuple[str, list[str]]:
+    rest, value, i = [], default, 0
+    while i < len(argv):
+        if argv[i] == name and i + 1 < len(argv):
+            value, i = argv[i + 1], i + 2
+        elif argv[i].startswith(name + "="):
+            value, i = argv[i].split("=", 1)[1], i + 1
+        else:
+            rest.append(argv[i])
+            i += 1
+    return value, rest
+
+
+def train_command(argv: list[str]) -> None:
+    from lightning.pytorch.cli import LightningCLI
+
+    from bench import recipes, tracking
+    from datamodules.hh_datamodule import HHRLHFDataModule
+    from modules import ALGORITHMS
+
+    if not argv or argv[0] not in ALGORITHMS:
+        given = argv[0] if argv else "nothing"
+        raise BenchError(f"bench train: unknown algorithm {given!r}; choose one of {', '.join(ALGORITHMS)}")
+    algorithm, argv = argv[0], argv[1:]
+    recipe_arg, argv = _pop_option(argv, "--recipe", "smol-hh")
+    recipe_name, recipe_config = recipes.resolve(recipe_arg, algorithm)
+    run_name = f"{algorithm}-{datetime.now():%Y%m%d-%H%M%S}"
+
+    class TrainCLI(LightningCLI):
+        def add_arguments_to_parser(self, parser):
+            parser.link_arguments("model.policy", "data.tokenizer")
+            parser.set_defaults({"data.view": ALGORITHMS[algorithm].data_view})
+
+        def instantiate_trainer(self, **kwargs):
+            trainer_config = self.config_init.get("trainer", {})
+            self.run_dir = Path(trainer_config.get("default_root_dir") or Path("runs") / recipe_name / run_name)
+            self.run_logger = tracking.make_logger(recipe_name, run_name)
+            return super().instantiate_trainer(logger=self.run_logger, default_root_dir=str(self.run_dir), **kwargs)
+
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", prefix=f"{recipe_name}-{algorithm}-") as recipe_file:
+        yaml.safe_dump(recipe_config, recipe_file)
+        recipe_file.flush()
+        cli = TrainCLI(
+            ALGORITHMS[algorithm],
+            HHRLHFDataModule,
+            args=["--config", recipe_file.name, *argv],
+            run=False,
+            save_config_callback=None,
+            parser_kwargs={"prog": f"bench train {algorithm}"},
+        )
+    config = yaml.safe_load(cli.parser.dump(cli.config, skip_none=False))
+    # What the trainer really got, rather than the unset values the parser saw.
+    config["trainer"].update(logger="MLFlowLogger", default_root_dir=str(cli.run_dir))
+    cli.run_dir.mkdir(parents=True, exist_ok=True)
+    config_file = cli.run_dir / "config.yaml"
+    config_file.write_text(yaml.safe_dump(config, sort_keys=False))
+    data = config["data"]
+    tracking.record_run(
+        cli.run_logger,
+        config,
+        config_file,
+        tags={
+            "algorithm": algorithm,
+            "recipe": recipe_name,
+            "model": config["model"]["policy"],
+            "data_source": data["path"] + (f"[{','.join(data['subsets'])}]" if data.get("subsets") else ""),
+            "seed": str(config["seed_everything"]),
+            "git_commit": tracking.git_commit(),
+            "precision": str(config["trainer"]["precision"]),
+            "policy_path": str((cli.run_dir / "policy").resolve()),
+        },
+    )
+    log.info("MLflow run %s (experiment %r) at %s", cli.run_logger.run_id, recipe_name, tracking.tracking_uri())
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    print(f"run {cli.run_logger.run_id} finished; policy saved to {cli.model.policy_dir}")
+
+
+COMMANDS = {"data": data_command, "train": train_command}
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    for name in ("bench", "modules", "datamodules"):  # Lightning configures its own loggers
+        logging.getLogger(name).addHandler(handler)
+        logging.getLogger(name).setLevel(logging.INFO)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return
+    command = COMMANDS.get(argv[0])
+    if command is None:
+        print(f"bench: unknown command {argv[0]!r}\n{USAGE}", file=sys.stderr)
+        sys.exit(2)
+    try:
+        command(argv[1:])
+    except BenchError as err:
+        print(f"bench {argv[0]}: error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

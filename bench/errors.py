@@ -1,0 +1,17 @@
+"""Errors that mean "your input is wrong", which the CLI prints as one line instead of a traceback."""
+
+
+class BenchError(ValueError):
+    pass
+
+
+class ConfigError(BenchError):
+    """A config value out of range; the message names the field."""
+
+
+class DataError(BenchError):
+    """Bad input data; the message names the file and line (or hub row) at fault."""
+
+
+class ModelSpecError(BenchError):
+    """A model spec that names no loadable model."""

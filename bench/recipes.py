@@ -1,0 +1,53 @@
+"""Recipes: YAML files in bench/recipes/ (or any path) holding a whole LightningCLI config.
+
+The `trainer`, `data` and `model` sections are shared by all algorithms; `algorithms.<name>` holds the
+sections one algorithm overrides. Resolving a recipe for an algorithm merges the two.
+"""
+
+import copy
+from pathlib import Path
+
+import yaml
+
+from bench.errors import ConfigError
+
+RECIPE_DIR = Path(__file__).resolve().parent / "recipes"
+
+
+def available() -> list[str]:
+    return sorted(p.stem for p in RECIPE_DIR.glob("*.yaml"))
+
+
+def recipe_path(name_or_path: str) -> Path:
+    path = Path(name_or_path).expanduser()
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise ConfigError(f"recipe file {path} does not exist")
+        return path
+    path = RECIPE_DIR / f"{name_or_path}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"unknown recipe {name_or_path!r}; known recipes: {', '.join(available())}, or give a path")
+    return path
+
+
+def deep_merge(base: dict, override: dict) -> dict:
+    merged = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def resolve(name_or_path: str, algorithm: str) -> tuple[str, dict]:
+    """(recipe name, the config for `algorithm`)."""
+    path = recipe_path(name_or_path)
+    try:
+        recipe = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"recipe {path} is not valid YAML: {err}") from err
+    if not isinstance(recipe, dict):
+        raise ConfigError(f"recipe {path} must be a mapping of config sections")
+    overrides = recipe.pop("algorithms", {}) or {}
+    return path.stem, deep_merge(recipe, overrides.get(algorithm, {}))

@@ -1,0 +1,68 @@
+"""MLflow: where runs go, and what each training run records besides its metrics."""
+
+import os
+import subprocess
+from pathlib import Path
+
+from lightning.pytorch.loggers import MLFlowLogger
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+def tracking_uri() -> str:
+    """``MLFLOW_TRACKING_URI`` if set, else a sqlite store in the working directory
+    (the file store refuses to start in MLflow 3.13+)."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+
+
+def artifact_location() -> str | None:
+    """Artifacts of a local sqlite store go beside it; a tracking server chooses its own."""
+    uri = tracking_uri()
+    if uri.startswith("sqlite:///"):
+        return str(Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts")
+    return None
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=10, check=True
+        )
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=PROJECT_ROOT, capture_output=True, text=True,
+            timeout=10,
+        ).stdout.strip()
+        return out.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def make_logger(experiment: str, run_name: str) -> MLFlowLogger:
+    return MLFlowLogger(
+        experiment_name=experiment,
+        run_name=run_name,
+        tracking_uri=tracking_uri(),
+        artifact_location=artifact_location(),
+        log_model=False,
+    )
+
+
+def flatten(config: dict, prefix: str = "") -> dict[str, object]:
+    flat = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def record_run(logger: MLFlowLogger, config: dict, config_file: Path, tags: dict[str, str]) -> None:
+    """Tags, every resolved config value as a param, and the config YAML as an artifact. Done here
+    rather than by LightningCLI's SaveConfigCallback, which fails with MLflow on sqlite (Lightning #16310)."""
+    client, run_id = logger.experiment, logger.run_id
+    for key, value in tags.items():
+        client.set_tag(run_id, key, value)
+    logger.log_hyperparams(flatten(config))
+    client.log_artifact(run_id, str(config_file))

@@ -1,0 +1,69 @@
+"""Prompt/response formatting and tokenization.
+
+The prompt and each response are tokenized separately and concatenated, so a response's tokens are
+exactly the tokens of its text (no BPE merge across the boundary), followed by EOS / end of turn.
+Truncation follows the DPO reference code: keep the end of the prompt, then cut the responses.
+"""
+
+from dataclasses import dataclass
+
+from bench.errors import ConfigError
+from transformers import PreTrainedTokenizerBase
+
+from datamodules.hh_rlhf import Pair, hh_to_messages
+
+
+@dataclass(frozen=True)
+class Formatter:
+    tokenizer: PreTrainedTokenizerBase
+    chat_template: bool = True
+    max_length: int = 512
+    max_prompt_length: int = 256
+
+    def __post_init__(self):
+        if not 0 < self.max_prompt_length < self.max_length:
+            raise ConfigError(
+                f"need 0 < max_prompt_length < max_length, got max_prompt_length={self.max_prompt_length}, "
+                f"max_length={self.max_length}"
+            )
+
+    @property
+    def uses_chat_template(self) -> bool:
+        return self.chat_template and self.tokenizer.chat_template is not None
+
+    def prompt_text(self, prompt: str) -> str:
+        if self.uses_chat_template:
+            return self.tokenizer.apply_chat_template(
+                hh_to_messages(prompt), tokenize=False, add_generation_prompt=True
+            )
+        return prompt
+
+    def response_text(self, response: str) -> str:
+        # Chat turns carry no leading space; raw HH responses keep theirs (" Sure, ...").
+        return response.strip() if self.uses_chat_template else response
+
+    def prompt_ids(self, prompt: str) -> list[int]:
+        # The chat template writes its own special tokens; raw text gets the tokenizer's BOS, if any.
+        return self.tokenizer(self.prompt_text(prompt), add_special_tokens=not self.uses_chat_template).input_ids
+
+    def response_ids(self, response: str) -> list[int]:
+        ids = self.tokenizer(self.response_text(response), add_special_tokens=False).input_ids
+        return ids + [self.tokenizer.eos_token_id]
+
+    def truncate(self, prompt: list[int], responses: list[list[int]]) -> tuple[list[int], list[list[int]]]:
+        longest = max(len(r) for r in responses)
+        if len(prompt) + longest > self.max_length:
+            prompt = prompt[-self.max_prompt_length :]
+        if len(prompt) + longest > self.max_length:
+            responses = [r[: self.max_length - self.max_prompt_length] for r in responses]
+        return prompt, responses
+
+    def pair(self, pair: Pair) -> dict[str, list[int]]:
+        prompt, (chosen, rejected) = self.truncate(
+            self.prompt_ids(pair.prompt), [self.response_ids(pair.chosen), self.response_ids(pair.rejected)]
+        )
+        return {"prompt_ids": prompt, "chosen_ids": chosen, "rejected_ids": rejected}
+
+    def fit_completion(self, prompt_ids: list[int], completion_ids: list[int]) -> list[int]:
+        """Cut a completion borrowed from another pair so that it fits after this prompt."""
+        return completion_ids[: self.max_length - len(prompt_ids)]

@@ -1,0 +1,177 @@
+"""The HH-RLHF LightningDataModule and the three data views the algorithm modules ask for.
+
+- paired:   prompt, chosen, rejected (DPO, IPO); batches hold the chosen rows, then the rejected rows;
+- unpaired: one row per response with a `desirable` flag (KTO), plus a mismatched completion, another
+            pair's response attached to this prompt, for KTO's KL reference point;
+- sft:      prompt with its chosen response.
+"""
+
+import logging
+import random
+from pathlib import Path
+from typing import Literal
+
+import datasets
+import lightning.pytorch as L
+import torch
+from torch.utils.data import DataLoader
+
+from bench.errors import ConfigError, DataError
+from bench.models import load_tokenizer
+from datamodules.formatting import Formatter
+from datamodules.hh_rlhf import HUB_ID, Pair, ReadReport, is_local, load_splits
+
+log = logging.getLogger(__name__)
+
+View = Literal["paired", "unpaired", "sft"]
+IGNORE_INDEX = -100
+
+
+def paired_rows(pairs: list[Pair], formatter: Formatter) -> list[dict]:
+    return [formatter.pair(p) for p in pairs]
+
+
+def sft_rows(pairs: list[Pair], formatter: Formatter) -> list[dict]:
+    return [{"prompt_ids": r["prompt_ids"], "completion_ids": r["chosen_ids"]} for r in paired_rows(pairs, formatter)]
+
+
+def unpaired_rows(pairs: list[Pair], formatter: Formatter, seed: int) -> list[dict]:
+    """Two rows per pair, shuffled so that batches mix desirable and undesirable rows. The mismatched
+    partner of each pair is fixed here, from the seed, so it is the same in every run and process."""
+    if len(pairs) < 2:
+        raise DataError(f"the unpaired view needs at least 2 pairs to mismatch completions, got {len(pairs)}")
+    tokenized = paired_rows(pairs, formatter)
+    rng = random.Random(seed)
+    order = list(range(len(tokenized)))
+    rng.shuffle(order)
+    partner = {order[k]: order[(k + 1) % len(order)] for k in range(len(order))}
+    rows = []
+    for i, pair in enumerate(tokenized):
+        mismatched = tokenized[partner[i]]
+        for desirable, key in ((True, "chosen_ids"), (False, "rejected_ids")):
+            rows.append(
+                {
+                    "prompt_ids": pair["prompt_ids"],
+                    "completion_ids": pair[key],
+                    "desirable": desirable,
+                    "kl_completion_ids": formatter.fit_completion(pair["prompt_ids"], mismatched[key]),
+                }
+            )
+    rng.shuffle(rows)
+    return rows
+
+
+def pad_rows(prompts: list[list[int]], completions: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded prompt+completion rows; labels are -100 on prompt and padding tokens."""
+    width = max(len(p) + len(c) for p, c in zip(prompts, completions))
+    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    labels = torch.full((len(prompts), width), IGNORE_INDEX, dtype=torch.long)
+    for row, (prompt, completion) in enumerate(zip(prompts, completions)):
+        length = len(prompt) + len(completion)
+        input_ids[row, :length] = torch.tensor(prompt + completion)
+        attention_mask[row, :length] = 1
+        labels[row, len(prompt) : length] = torch.tensor(completion)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+class Collator:
+    def __init__(self, view: View, pad_id: int):
+        self.view, self.pad_id = view, pad_id
+
+    def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        prompts = [r["prompt_ids"] for r in rows]
+        if self.view == "paired":
+            return pad_rows(prompts + prompts, [r["chosen_ids"] for r in rows] + [r["rejected_ids"] for r in rows], self.pad_id)
+        batch = pad_rows(prompts, [r["completion_ids"] for r in rows], self.pad_id)
+        if self.view == "unpaired":
+            batch["desirable"] = torch.tensor([r["desirable"] for r in rows], dtype=torch.bool)
+            kl = pad_rows(prompts, [r["kl_completion_ids"] for r in rows], self.pad_id)
+            batch.update({f"kl_{key}": value for key, value in kl.items()})
+        return batch
+
+
+class HHRLHFDataModule(L.LightningDataModule):
+    """HH-RLHF from the hub or a local folder in its layout, as one of the three views.
+
+    Args:
+        path: hub id (``Anthropic/hh-rlhf``) or a local folder with ``<subset>/<split>.jsonl.gz``.
+        subsets: subset folders (the hub's ``data_dir``), e.g. ``[harmless-base]``; all when unset.
+        tokenizer: model spec whose tokenizer formats the data (linked to the policy by ``bench train``).
+        view: paired, unpaired or sft; ``bench train`` sets it from the algorithm.
+        chat_template: format with the tokenizer's chat template when it has one, else raw HH text.
+        max_length, max_prompt_length: DPO-reference truncation (keep the prompt's end, then cut responses).
+        val_fraction, test_fraction: shares carved by prompt hash when the source lacks those splits.
+        max_train_pairs, max_val_pairs: take only the first N pairs of a split (short runs).
+        seed: fixes the unpaired view's shuffling and mismatched partners, and the train order.
+    """
+
+    def __init__(
+        self,
+        path: str = HUB_ID,
+        subsets: list[str] | None = None,
+        tokenizer: str = "smollm2-135m-instruct",
+        view: View = "paired",
+        chat_template: bool = True,
+        max_length: int = 512,
+        max_prompt_length: int = 256,
+        batch_size: int = 8,
+        eval_batch_size: int | None = None,
+        val_fraction: float = 0.1,
+        test_fraction: float = 0.1,
+        max_train_pairs: int | None = None,
+        max_val_pairs: int | None = None,
+        seed: int = 0,
+        num_workers: int = 0,
+    ):
+        super().__init__()
+        for name, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size or 1)):
+            if value < 1:
+                raise ConfigError(f"data.{name} must be >= 1, got {value}")
+        for name, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+            if not 0 <= value < 1:
+                raise ConfigError(f"data.{name} must be in [0, 1), got {value}")
+        if is_local(path) and not Path(path).expanduser().is_dir():
+            raise DataError(f"data.path {path} does not exist or is not a folder")
+        self.save_hyperparameters(logger=False)
+        self.report: ReadReport | None = None
+        self.views: dict[str, datasets.Dataset] = {}
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.views:
+            return
+        hp = self.hparams
+        splits, self.report = load_splits(hp.path, hp.subsets, hp.val_fraction, hp.test_fraction)
+        limits = {"train": hp.max_train_pairs, "validation": hp.max_val_pairs}
+        self.tokenizer = load_tokenizer(hp.tokenizer)
+        formatter = Formatter(self.tokenizer, hp.chat_template, hp.max_length, hp.max_prompt_length)
+        for split in ("train", "validation"):
+            pairs = splits[split][: limits[split]]
+            if not pairs:
+                raise DataError(f"split {split!r} of {hp.path} is empty; check val_fraction and the source")
+            self.views[split] = datasets.Dataset.from_list(self._rows(pairs, formatter))
+        self.test_pairs = splits["test"]
+        log.info("HH-RLHF %s view: %s", hp.view, {k: len(v) for k, v in self.views.items()})
+
+    def _rows(self, pairs: list[Pair], formatter: Formatter) -> list[dict]:
+        if self.hparams.view == "paired":
+            return paired_rows(pairs, formatter)
+        if self.hparams.view == "sft":
+            return sft_rows(pairs, formatter)
+        return unpaired_rows(pairs, formatter, self.hparams.seed)
+
+    def _loader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader:
+        return DataLoader(
+            self.views[split],
+            batch_size=batch_size,
+            shuffle=shuffle,
+            generator=torch.Generator().manual_seed(self.hparams.seed) if shuffle else None,
+            collate_fn=Collator(self.hparams.view, self.tokenizer.pad_token_id),
+            num_workers=self.hparams.num_workers,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", self.hparams.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("validation", self.hparams.eval_batch_size or self.hparams.batch_size, shuffle=False)
