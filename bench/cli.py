@@ -85,6 +85,8 @@ def train_command(argv: list[str]) -> None:
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", prefix=f"{recipe_name}-{algorithm}-") as recipe_file:
         yaml.safe_dump(recipe_config, recipe_file)
         recipe_file.flush()
+        # LightningCLI reads sys.argv when given no args; ours are already split off from `bench train`.
+        sys.argv = [f"bench train {algorithm}"]
         cli = TrainCLI(
             ALGORITHMS[algorithm],
             HHRLHFDataModule,
@@ -94,8 +96,9 @@ def train_command(argv: list[str]) -> None:
             parser_kwargs={"prog": f"bench train {algorithm}"},
         )
     config = yaml.safe_load(cli.parser.dump(cli.config, skip_none=False))
-    # What the trainer really got, rather than the unset values the parser saw.
+    # What the trainer and datamodule really got: the parser's dump leaves out linked and overridden values.
     config["trainer"].update(logger="MLFlowLogger", default_root_dir=str(cli.run_dir))
+    config["data"]["tokenizer"] = cli.datamodule.hparams.tokenizer
     cli.run_dir.mkdir(parents=True, exist_ok=True)
     config_file = cli.run_dir / "config.yaml"
     config_file.write_text(yaml.safe_dump(config, sort_keys=False))
@@ -120,16 +123,28 @@ def train_command(argv: list[str]) -> None:
     print(f"run {cli.run_logger.run_id} finished; policy saved to {cli.model.policy_dir}")
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is at the time, so that redirection (and pytest) is respected."""
+
+    stream = property(lambda self: sys.stderr, lambda self, value: None)
+
+
+def configure_logging() -> None:
+    for name in ("bench", "modules", "datamodules"):  # Lightning configures its own loggers
+        logger = logging.getLogger(name)
+        if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
+            handler = _StderrHandler()
+            handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+            logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+
+
 COMMANDS = {"data": data_command, "train": train_command}
 
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-    for name in ("bench", "modules", "datamodules"):  # Lightning configures its own loggers
-        logging.getLogger(name).addHandler(handler)
-        logging.getLogger(name).setLevel(logging.INFO)
+    configure_logging()
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         return

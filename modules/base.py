@@ -99,7 +99,7 @@ class AlignmentModule(L.LightningModule):
             return
         hp = self.hparams
         self.tokenizer = load_tokenizer(hp.policy, hp.trust_remote_code)
-        self.policy = load_causal_lm(hp.policy, hp.trust_remote_code)
+        self.policy = load_causal_lm(hp.policy, hp.trust_remote_code).train()  # from_pretrained gives eval mode
         if self.needs_reference:
             self.reference = (
                 load_causal_lm(hp.reference, hp.trust_remote_code) if hp.reference else copy.deepcopy(self.policy)
@@ -124,6 +124,11 @@ class AlignmentModule(L.LightningModule):
     @torch.no_grad()
     def reference_logps(self, batch: dict, prefix: str = "") -> SequenceLogps:
         return sequence_logps(self.reference, batch, prefix)
+
+    def mean_across_devices(self, value: torch.Tensor) -> torch.Tensor:
+        if self._trainer is None:  # used outside a Trainer, e.g. in a notebook
+            return value
+        return self.trainer.strategy.reduce(value, reduce_op="mean")
 
     # --- the algorithm ------------------------------------------------------------------------
     def loss_and_metrics(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor | tuple]]:

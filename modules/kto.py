@@ -51,7 +51,7 @@ class KTO(AlignmentModule):
         """Mean log-ratio of mismatched completions over the global batch, clamped at 0."""
         policy, reference = self.policy_logps(batch, "kl_"), self.reference_logps(batch, "kl_")
         local = (policy.total - reference.total).mean()
-        return self.all_gather(local).mean().clamp(min=0)
+        return self.mean_across_devices(local).clamp(min=0)
 
     def loss_and_metrics(self, batch):
         hp = self.hparams

@@ -1,0 +1,29 @@
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+HH_PATH = Path(os.environ.get("HH_RLHF_PATH", REPO.parent / "shared" / "data" / "hh-rlhf"))
+
+
+@pytest.fixture(scope="session")
+def hh_path() -> str:
+    if not (HH_PATH / "harmless-base" / "test.jsonl.gz").exists():
+        pytest.fail(f"the HH-RLHF slice is missing at {HH_PATH}; set HH_RLHF_PATH")
+    return str(HH_PATH)
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from bench.models import load_tokenizer
+
+    return load_tokenizer("tiny")
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch):
+    """A fresh working directory with its own sqlite MLflow store."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    return tmp_path

@@ -1,0 +1,102 @@
+"""`bench data` and `bench train` end to end on the tiny recipe, with MLflow on sqlite."""
+
+import json
+
+import mlflow
+import pytest
+
+from bench.cli import main
+
+
+def run_bench(*argv):
+    main(list(argv))
+
+
+def only_run(experiment):
+    client = mlflow.MlflowClient()
+    (run,) = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    return client, run
+
+
+def test_bench_data_json(hh_path, capsys):
+    run_bench("data", hh_path, "--tokenizer", "tiny", "--json")
+    report = json.loads(capsys.readouterr().out)
+    assert report["pairs_read"] == 2312
+    assert report["dropped"] == {"empty_response": 4, "mismatched_prompt": 5}
+    assert report["kept"] == 2303
+    assert sum(report["splits"].values()) == 2303
+    prompt = report["tokens"]["percentiles"]["prompt"]
+    assert 0 < prompt["p50"] <= prompt["p90"] <= prompt["p99"] <= prompt["p100"]
+
+
+def test_bench_data_table(hh_path, capsys):
+    run_bench("data", hh_path, "--tokenizer", "tiny")
+    out = capsys.readouterr().out
+    assert "pairs read    2,312" in out and "4  (empty_response)" in out and "kept          2,303" in out
+
+
+@pytest.mark.parametrize(
+    "algorithm, own_metric",
+    [("sft", "train/logps/chosen"), ("dpo", "train/rewards/margins"), ("ipo", "train/rewards/margins"),
+     ("kto", "train/kl")],
+)
+def test_train_logs_a_complete_mlflow_run(workdir, hh_path, algorithm, own_metric):
+    run_bench("train", algorithm, "--recipe", "tiny", f"--data.path={hh_path}", "--trainer.max_steps=3",
+              "--trainer.val_check_interval=3")
+    client, run = only_run("tiny")
+    assert run.info.status == "FINISHED"
+    tags = run.data.tags
+    assert tags["algorithm"] == algorithm and tags["model"] == "tiny" and tags["seed"] == "0"
+    assert tags["data_source"] == hh_path and tags["git_commit"]
+    params = run.data.params
+    assert params["trainer.max_steps"] == "3" and params["model.policy"] == "tiny"
+    assert params["data.view"] == {"sft": "sft", "kto": "unpaired"}.get(algorithm, "paired")
+    assert params["data.tokenizer"] == "tiny"
+    history = client.get_metric_history(run.info.run_id, "train/loss")
+    assert [m.step for m in history] == [0, 1, 2]
+    assert own_metric in run.data.metrics and "val/loss" in run.data.metrics
+    assert [a.path for a in client.list_artifacts(run.info.run_id)] == ["config.yaml"]
+    assert (workdir / "runs" / "tiny").exists()
+    policy_dir = tags["policy_path"]
+    assert (workdir / policy_dir).joinpath("config.json").exists()
+
+
+def test_print_config_shows_the_resolved_recipe(workdir, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run_bench("train", "ipo", "--recipe", "tiny", "--model.tau=0.3", "--print_config")
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "tau: 0.3" in out and "policy: tiny" in out and "view: paired" in out
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["train", "dpo", "--recipe", "tiny", "--model.beta=-1"], "model.beta"),
+        (["train", "dpo", "--recipe", "tiny", "--model.beta=0"], "model.beta"),
+        (["train", "ipo", "--recipe", "tiny", "--model.tau=0"], "model.tau"),
+    ],
+)
+def test_non_positive_config_values_fail_at_parse_time(workdir, capsys, argv, message):
+    with pytest.raises(SystemExit) as exit_info:
+        run_bench(*argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "PositiveFloat" in err
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["train", "rlhf"], "unknown algorithm 'rlhf'"),
+        (["train", "dpo", "--recipe", "nope"], "unknown recipe 'nope'"),
+        (["train", "dpo", "--recipe", "tiny", "--data.path=/no/such/folder"], "/no/such/folder does not exist"),
+        (["train", "dpo", "--recipe", "tiny", "--model.policy=./no-model-here"], "model spec './no-model-here'"),
+        (["data", "/no/such/folder"], "data path /no/such/folder does not exist"),
+    ],
+)
+def test_bad_input_is_one_clear_line(workdir, capsys, argv, message):
+    with pytest.raises(SystemExit) as exit_info:
+        run_bench(*argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err

@@ -1,0 +1,28 @@
+"""One real run: SmolLM2-135M-Instruct on the HH slice, a few DPO steps in bf16 autocast, logged to MLflow."""
+
+import math
+
+import mlflow
+import pytest
+
+from bench.cli import main
+
+pytestmark = pytest.mark.e2e
+
+
+def test_dpo_on_smollm2_and_hh(workdir, hh_path):
+    main(["train", "dpo", "--recipe", "smol-hh", f"--data.path={hh_path}", "--trainer.max_steps=3",
+          "--data.batch_size=2", "--data.eval_batch_size=2", "--trainer.val_check_interval=3",
+          "--trainer.limit_val_batches=1"])
+    client = mlflow.MlflowClient()
+    (run,) = client.search_runs([client.get_experiment_by_name("smol-hh").experiment_id])
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["model"] == "smollm2-135m-instruct" and run.data.params["trainer.precision"] == "bf16-mixed"
+    losses = [m.value for m in client.get_metric_history(run.info.run_id, "train/loss")]
+    assert len(losses) == 3
+    assert losses[0] == pytest.approx(math.log(2), abs=1e-4)  # policy == reference at step 0
+    assert all(math.isfinite(v) for v in losses) and losses[1:] != [losses[0]] * 2
+    for name in ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
+                 "logps/rejected"):
+        assert f"train/{name}" in run.data.metrics and f"val/{name}" in run.data.metrics
+    assert run.data.metrics["train/logps/chosen"] < 0
