@@ -57,24 +57,42 @@ def _pop_option(argv: list[str], name: str, default: str) -> tuple[str, list[str
 
 
 def train_command(argv: list[str]) -> None:
+    from modules import TRAINABLE
+
+    if not argv or argv[0] not in TRAINABLE:
+        given = argv[0] if argv else "nothing"
+        raise BenchError(f"bench train: unknown algorithm {given!r}; choose one of {', '.join(TRAINABLE)}")
+    algorithm, argv = argv[0], argv[1:]
+    recipe_arg, argv = _pop_option(argv, "--recipe", "smol-hh")
+    if algorithm == "rm" and not any(a.startswith("--model.role") for a in argv):
+        # The default reward-model stage: a proxy and a judge, each on its own half of the train split.
+        for role in ("proxy", "judge"):
+            train_one(algorithm, recipe_arg, [*argv, f"--model.role={role}"], run_suffix=f"-{role}")
+    else:
+        train_one(algorithm, recipe_arg, argv)
+
+
+def train_one(algorithm: str, recipe_arg: str, argv: list[str], run_suffix: str = "") -> str:
+    """Train one module with LightningCLI and log it to MLflow; returns the MLflow run id."""
     from lightning.pytorch.cli import LightningCLI
 
     from bench import recipes, tracking
     from datamodules.hh_datamodule import HHRLHFDataModule
-    from modules import ALGORITHMS
+    from modules import TRAINABLE
 
-    if not argv or argv[0] not in ALGORITHMS:
-        given = argv[0] if argv else "nothing"
-        raise BenchError(f"bench train: unknown algorithm {given!r}; choose one of {', '.join(ALGORITHMS)}")
-    algorithm, argv = argv[0], argv[1:]
-    recipe_arg, argv = _pop_option(argv, "--recipe", "smol-hh")
+    module_class = TRAINABLE[algorithm]
+    is_reward_model = algorithm == "rm"
+    model_spec_key = "backbone" if is_reward_model else "policy"
     recipe_name, recipe_config = recipes.resolve(recipe_arg, algorithm)
-    run_name = f"{algorithm}-{datetime.now():%Y%m%d-%H%M%S}"
+    run_name = f"{algorithm}{run_suffix}-{datetime.now():%Y%m%d-%H%M%S}"
 
     class TrainCLI(LightningCLI):
         def add_arguments_to_parser(self, parser):
-            parser.link_arguments("model.policy", "data.tokenizer")
-            parser.set_defaults({"data.view": ALGORITHMS[algorithm].data_view})
+            parser.link_arguments(f"model.{model_spec_key}", "data.tokenizer")
+            if is_reward_model:
+                parser.link_arguments("model.role", "data.train_subset", compute_fn=lambda role: "all" if role == "shared" else role)
+                parser.link_arguments("model.max_length", "data.max_length")
+            parser.set_defaults({"data.view": module_class.data_view})
 
         def instantiate_trainer(self, **kwargs):
             trainer_config = self.config_init.get("trainer", {})
@@ -88,7 +106,7 @@ def train_command(argv: list[str]) -> None:
         # LightningCLI reads sys.argv when given no args; ours are already split off from `bench train`.
         sys.argv = [f"bench train {algorithm}"]
         cli = TrainCLI(
-            ALGORITHMS[algorithm],
+            module_class,
             HHRLHFDataModule,
             args=["--config", recipe_file.name, *argv],
             run=False,
@@ -98,29 +116,28 @@ def train_command(argv: list[str]) -> None:
     config = yaml.safe_load(cli.parser.dump(cli.config, skip_none=False))
     # What the trainer and datamodule really got: the parser's dump leaves out linked and overridden values.
     config["trainer"].update(logger="MLFlowLogger", default_root_dir=str(cli.run_dir))
-    config["data"]["tokenizer"] = cli.datamodule.hparams.tokenizer
+    config["data"].update({key: cli.datamodule.hparams[key] for key in ("tokenizer", "train_subset", "max_length")})
     cli.run_dir.mkdir(parents=True, exist_ok=True)
     config_file = cli.run_dir / "config.yaml"
     config_file.write_text(yaml.safe_dump(config, sort_keys=False))
     data = config["data"]
-    tracking.record_run(
-        cli.run_logger,
-        config,
-        config_file,
-        tags={
-            "algorithm": algorithm,
-            "recipe": recipe_name,
-            "model": config["model"]["policy"],
-            "data_source": data["path"] + (f"[{','.join(data['subsets'])}]" if data.get("subsets") else ""),
-            "seed": str(config["seed_everything"]),
-            "git_commit": tracking.git_commit(),
-            "precision": str(config["trainer"]["precision"]),
-            "policy_path": str((cli.run_dir / "policy").resolve()),
-        },
-    )
+    tags = {
+        "algorithm": algorithm,
+        "recipe": recipe_name,
+        "model": config["model"][model_spec_key],
+        "data_source": data["path"] + (f"[{','.join(data['subsets'])}]" if data.get("subsets") else ""),
+        "seed": str(config["seed_everything"]),
+        "git_commit": tracking.git_commit(),
+        "precision": str(config["trainer"]["precision"]),
+        "output_path": str((cli.run_dir / module_class.output_name).resolve()),
+    }
+    if is_reward_model:
+        tags["role"] = config["model"]["role"]
+    tracking.record_run(cli.run_logger, config, config_file, tags)
     log.info("MLflow run %s (experiment %r) at %s", cli.run_logger.run_id, recipe_name, tracking.tracking_uri())
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
-    print(f"run {cli.run_logger.run_id} finished; policy saved to {cli.model.policy_dir}")
+    print(f"run {cli.run_logger.run_id} finished; model saved to {cli.model.output_dir}")
+    return cli.run_logger.run_id
 
 
 class _StderrHandler(logging.StreamHandler):

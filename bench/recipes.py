@@ -1,7 +1,9 @@
 """Recipes: YAML files in bench/recipes/ (or any path) holding a whole LightningCLI config.
 
 The `trainer`, `data` and `model` sections are shared by all algorithms; `algorithms.<name>` holds the
-sections one algorithm overrides. Resolving a recipe for an algorithm merges the two.
+sections one algorithm overrides. Resolving a recipe for an algorithm merges the two. The shared
+`model` section describes the policy, so the reward model (`rm`) takes its `model` section from
+`algorithms.rm` alone.
 """
 
 import copy
@@ -50,4 +52,6 @@ def resolve(name_or_path: str, algorithm: str) -> tuple[str, dict]:
     if not isinstance(recipe, dict):
         raise ConfigError(f"recipe {path} must be a mapping of config sections")
     overrides = recipe.pop("algorithms", {}) or {}
+    if algorithm == "rm":
+        recipe.pop("model", None)
     return path.stem, deep_merge(recipe, overrides.get(algorithm, {}))

@@ -67,3 +67,28 @@ class Formatter:
     def fit_completion(self, prompt_ids: list[int], completion_ids: list[int]) -> list[int]:
         """Cut a completion borrowed from another pair so that it fits after this prompt."""
         return completion_ids[: self.max_length - len(prompt_ids)]
+
+
+def reward_text(prompt: str, response: str) -> str:
+    """What a reward model reads: the raw HH transcript, whatever the policy's chat format, so that one
+    reward model scores policies with any tokenizer."""
+    return f"{prompt} {response.strip()}"
+
+
+@dataclass(frozen=True)
+class RewardFormatter:
+    """Tokenizes transcripts for a reward model, cutting from the left so the response survives."""
+
+    tokenizer: PreTrainedTokenizerBase
+    max_length: int = 512
+
+    def encode(self, texts: list[str]) -> list[list[int]]:
+        side, self.tokenizer.truncation_side = self.tokenizer.truncation_side, "left"
+        try:
+            return self.tokenizer(texts, truncation=True, max_length=self.max_length).input_ids
+        finally:
+            self.tokenizer.truncation_side = side
+
+    def pair(self, pair: Pair) -> dict[str, list[int]]:
+        chosen, rejected = self.encode([reward_text(pair.prompt, pair.chosen), reward_text(pair.prompt, pair.rejected)])
+        return {"chosen_ids": chosen, "rejected_ids": rejected}

@@ -3,9 +3,14 @@
 - paired:   prompt, chosen, rejected (DPO, IPO); batches hold the chosen rows, then the rejected rows;
 - unpaired: one row per response with a `desirable` flag (KTO), plus a mismatched completion, another
             pair's response attached to this prompt, for KTO's KL reference point;
-- sft:      prompt with its chosen response.
+- sft:      prompt with its chosen response;
+- reward:   chosen and rejected transcripts as a reward model reads them (its own tokenizer, raw HH text).
+
+For reward models the train split is halved by prompt hash: the proxy (which PPO and RRHF optimise) and
+the judge (which evaluates) never see the same prompt, so optimising the proxy does not grade itself.
 """
 
+import hashlib
 import logging
 import random
 from pathlib import Path
@@ -18,12 +23,13 @@ from torch.utils.data import DataLoader
 
 from bench.errors import ConfigError, DataError
 from bench.models import load_tokenizer
-from datamodules.formatting import Formatter
+from datamodules.formatting import Formatter, RewardFormatter
 from datamodules.hh_rlhf import HUB_ID, Pair, ReadReport, is_local, load_splits
 
 log = logging.getLogger(__name__)
 
-View = Literal["paired", "unpaired", "sft"]
+View = Literal["paired", "unpaired", "sft", "reward"]
+TrainSubset = Literal["all", "proxy", "judge"]
 IGNORE_INDEX = -100
 
 
@@ -61,6 +67,14 @@ def unpaired_rows(pairs: list[Pair], formatter: Formatter, seed: int) -> list[di
     return rows
 
 
+def train_subset(pairs: list[Pair], subset: TrainSubset) -> list[Pair]:
+    if subset == "all":
+        return pairs
+    # A hash independent of the split hash, so each half is a uniform sample of the train split.
+    keep = 0 if subset == "proxy" else 1
+    return [p for p in pairs if hashlib.sha256(b"reward-half:" + p.prompt.encode()).digest()[0] % 2 == keep]
+
+
 def pad_rows(prompts: list[list[int]], completions: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-padded prompt+completion rows; labels are -100 on prompt and padding tokens."""
     width = max(len(p) + len(c) for p, c in zip(prompts, completions))
@@ -80,6 +94,10 @@ class Collator:
         self.view, self.pad_id = view, pad_id
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        if self.view == "reward":  # whole transcripts, nothing masked
+            sequences = [r["chosen_ids"] for r in rows] + [r["rejected_ids"] for r in rows]
+            batch = pad_rows([[]] * len(sequences), sequences, self.pad_id)
+            return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
         prompts = [r["prompt_ids"] for r in rows]
         if self.view == "paired":
             return pad_rows(prompts + prompts, [r["chosen_ids"] for r in rows] + [r["rejected_ids"] for r in rows], self.pad_id)
@@ -103,6 +121,7 @@ class HHRLHFDataModule(L.LightningDataModule):
         max_length, max_prompt_length: DPO-reference truncation (keep the prompt's end, then cut responses).
         val_fraction, test_fraction: shares carved by prompt hash when the source lacks those splits.
         max_train_pairs, max_val_pairs: take only the first N pairs of a split (short runs).
+        train_subset: all, or the proxy's or the judge's half of the train split (reward models).
         seed: fixes the unpaired view's shuffling and mismatched partners, and the train order.
     """
 
@@ -121,6 +140,7 @@ class HHRLHFDataModule(L.LightningDataModule):
         test_fraction: float = 0.1,
         max_train_pairs: int | None = None,
         max_val_pairs: int | None = None,
+        train_subset: TrainSubset = "all",
         seed: int = 0,
         num_workers: int = 0,
     ):
@@ -144,7 +164,12 @@ class HHRLHFDataModule(L.LightningDataModule):
         splits, self.report = load_splits(hp.path, hp.subsets, hp.val_fraction, hp.test_fraction)
         limits = {"train": hp.max_train_pairs, "validation": hp.max_val_pairs}
         self.tokenizer = load_tokenizer(hp.tokenizer)
-        formatter = Formatter(self.tokenizer, hp.chat_template, hp.max_length, hp.max_prompt_length)
+        formatter = (
+            RewardFormatter(self.tokenizer, hp.max_length)
+            if hp.view == "reward"
+            else Formatter(self.tokenizer, hp.chat_template, hp.max_length, hp.max_prompt_length)
+        )
+        splits["train"] = train_subset(splits["train"], hp.train_subset)
         for split in ("train", "validation"):
             pairs = splits[split][: limits[split]]
             if not pairs:
@@ -153,8 +178,8 @@ class HHRLHFDataModule(L.LightningDataModule):
         self.test_pairs = splits["test"]
         log.info("HH-RLHF %s view: %s", hp.view, {k: len(v) for k, v in self.views.items()})
 
-    def _rows(self, pairs: list[Pair], formatter: Formatter) -> list[dict]:
-        if self.hparams.view == "paired":
+    def _rows(self, pairs: list[Pair], formatter) -> list[dict]:
+        if self.hparams.view in ("paired", "reward"):
             return paired_rows(pairs, formatter)
         if self.hparams.view == "sft":
             return sft_rows(pairs, formatter)

@@ -42,18 +42,56 @@ class SequenceLogps:
         return self.mean if average else self.total
 
 
-def sequence_logps(model: torch.nn.Module, batch: dict, prefix: str = "") -> SequenceLogps:
-    """Sum of log pi(y_t | x, y_<t) over the tokens whose label is not IGNORE_INDEX."""
-    logits = model(
-        input_ids=batch[f"{prefix}input_ids"], attention_mask=batch[f"{prefix}attention_mask"], use_cache=False
-    ).logits[:, :-1]
-    labels = batch[f"{prefix}labels"][:, 1:]
-    # cross_entropy runs in fp32 under autocast and never materialises the full log-softmax.
-    token_logps = -F.cross_entropy(
-        logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="none"
-    ).view_as(labels)
-    mask = labels != IGNORE_INDEX
-    return SequenceLogps(total=(token_logps * mask).sum(-1), tokens=mask.sum(-1))
+def sequence_logps(model: torch.nn.Module, batch: dict, prefix: str = "", head_on_responses: bool = False) -> SequenceLogps:
+    """Sum of log pi(y_t | x, y_<t) over the tokens whose label is not IGNORE_INDEX.
+
+    With `head_on_responses`, the output head runs on response positions only: prompt and padding
+    are most of a batch, and the vocabulary projection and its softmax are the largest activations.
+    Only for models where `head_computes_logits` holds.
+    """
+    input_ids, attention_mask = batch[f"{prefix}input_ids"], batch[f"{prefix}attention_mask"]
+    targets = batch[f"{prefix}labels"][:, 1:]
+    mask = targets != IGNORE_INDEX
+    if head_on_responses:
+        hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        logits = model.get_output_embeddings()(hidden.last_hidden_state[:, :-1][mask])
+        # cross_entropy runs in fp32 under autocast and never materialises the full log-softmax.
+        token_logps = -F.cross_entropy(logits, targets[mask], reduction="none")
+        rows = mask.nonzero()[:, 0]
+        total = torch.zeros(len(targets), dtype=token_logps.dtype, device=token_logps.device)
+        total = total.index_add(0, rows, token_logps)
+    else:
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, :-1]
+        token_logps = -F.cross_entropy(
+            logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="none"
+        ).view_as(targets)
+        total = (token_logps * mask).sum(-1)
+    return SequenceLogps(total=total, tokens=mask.sum(-1))
+
+
+@torch.no_grad()
+def head_computes_logits(model: torch.nn.Module) -> bool:
+    """Whether the model's logits are exactly its output head applied to its decoder's last hidden state.
+    Checked on a short input, so that models which rescale or soft-cap logits in forward() keep the
+    full path."""
+    try:
+        decoder, head = model.get_decoder(), model.get_output_embeddings()
+    except (AttributeError, NotImplementedError):
+        return False
+    if decoder is None or head is None or decoder is model:
+        return False
+    input_ids = torch.arange(1, 9, device=model.device)[None] % model.config.vocab_size
+    expected = model(input_ids=input_ids, use_cache=False).logits
+    got = head(decoder(input_ids=input_ids, use_cache=False).last_hidden_state)
+    return got.shape == expected.shape and torch.allclose(got, expected, atol=1e-4, rtol=1e-4)
+
+
+def optimizer_with_warmup(parameters, optimizer: str, lr: float, weight_decay: float, warmup_steps: int) -> dict:
+    """AdamW or RMSprop with linear warmup then a constant rate, as in the DPO reference code."""
+    optimizer_class = {"adamw": torch.optim.AdamW, "rmsprop": torch.optim.RMSprop}[optimizer]
+    instance = optimizer_class(parameters, lr=lr, weight_decay=weight_decay)
+    warmup = torch.optim.lr_scheduler.LambdaLR(instance, lambda step: min(1.0, (step + 1) / (warmup_steps + 1)))
+    return {"optimizer": instance, "lr_scheduler": {"scheduler": warmup, "interval": "step"}}
 
 
 class AlignmentModule(L.LightningModule):
@@ -71,6 +109,7 @@ class AlignmentModule(L.LightningModule):
 
     data_view: ClassVar[str] = "paired"
     needs_reference: ClassVar[bool] = True
+    output_name: ClassVar[str] = "policy"  # the folder, in the run directory, that the model is saved to
 
     def __init__(
         self,
@@ -105,6 +144,8 @@ class AlignmentModule(L.LightningModule):
                 load_causal_lm(hp.reference, hp.trust_remote_code) if hp.reference else copy.deepcopy(self.policy)
             )
             self.reference.requires_grad_(False).eval()
+        self.head_on_responses = {name: head_computes_logits(model) for name, model in
+                                  (("policy", self.policy), ("reference", self.reference)) if model is not None}
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -119,11 +160,11 @@ class AlignmentModule(L.LightningModule):
             raise ConfigError(f"{type(self).__name__} trains on the {self.data_view!r} view, but data.view is {view!r}")
 
     def policy_logps(self, batch: dict, prefix: str = "") -> SequenceLogps:
-        return sequence_logps(self.policy, batch, prefix)
+        return sequence_logps(self.policy, batch, prefix, self.head_on_responses["policy"])
 
     @torch.no_grad()
     def reference_logps(self, batch: dict, prefix: str = "") -> SequenceLogps:
-        return sequence_logps(self.reference, batch, prefix)
+        return sequence_logps(self.reference, batch, prefix, self.head_on_responses["reference"])
 
     def mean_across_devices(self, value: torch.Tensor) -> torch.Tensor:
         if self._trainer is None:  # used outside a Trainer, e.g. in a notebook
@@ -161,24 +202,18 @@ class AlignmentModule(L.LightningModule):
     # --- optimisation -------------------------------------------------------------------------
     def configure_optimizers(self):
         hp = self.hparams
-        optimizer_class = {"adamw": torch.optim.AdamW, "rmsprop": torch.optim.RMSprop}[hp.optimizer]
-        optimizer = optimizer_class(self.policy.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
-        # Linear warmup then constant, as in the DPO reference code.
-        warmup = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: min(1.0, (step + 1) / (hp.warmup_steps + 1))
-        )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": warmup, "interval": "step"}}
+        return optimizer_with_warmup(self.policy.parameters(), hp.optimizer, hp.lr, hp.weight_decay, hp.warmup_steps)
 
     # --- output -------------------------------------------------------------------------------
     @property
-    def policy_dir(self) -> Path:
-        return Path(self.trainer.default_root_dir) / "policy"
+    def output_dir(self) -> Path:
+        return Path(self.trainer.default_root_dir) / self.output_name
 
     def on_train_end(self) -> None:
         if self.trainer.is_global_zero:
-            self.policy.save_pretrained(self.policy_dir)
-            self.tokenizer.save_pretrained(self.policy_dir)
-            log.info("saved the trained policy to %s", self.policy_dir)
+            self.policy.save_pretrained(self.output_dir)
+            self.tokenizer.save_pretrained(self.output_dir)
+            log.info("saved the trained policy to %s", self.output_dir)
 
 
 def preference_metrics(

@@ -67,4 +67,6 @@ class KTO(AlignmentModule):
                 count = int(rows.sum())
                 metrics[f"rewards/{kind}"] = (rewards[rows].mean(), count)
                 metrics[f"logps/{kind}"] = (logps[rows].mean(), count)
+        if desirable.any() and (~desirable).any():
+            metrics["rewards/margins"] = metrics["rewards/chosen"][0] - metrics["rewards/rejected"][0]
         return loss, metrics

@@ -45,3 +45,13 @@ def kto_loss(
     desirable_loss = desirable_weight * (1 - torch.sigmoid(beta * (logratios - kl)))
     undesirable_loss = undesirable_weight * (1 - torch.sigmoid(beta * (kl - logratios)))
     return torch.where(desirable, desirable_loss, undesirable_loss)
+
+
+def bradley_terry_loss(
+    chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor, center_rewards_coefficient: float = 0.0
+) -> torch.Tensor:
+    """Reward-model loss: -log sigmoid(r+ - r-), plus c * (r+ + r-)^2 to keep rewards centred at 0
+    (its batch mean is TRL's center_rewards_coefficient term)."""
+    return -F.logsigmoid(chosen_rewards - rejected_rewards) + center_rewards_coefficient * (
+        chosen_rewards + rejected_rewards
+    ) ** 2

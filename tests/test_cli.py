@@ -57,8 +57,8 @@ def test_train_logs_a_complete_mlflow_run(workdir, hh_path, algorithm, own_metri
     assert own_metric in run.data.metrics and "val/loss" in run.data.metrics
     assert [a.path for a in client.list_artifacts(run.info.run_id)] == ["config.yaml"]
     assert (workdir / "runs" / "tiny").exists()
-    policy_dir = tags["policy_path"]
-    assert (workdir / policy_dir).joinpath("config.json").exists()
+    output_dir = tags["output_path"]
+    assert output_dir.endswith("policy") and (workdir / output_dir).joinpath("config.json").exists()
 
 
 def test_print_config_shows_the_resolved_recipe(workdir, capsys):
@@ -100,3 +100,25 @@ def test_bad_input_is_one_clear_line(workdir, capsys, argv, message):
         run_bench(*argv)
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_train_rm_trains_a_proxy_and_a_judge_on_disjoint_halves(workdir, hh_path):
+    run_bench("train", "rm", "--recipe", "tiny", f"--data.path={hh_path}", "--trainer.max_steps=2",
+              "--trainer.val_check_interval=2")
+    client = mlflow.MlflowClient()
+    runs = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
+    by_role = {run.data.tags["role"]: run for run in runs}
+    assert set(by_role) == {"proxy", "judge"}
+    for role, run in by_role.items():
+        assert run.data.params["data.train_subset"] == role and run.data.params["data.view"] == "reward"
+        assert run.data.tags["model"] == "all-minilm-l6-v2" and run.data.tags["algorithm"] == "rm"
+        assert {"train/loss", "val/loss", "val/accuracy", "val/margin"} <= set(run.data.metrics)
+        assert 0 <= run.data.metrics["val/accuracy"] <= 1
+        assert (workdir / run.data.tags["output_path"] / "config.json").exists()
+
+
+def test_one_reward_model_for_both_roles_is_explicit_and_recorded(workdir, hh_path):
+    run_bench("train", "rm", "--recipe", "tiny", f"--data.path={hh_path}", "--trainer.max_steps=1",
+              "--trainer.limit_val_batches=0", "--model.role=shared")
+    _, run = only_run("tiny")
+    assert run.data.tags["role"] == "shared" and run.data.params["data.train_subset"] == "all"

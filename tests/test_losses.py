@@ -61,3 +61,14 @@ def test_kto_single_kind_batches():
     torch.testing.assert_close(only_undesirable, t(0.5, 1 - 1 / (1 + math.exp(0.2))))
     only_desirable = kto_loss(t(0.0), torch.tensor([True]), zero, beta=0.1)
     torch.testing.assert_close(only_desirable, t(0.5))
+
+
+def test_bradley_terry_matches_hand_values():
+    from modules.losses import bradley_terry_loss
+
+    # r+ - r- = [1, -1, 0]; centring term c * (r+ + r-)^2 with r+ + r- = [3, -1, 0]
+    loss = bradley_terry_loss(t(2.0, -1.0, 0.0), t(1.0, 0.0, 0.0))
+    torch.testing.assert_close(loss, t(softplus(-1.0), softplus(1.0), math.log(2)))
+    centred = bradley_terry_loss(t(2.0, -1.0, 0.0), t(1.0, 0.0, 0.0), center_rewards_coefficient=0.01)
+    torch.testing.assert_close(centred, t(softplus(-1.0) + 0.09, softplus(1.0) + 0.01, math.log(2)))
+    assert bradley_terry_loss(t(0.5), t(0.5)).shape == (1,)

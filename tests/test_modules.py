@@ -39,6 +39,9 @@ def test_sequence_logps_sum_only_response_tokens(hh_path):
     response = batch["labels"][:, 1:] != -100
     torch.testing.assert_close(logps.total, (token_logps * response).sum(-1), atol=1e-4, rtol=1e-5)
     assert logps.tokens.tolist() == response.sum(-1).tolist()
+    assert module.head_on_responses == {"policy": True}  # a plain Llama: logits = lm_head(hidden)
+    fast = sequence_logps(module.policy, batch, head_on_responses=True)
+    torch.testing.assert_close(fast.total, logps.total, atol=1e-4, rtol=1e-5)
 
 
 def test_losses_at_initialisation(hh_path):

@@ -1,0 +1,115 @@
+"""A Bradley-Terry reward model over text, in two roles: the proxy that PPO and RRHF optimise, and the
+judge that evaluates. It reads prompt + response through its own tokenizer, so it scores policies
+whose tokenizers differ from its own."""
+
+import logging
+from pathlib import Path
+from typing import Literal
+
+import lightning.pytorch as L
+import torch
+from jsonargparse.typing import NonNegativeFloat, NonNegativeInt, PositiveFloat
+
+from bench.models import load_reward_backbone, load_tokenizer
+from bench.models import resolve as resolve_model
+from datamodules.formatting import RewardFormatter, reward_text
+from datamodules.hh_datamodule import pad_rows
+from modules.base import optimizer_with_warmup, require_positive
+from modules.losses import bradley_terry_loss
+
+log = logging.getLogger(__name__)
+
+Role = Literal["proxy", "judge", "shared"]
+ROLE_KEY = "bench_reward_role"  # written into the saved config.json, so a loader can check the role
+
+
+class RewardModel(L.LightningModule):
+    """r(x, y) from an HF sequence-classification backbone with one output.
+
+    Args:
+        backbone: model spec of the backbone (``all-minilm-l6-v2``, a hub id or a folder).
+        role: proxy or judge, each trained on its own half of the train split; shared (one model for
+            both roles, trained on the whole split) must be chosen explicitly, and is recorded.
+        lr, optimizer, weight_decay, warmup_steps: as for the policy modules.
+        center_rewards_coefficient: c in c * mean((r+ + r-)^2), keeping rewards centred.
+        max_length: transcripts are cut from the left to this many backbone tokens.
+    """
+
+    data_view = "reward"
+    output_name = "reward_model"
+
+    def __init__(
+        self,
+        backbone: str = "all-minilm-l6-v2",
+        role: Role = "proxy",
+        lr: PositiveFloat = 5e-5,
+        optimizer: Literal["adamw", "rmsprop"] = "adamw",
+        weight_decay: float = 0.0,
+        warmup_steps: NonNegativeInt = 0,
+        center_rewards_coefficient: NonNegativeFloat = 0.0,
+        max_length: int = 512,
+        trust_remote_code: bool = False,
+    ):
+        super().__init__()
+        require_positive(lr=lr)
+        resolve_model(backbone)
+        self.save_hyperparameters(logger=False)
+        self.model: torch.nn.Module | None = None
+
+    def configure_model(self) -> None:
+        if self.model is None:
+            hp = self.hparams
+            self.tokenizer = load_tokenizer(hp.backbone, hp.trust_remote_code)
+            self.model = load_reward_backbone(hp.backbone, hp.trust_remote_code).train()
+            self.model.config.pad_token_id = self.tokenizer.pad_token_id
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=input_ids, attention_mask=attention_mask).logits.squeeze(-1).float()
+
+    def _step(self, stage: str, batch: dict) -> torch.Tensor:
+        chosen, rejected = self(batch["input_ids"], batch["attention_mask"]).chunk(2)
+        loss = bradley_terry_loss(chosen, rejected, self.hparams.center_rewards_coefficient).mean()
+        on_step, pairs = stage == "train", len(chosen)
+        self.log(f"{stage}/loss", loss.detach(), batch_size=pairs, on_step=on_step, on_epoch=not on_step,
+                 prog_bar=True, sync_dist=True)
+        if stage == "val":
+            self.log("val/accuracy", (chosen > rejected).float().mean(), batch_size=pairs, sync_dist=True)
+            self.log("val/margin", (chosen - rejected).mean().detach(), batch_size=pairs, sync_dist=True)
+        return loss
+
+    def training_step(self, batch, batch_idx):
+        return self._step("train", batch)
+
+    def validation_step(self, batch, batch_idx):
+        return self._step("val", batch)
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        return optimizer_with_warmup(self.model.parameters(), hp.optimizer, hp.lr, hp.weight_decay, hp.warmup_steps)
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.trainer.default_root_dir) / self.output_name
+
+    def on_train_end(self) -> None:
+        if self.trainer.is_global_zero:
+            setattr(self.model.config, ROLE_KEY, self.hparams.role)
+            self.model.save_pretrained(self.output_dir)
+            self.tokenizer.save_pretrained(self.output_dir)
+            log.info("saved the %s reward model to %s", self.hparams.role, self.output_dir)
+
+    @torch.no_grad()
+    def score(self, prompts: list[str], responses: list[str], batch_size: int = 32) -> torch.Tensor:
+        """Rewards of HH prompts with responses in any format; the model must be configured."""
+        formatter = RewardFormatter(self.tokenizer, self.hparams.max_length)
+        was_training = self.model.training
+        self.model.eval()  # no dropout when scoring
+        scores = []
+        for start in range(0, len(prompts), batch_size):
+            texts = [reward_text(p, r) for p, r in zip(prompts[start : start + batch_size],
+                                                      responses[start : start + batch_size])]
+            ids = formatter.encode(texts)
+            batch = pad_rows([[]] * len(ids), ids, self.tokenizer.pad_token_id)
+            scores.append(self(batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)))
+        self.model.train(was_training)
+        return torch.cat(scores).cpu()
