@@ -2,6 +2,7 @@
 
   bench data [PATH] [--json]                         what an HH-RLHF source holds
   bench train ALGO [--recipe NAME|PATH] [overrides]  train with LightningCLI conventions
+  bench eval RUN_ID|CHECKPOINT [--recipe NAME]       win rates, reward-model scores and KL
 """
 
 import argparse
@@ -64,15 +65,35 @@ def train_command(argv: list[str]) -> None:
         raise BenchError(f"bench train: unknown algorithm {given!r}; choose one of {', '.join(TRAINABLE)}")
     algorithm, argv = argv[0], argv[1:]
     recipe_arg, argv = _pop_option(argv, "--recipe", "smol-hh")
+    run_eval, argv = _pop_option(argv, "--eval", "auto")
     if algorithm == "rm" and not any(a.startswith("--model.role") for a in argv):
         # The default reward-model stage: a proxy and a judge, each on its own half of the train split.
         for role in ("proxy", "judge"):
             train_one(algorithm, recipe_arg, [*argv, f"--model.role={role}"], run_suffix=f"-{role}")
     else:
-        train_one(algorithm, recipe_arg, argv)
+        run_id = train_one(algorithm, recipe_arg, argv)
+        if algorithm != "rm" and run_id is not None and run_eval != "false":
+            evaluate_after_training(run_id, recipe_arg, required=run_eval == "true")
 
 
-def train_one(algorithm: str, recipe_arg: str, argv: list[str], run_suffix: str = "") -> str:
+def evaluate_after_training(run_id: str, recipe_arg: str, required: bool) -> None:
+    """`bench eval` on the run just trained. Without a judge reward model in the recipe's experiment
+    this warns and skips, unless `--eval true` asked for it."""
+    from bench import recipes
+    from bench.evaluation import EvalSettings, evaluate, find_reward_model, resolve_target
+
+    recipe_name, _, eval_config = recipes.resolve(recipe_arg, "sft")
+    settings = EvalSettings.from_dict(eval_config)
+    if settings.judge == "latest" and not required:
+        try:
+            find_reward_model(recipe_name, "judge")
+        except BenchError as err:
+            log.warning("evaluation skipped: %s. Run `bench eval %s` after training the judge.", err, run_id)
+            return
+    evaluate(resolve_target(run_id, None, {}, recipe_name), settings)
+
+
+def train_one(algorithm: str, recipe_arg: str, argv: list[str], run_suffix: str = "") -> str | None:
     """Train one module with LightningCLI and log it to MLflow; returns the MLflow run id."""
     from lightning.pytorch.cli import LightningCLI
 
@@ -83,7 +104,7 @@ def train_one(algorithm: str, recipe_arg: str, argv: list[str], run_suffix: str 
     module_class = TRAINABLE[algorithm]
     is_reward_model = algorithm == "rm"
     model_spec_key = "backbone" if is_reward_model else "policy"
-    recipe_name, recipe_config = recipes.resolve(recipe_arg, algorithm)
+    recipe_name, recipe_config, eval_config = recipes.resolve(recipe_arg, algorithm)
     run_name = f"{algorithm}{run_suffix}-{datetime.now():%Y%m%d-%H%M%S}"
 
     class TrainCLI(LightningCLI):
@@ -136,6 +157,8 @@ def train_one(algorithm: str, recipe_arg: str, argv: list[str], run_suffix: str 
     tracking.record_run(cli.run_logger, config, config_file, tags)
     log.info("MLflow run %s (experiment %r) at %s", cli.run_logger.run_id, recipe_name, tracking.tracking_uri())
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    if cli.trainer.interrupted:
+        return None
     print(f"run {cli.run_logger.run_id} finished; model saved to {cli.model.output_dir}")
     return cli.run_logger.run_id
 
@@ -156,7 +179,43 @@ def configure_logging() -> None:
         logger.setLevel(logging.INFO)
 
 
-COMMANDS = {"data": data_command, "train": train_command}
+def eval_command(argv: list[str]) -> None:
+    from bench import recipes
+    from bench.evaluation import EvalSettings, evaluate, resolve_target
+
+    parser = argparse.ArgumentParser(prog="bench eval", description="Evaluate a policy: win rates, scores, KL.")
+    parser.add_argument("target", help="MLflow run id of a `bench train` run, or a policy folder / model spec")
+    parser.add_argument("--recipe", default="smol-hh", help="recipe whose eval settings, data and experiment to use")
+    parser.add_argument("--reference", help="reference policy (default: the run's reference, or the target itself)")
+    parser.add_argument("--data-path", help="HH-RLHF source, for a checkpoint (a run id brings its own)")
+    parser.add_argument("--n-prompts", type=int)
+    parser.add_argument("--judge", help="judge reward-model folder, 'latest', or an OpenAI-compatible base URL")
+    parser.add_argument("--judge-model", help="model name for an http(s) judge")
+    parser.add_argument("--proxy", help="proxy reward-model folder, 'latest' or 'none'")
+    parser.add_argument("--temperature", type=float)
+    parser.add_argument("--top-p", type=float)
+    parser.add_argument("--max-new-tokens", type=int)
+    parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--seed", type=int)
+    args = parser.parse_args(argv)
+    recipe_name, recipe_config, eval_config = recipes.resolve(args.recipe, "sft")
+    for key in ("n_prompts", "judge", "judge_model", "proxy"):
+        if getattr(args, key) is not None:
+            eval_config[key] = None if getattr(args, key) == "none" else getattr(args, key)
+    sampling = dict(eval_config.get("sampling", {}))
+    for key in ("temperature", "top_p", "max_new_tokens", "batch_size", "seed"):
+        if getattr(args, key) is not None:
+            sampling[key] = getattr(args, key)
+    eval_config["sampling"] = sampling
+    data = dict(recipe_config.get("data", {}))
+    if args.data_path:
+        data["path"] = args.data_path
+    target = resolve_target(args.target, args.reference, data, recipe_name)
+    metrics = evaluate(target, EvalSettings.from_dict(eval_config))
+    print(json.dumps(metrics, indent=2))
+
+
+COMMANDS = {"data": data_command, "train": train_command, "eval": eval_command}
 
 
 def main(argv: list[str] | None = None) -> None:

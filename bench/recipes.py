@@ -3,7 +3,7 @@
 The `trainer`, `data` and `model` sections are shared by all algorithms; `algorithms.<name>` holds the
 sections one algorithm overrides. Resolving a recipe for an algorithm merges the two. The shared
 `model` section describes the policy, so the reward model (`rm`) takes its `model` section from
-`algorithms.rm` alone.
+`algorithms.rm` alone. The `eval` section holds `bench eval`'s settings (bench/evaluation.py).
 """
 
 import copy
@@ -42,8 +42,8 @@ def deep_merge(base: dict, override: dict) -> dict:
     return merged
 
 
-def resolve(name_or_path: str, algorithm: str) -> tuple[str, dict]:
-    """(recipe name, the config for `algorithm`)."""
+def resolve(name_or_path: str, algorithm: str) -> tuple[str, dict, dict]:
+    """(recipe name, the LightningCLI config for `algorithm`, the recipe's `eval` settings)."""
     path = recipe_path(name_or_path)
     try:
         recipe = yaml.safe_load(path.read_text()) or {}
@@ -52,6 +52,7 @@ def resolve(name_or_path: str, algorithm: str) -> tuple[str, dict]:
     if not isinstance(recipe, dict):
         raise ConfigError(f"recipe {path} must be a mapping of config sections")
     overrides = recipe.pop("algorithms", {}) or {}
+    eval_settings = recipe.pop("eval", {}) or {}
     if algorithm == "rm":
         recipe.pop("model", None)
-    return path.stem, deep_merge(recipe, overrides.get(algorithm, {}))
+    return path.stem, deep_merge(recipe, overrides.get(algorithm, {})), eval_settings

@@ -1,0 +1,324 @@
+"""`bench eval`: win rate against the dataset's chosen response and against the reference policy's own
+sample, judge and proxy reward-model scores, the KL behind them, response length and preference accuracy.
+
+Everything that can fail on bad input (the target, N, the judge) is checked before any generation.
+"""
+
+import json
+import logging
+import random
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import mlflow
+import torch
+from mlflow.exceptions import MlflowException
+from tqdm.auto import tqdm
+from transformers import AutoConfig
+
+from bench import tracking
+from bench.errors import BenchError, ConfigError
+from bench.generation import ReferenceSampleCache, Sampling, decode_responses, sample
+from bench.judges import ChatCompletionsJudge, RewardModelJudge, load_reward_model
+from bench.models import BUILTIN_SPECS, load_causal_lm, load_tokenizer, resolve
+from datamodules.formatting import Formatter
+from datamodules.hh_datamodule import Collator
+from datamodules.hh_rlhf import load_splits
+from modules.base import SequenceLogps, head_computes_logits, sequence_logps
+from modules.metrics import BootstrapMean, WinRate
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EvalSettings:
+    """What `bench eval` measures and how. Recipes set these under `eval:`."""
+
+    n_prompts: int = 64
+    sampling: Sampling = field(default_factory=Sampling)
+    judge: str = "latest"  # a reward-model folder, "latest" (the recipe's newest judge run) or an http(s) URL
+    judge_model: str = "gpt-4"  # for an http(s) judge
+    proxy: str | None = "latest"  # a reward-model folder, "latest", or None for no proxy score
+    bf16: bool = True  # autocast on CPU/GPU for generation and scoring
+    confidence: float = 0.95
+
+    @classmethod
+    def from_dict(cls, values: dict | None) -> "EvalSettings":
+        values = dict(values or {})
+        sampling = Sampling(**values.pop("sampling", {}))
+        unknown = set(values) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ConfigError(f"unknown eval settings {sorted(unknown)}; known: {sorted(cls.__dataclass_fields__)}")
+        settings = cls(sampling=sampling, **values)
+        if settings.n_prompts < 1:
+            raise ConfigError(f"eval.n_prompts must be >= 1, got {settings.n_prompts}")
+        return settings
+
+
+@dataclass
+class Target:
+    """The policy to evaluate, its reference, and the data settings it was trained with."""
+
+    policy: str
+    reference: str
+    experiment: str
+    data: dict
+    run_id: str | None = None
+    beta: float = 0.1
+
+
+def _check_is_policy(spec: str, what: str) -> None:
+    folder = Path(resolve(spec))
+    if not (folder / "config.json").exists():
+        return  # a hub id: transformers checks when it loads
+    architectures = AutoConfig.from_pretrained(folder).architectures or []
+    if architectures and not any(a.endswith("ForCausalLM") for a in architectures):
+        raise BenchError(f"{what} {spec} is not a policy (a causal LM): its architectures are {architectures}; "
+                         "a reward model cannot be evaluated as a policy")
+
+
+def resolve_target(target: str, reference: str | None, data: dict, experiment: str) -> Target:
+    """A run id (of a `bench train` run) or a checkpoint: a folder, hub id or built-in model spec."""
+    if Path(target).expanduser().exists() or target in BUILTIN_SPECS or "/" in target:
+        _check_is_policy(target, "checkpoint")
+        return Target(policy=target, reference=reference or target, experiment=experiment, data=data)
+    client = mlflow.MlflowClient(tracking.tracking_uri())
+    try:
+        run = client.get_run(target)
+    except MlflowException as err:
+        raise BenchError(f"no MLflow run {target!r} in {tracking.tracking_uri()}, and no checkpoint at that path") from err
+    tags, params = run.data.tags, run.data.params
+    if tags.get("algorithm") == "rm":
+        raise BenchError(f"run {target} trained a reward model ({tags.get('role')}), not a policy")
+    output = tags.get("output_path")
+    if not output or not Path(output).exists():
+        raise BenchError(f"run {target} has no saved policy (output_path tag {output!r})")
+    _check_is_policy(output, f"run {target}'s output")
+    data_keys = ("path", "subsets", "chat_template", "max_length", "max_prompt_length", "val_fraction", "test_fraction")
+    run_data = {key: _param(params.get(f"data.{key}")) for key in data_keys if f"data.{key}" in params}
+    policy_spec = params.get("model.policy")
+    reference_spec = _param(params.get("model.reference")) or policy_spec
+    experiment_name = client.get_experiment(run.info.experiment_id).name
+    beta = float(params.get("model.beta") or params.get("model.tau") or 0.1)
+    return Target(policy=output, reference=reference or reference_spec, experiment=experiment_name,
+                  data={**data, **run_data}, run_id=target, beta=beta)
+
+
+def _param(value: str | None):
+    """MLflow stores params as strings; the config values were YAML scalars."""
+    if value is None or value == "None":
+        return None
+    import yaml
+
+    return yaml.safe_load(value)
+
+
+def find_reward_model(experiment: str, role: str) -> tuple[str, str]:
+    """(folder, role) of the newest finished reward model for `role` in the experiment; a `shared`
+    model serves either role because it was chosen explicitly."""
+    client = mlflow.MlflowClient(tracking.tracking_uri())
+    found = client.get_experiment_by_name(experiment)
+    if found is not None:
+        runs = client.search_runs(
+            [found.experiment_id],
+            filter_string="tags.algorithm = 'rm' and attributes.status = 'FINISHED'",
+            order_by=["attributes.start_time DESC"],
+        )
+        for run in runs:
+            if run.data.tags.get("role") in (role, "shared") and Path(run.data.tags.get("output_path", "")).exists():
+                return run.data.tags["output_path"], run.data.tags["role"]
+    raise BenchError(f"no finished {role} reward model in experiment {experiment!r}; "
+                     f"train one with `bench train rm --recipe {experiment}` or pass a folder")
+
+
+def make_judge(settings: EvalSettings, experiment: str):
+    if settings.judge.startswith(("http://", "https://")):
+        return ChatCompletionsJudge(settings.judge, settings.judge_model, seed=settings.sampling.seed)
+    path = find_reward_model(experiment, "judge")[0] if settings.judge == "latest" else settings.judge
+    judge = RewardModelJudge(path, role="judge")
+    if judge.trained_role == "proxy":
+        raise ConfigError(f"judge {path} was trained as the proxy; train a judge, or a `shared` model on purpose")
+    return judge
+
+
+def make_proxy(settings: EvalSettings, experiment: str, judge):
+    if settings.proxy is None:
+        return None
+    if settings.proxy == "latest":
+        try:
+            path = find_reward_model(experiment, "proxy")[0]
+        except BenchError as err:
+            log.warning("%s; proxy_score is not measured", err)
+            return None
+    else:
+        path = settings.proxy
+    if isinstance(judge, RewardModelJudge) and Path(path).resolve() == Path(judge.path).resolve():
+        return judge.module
+    return load_reward_model(path, role="proxy")
+
+
+def _autocast(enabled: bool, device: torch.device):
+    return torch.autocast(device.type, dtype=torch.bfloat16) if enabled else nullcontext()
+
+
+@torch.no_grad()
+def batched_logps(model, rows: list[dict], collate, batch_size: int, desc: str) -> SequenceLogps:
+    fast = head_computes_logits(model)
+    totals, tokens = [], []
+    for start in tqdm(range(0, len(rows), batch_size), desc=desc, unit="batch"):
+        batch = {k: v.to(model.device) for k, v in collate(rows[start : start + batch_size]).items()}
+        logps = sequence_logps(model, batch, head_on_responses=fast)
+        totals.append(logps.total.float().cpu())
+        tokens.append(logps.tokens.cpu())
+    return SequenceLogps(torch.cat(totals), torch.cat(tokens))
+
+
+def evaluate(target: Target, settings: EvalSettings) -> dict:
+    """Measure, log to MLflow, and return the `eval/` metrics."""
+    data = target.data
+    splits, _ = load_splits(data["path"], data.get("subsets"), data.get("val_fraction", 0.1),
+                            data.get("test_fraction", 0.1))
+    test = splits["test"]
+    if settings.n_prompts > len(test):
+        raise ConfigError(f"eval.n_prompts {settings.n_prompts} is larger than the test split ({len(test)} pairs "
+                          f"in {data['path']})")
+    judge = make_judge(settings, target.experiment)
+    judge.check_reachable()
+    proxy = make_proxy(settings, target.experiment, judge)
+
+    chosen_indices = sorted(random.Random(settings.sampling.seed).sample(range(len(test)), settings.n_prompts))
+    pairs = [test[i] for i in chosen_indices]
+    tokenizer = load_tokenizer(target.policy)
+    formatter = Formatter(tokenizer, data.get("chat_template", True), data.get("max_length", 512),
+                          data.get("max_prompt_length", 256))
+    prompt_ids = [formatter.prompt_ids(p.prompt)[-formatter.max_prompt_length :] for p in pairs]
+
+    policy = load_causal_lm(target.policy)
+    reference = policy if target.reference == target.policy else load_causal_lm(target.reference)
+    device = policy.device
+    with _autocast(settings.bf16, device):
+        policy_ids = sample(policy, tokenizer, prompt_ids, settings.sampling, desc="policy samples")
+        cache = ReferenceSampleCache()
+        # The reference draws with another seed: evaluating the reference itself then compares two
+        # independent samples, not one sample with itself.
+        reference_sampling = Sampling(**{**asdict(settings.sampling), "seed": settings.sampling.seed + 1})
+        key = cache.key(target.reference, prompt_ids, reference_sampling)
+        reference_ids = cache.load(key)
+        if reference_ids is None:
+            log.info("generating reference samples (%s, %d prompts); cache key %s", target.reference, len(pairs), key)
+            reference_ids = sample(reference, tokenizer, prompt_ids, reference_sampling, desc="reference samples")
+            log.info("stored reference samples at %s", cache.store(key, reference_ids))
+        else:
+            log.info("reusing cached reference samples %s (%d prompts)", key, len(reference_ids))
+
+        # KL(policy || reference) on the policy's own samples, summed over generated tokens.
+        sample_rows = [{"prompt_ids": p, "completion_ids": g} for p, g in zip(prompt_ids, policy_ids) if g]
+        collate_sft = Collator("sft", tokenizer.pad_token_id)
+        batch_size = settings.sampling.batch_size
+        policy_on_samples = batched_logps(policy, sample_rows, collate_sft, batch_size, "KL: policy")
+        reference_on_samples = batched_logps(reference, sample_rows, collate_sft, batch_size, "KL: reference")
+        kl = (policy_on_samples.total - reference_on_samples.total).mean().item()
+
+        # Preference accuracy of the implicit reward on held-out pairs, and of the untrained policy's
+        # length-normalised log-probs (the RRHF paper's Table 5 measurement).
+        pair_rows = [formatter.pair(p) for p in pairs]
+        collate_sft_rows = [{"prompt_ids": r["prompt_ids"], "completion_ids": r[k]}
+                            for k in ("chosen_ids", "rejected_ids") for r in pair_rows]
+        policy_pairs = batched_logps(policy, collate_sft_rows, collate_sft, batch_size, "pairs: policy")
+        reference_pairs = batched_logps(reference, collate_sft_rows, collate_sft, batch_size, "pairs: reference")
+    n = len(pair_rows)
+    logratios = policy_pairs.total - reference_pairs.total
+    pref_accuracy = (logratios[:n] > logratios[n:]).float().mean().item()
+    untrained_normalised = reference_pairs.mean
+    pref_accuracy_untrained = (untrained_normalised[:n] > untrained_normalised[n:]).float().mean().item()
+
+    prompts = [p.prompt for p in pairs]
+    policy_text = decode_responses(tokenizer, policy_ids)
+    reference_text = decode_responses(tokenizer, reference_ids)
+    chosen_text = [p.chosen.strip() for p in pairs]
+    metrics: dict[str, float] = {
+        "eval/kl": kl,
+        "eval/response_len": sum(len(g) for g in policy_ids) / len(policy_ids),
+        "eval/pref_accuracy": pref_accuracy,
+        "eval/pref_accuracy_untrained": pref_accuracy_untrained,
+    }
+    table = {"prompt": prompts, "policy": policy_text, "chosen": chosen_text, "reference": reference_text}
+
+    def add_with_ci(name: str, metric) -> None:
+        result = metric.compute()
+        metrics[f"eval/{name}"] = result["value"]
+        metrics[f"eval/{name}_ci_low"], metrics[f"eval/{name}_ci_high"] = result["ci_low"], result["ci_high"]
+
+    for name, baseline in (("win_rate_vs_chosen", chosen_text), ("win_rate_vs_ref", reference_text)):
+        win_rate = WinRate(confidence=settings.confidence)
+        win_rate.update(outcomes=judge.compare(prompts, policy_text, baseline))
+        add_with_ci(name, win_rate)
+    judge_policy = judge.scores(prompts, policy_text)
+    if judge_policy is not None:
+        table["judge_policy"] = judge_policy.tolist()
+        table["judge_chosen"] = judge.scores(prompts, chosen_text).tolist()
+        table["judge_reference"] = judge.scores(prompts, reference_text).tolist()
+        score = BootstrapMean(confidence=settings.confidence)
+        score.update(judge_policy)
+        add_with_ci("judge_score", score)
+    if proxy is not None:
+        proxy_scores = proxy.score(prompts, policy_text)
+        table["proxy_policy"] = proxy_scores.tolist()
+        score = BootstrapMean(confidence=settings.confidence)
+        score.update(proxy_scores)
+        add_with_ci("proxy_score", score)
+    record_eval(target, settings, judge, proxy, metrics, table)
+    return metrics
+
+
+def win_rate_figure(metrics: dict):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = ["win_rate_vs_chosen", "win_rate_vs_ref"]
+    values = [metrics[f"eval/{n}"] for n in names]
+    errors = [[v - metrics[f"eval/{n}_ci_low"] for n, v in zip(names, values)],
+              [metrics[f"eval/{n}_ci_high"] - v for n, v in zip(names, values)]]
+    figure, axis = plt.subplots(figsize=(5, 3.5))
+    axis.bar(["vs chosen", "vs reference"], values, yerr=errors, capsize=8, color=["#4c72b0", "#dd8452"])
+    axis.axhline(0.5, color="grey", linestyle="--", linewidth=1)
+    axis.set_ylim(0, 1)
+    axis.set_ylabel("win rate (95% CI)")
+    figure.tight_layout()
+    return figure
+
+
+def record_eval(target: Target, settings: EvalSettings, judge, proxy, metrics: dict, table: dict) -> str:
+    """Log into the training run when there is one, else into a new run of the experiment."""
+    client = mlflow.MlflowClient(tracking.tracking_uri())
+    run_id = target.run_id
+    if run_id is None:
+        experiment = client.get_experiment_by_name(target.experiment)
+        experiment_id = (experiment.experiment_id if experiment else
+                         client.create_experiment(target.experiment, artifact_location=tracking.artifact_location()))
+        run_id = client.create_run(experiment_id, run_name=f"eval-{Path(target.policy).name}",
+                                   tags={"algorithm": "eval", "model": target.policy}).info.run_id
+    for key, value in metrics.items():
+        client.log_metric(run_id, key, value)
+    judge_info = judge.describe()
+    tags = {f"eval.judge.{k}": v for k, v in judge_info.items()}
+    tags["eval.reference"] = target.reference
+    tags["eval.proxy"] = getattr(getattr(proxy, "hparams", None), "backbone", "none") if proxy is not None else "none"
+    for key, value in tags.items():
+        client.set_tag(run_id, key, str(value))
+    params = {"eval.n_prompts": settings.n_prompts, "eval.confidence": settings.confidence,
+              **{f"eval.sampling.{k}": v for k, v in asdict(settings.sampling).items()}}
+    existing = client.get_run(run_id).data.params
+    for key, value in params.items():
+        if key not in existing:  # a re-evaluation with other settings keeps the first run's params
+            client.log_param(run_id, key, value)
+    client.log_table(run_id, data=table, artifact_file="eval/samples.json")
+    figure = win_rate_figure(metrics)
+    client.log_figure(run_id, figure, "eval/win_rates.png")
+    log.info("eval metrics logged to run %s: %s", run_id, json.dumps({k: round(v, 4) for k, v in metrics.items()}))
+    if client.get_run(run_id).info.status != "FINISHED" and target.run_id is None:
+        client.set_terminated(run_id)
+    return run_id

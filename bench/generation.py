@@ -1,0 +1,122 @@
+"""Batched sampling from a policy, and the on-disk cache of the reference policy's samples."""
+
+import hashlib
+import json
+import logging
+import os
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from bench.models import cache_dir, resolve
+
+log = logging.getLogger(__name__)
+
+# A response ends where the model starts the next human turn, in raw HH or chat form.
+NEW_TURN = re.compile(r"(\n\s*)?(Human:|<\|im_start\|>user)")
+
+
+@dataclass(frozen=True)
+class Sampling:
+    temperature: float = 0.7
+    top_p: float = 1.0
+    max_new_tokens: int = 128
+    batch_size: int = 16
+    seed: int = 0
+
+    def __post_init__(self):
+        from bench.errors import ConfigError
+
+        if self.temperature < 0 or not 0 < self.top_p <= 1 or self.max_new_tokens < 1 or self.batch_size < 1:
+            raise ConfigError(f"invalid sampling settings {self}: need temperature >= 0, 0 < top_p <= 1, "
+                              "max_new_tokens >= 1, batch_size >= 1")
+
+
+def cut_at_new_turn(text: str) -> str:
+    match = NEW_TURN.search(text)
+    return (text[: match.start()] if match else text).strip()
+
+
+@torch.no_grad()
+def sample(model, tokenizer, prompt_ids: list[list[int]], sampling: Sampling, desc: str) -> list[list[int]]:
+    """Generated token ids per prompt, ending at EOS / end of turn (included) or at max_new_tokens.
+    Batched and left-padded, with the KV cache."""
+    was_training = model.training
+    model.eval()
+    torch.manual_seed(sampling.seed)
+    pad_id, eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
+    outputs = []
+    for start in tqdm(range(0, len(prompt_ids), sampling.batch_size), desc=desc, unit="batch"):
+        chunk = prompt_ids[start : start + sampling.batch_size]
+        width = max(len(p) for p in chunk)
+        input_ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in chunk], device=model.device)
+        attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=model.device)
+        generated = model.generate(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            do_sample=sampling.temperature > 0,
+            temperature=sampling.temperature if sampling.temperature > 0 else None,
+            top_p=sampling.top_p if sampling.temperature > 0 else None,
+            top_k=None,
+            max_new_tokens=sampling.max_new_tokens,
+            eos_token_id=eos_id,
+            pad_token_id=pad_id,
+            use_cache=True,
+        )[:, width:].tolist()
+        for ids in generated:
+            outputs.append(ids[: ids.index(eos_id) + 1] if eos_id in ids else ids)
+    model.train(was_training)
+    return outputs
+
+
+def decode_responses(tokenizer, generated: list[list[int]]) -> list[str]:
+    return [cut_at_new_turn(tokenizer.decode(ids, skip_special_tokens=True)) for ids in generated]
+
+
+def model_fingerprint(spec: str) -> str:
+    """Identifies a model's weights without reading them: its folder, and each file's size and mtime."""
+    source = Path(resolve(spec))
+    if not source.is_dir():
+        return spec  # a hub id names immutable weights only with a revision; we take the id as given
+    parts = [str(source.resolve())]
+    for file in sorted(source.iterdir()):
+        if file.is_file():
+            stat = file.stat()
+            parts.append(f"{file.name}:{stat.st_size}:{stat.st_mtime_ns}")
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+
+class ReferenceSampleCache:
+    """Reference-policy samples on disk, keyed by reference model, prompt set and sampling settings,
+    so that every algorithm evaluated against the same reference reuses one generation."""
+
+    def __init__(self, root: Path | None = None):
+        self.root = root or cache_dir() / "reference_samples"
+
+    def key(self, reference: str, prompt_ids: list[list[int]], sampling: Sampling) -> str:
+        payload = json.dumps(
+            {"model": model_fingerprint(reference), "prompts": prompt_ids, "sampling": asdict(sampling)},
+            sort_keys=True,
+        )
+        return hashlib.sha256(payload.encode()).hexdigest()[:24]
+
+    def load(self, key: str) -> list[list[int]] | None:
+        path = self.root / f"{key}.json"
+        if not path.exists():
+            return None
+        try:
+            return json.loads(path.read_text())["generated"]
+        except (json.JSONDecodeError, KeyError) as err:
+            log.warning("reference sample cache %s is unreadable (%s); generating again", path, err)
+            return None
+
+    def store(self, key: str, generated: list[list[int]]) -> Path:
+        self.root.mkdir(parents=True, exist_ok=True)
+        path = self.root / f"{key}.json"
+        partial = path.with_suffix(f".{os.getpid()}.partial")
+        partial.write_text(json.dumps({"generated": generated}))
+        partial.replace(path)  # atomic: a reader never sees half a file
+        return path

@@ -1,0 +1,174 @@
+"""`bench eval` on the tiny recipe: every eval/ metric with CIs in MLflow, the reference-sample cache,
+the untrained reference against itself, the pluggable judges, and bad input."""
+
+import json
+import logging
+import threading
+from http.server import BaseHTTPRequestHandler, HTTPServer
+
+import mlflow
+import pytest
+import torch
+
+import bench.evaluation
+import bench.generation
+from bench.cli import main
+from bench.errors import BenchError
+from bench.judges import ChatCompletionsJudge
+from modules.metrics import WinRate, bootstrap_ci
+
+EVAL_KEYS = ["win_rate_vs_chosen", "win_rate_vs_ref", "judge_score", "proxy_score"]
+
+
+@pytest.fixture
+def sample_cache(tmp_path, monkeypatch):
+    monkeypatch.setattr(bench.generation, "cache_dir", lambda: tmp_path / "cache")
+    return tmp_path / "cache" / "reference_samples"
+
+
+@pytest.fixture
+def trained(workdir, hh_path, sample_cache):
+    """A proxy, a judge and a DPO policy on the tiny recipe; the DPO run is evaluated when it ends."""
+    main(["train", "rm", "--recipe", "tiny", f"--data.path={hh_path}", "--trainer.max_steps=1",
+          "--trainer.limit_val_batches=0"])
+    main(["train", "dpo", "--recipe", "tiny", f"--data.path={hh_path}", "--trainer.max_steps=1",
+          "--trainer.limit_val_batches=0"])
+    client = mlflow.MlflowClient()
+    runs = client.search_runs([client.get_experiment_by_name("tiny").experiment_id],
+                              filter_string="tags.algorithm = 'dpo'")
+    return client, runs[0]
+
+
+def test_training_ends_with_a_full_evaluation_in_mlflow(trained, sample_cache):
+    client, run = trained
+    metrics = run.data.metrics
+    for key in EVAL_KEYS:
+        assert metrics[f"eval/{key}_ci_low"] <= metrics[f"eval/{key}"] <= metrics[f"eval/{key}_ci_high"]
+    for key in ("win_rate_vs_chosen", "win_rate_vs_ref"):
+        assert 0 <= metrics[f"eval/{key}"] <= 1
+    assert {"eval/kl", "eval/response_len", "eval/pref_accuracy", "eval/pref_accuracy_untrained"} <= set(metrics)
+    assert 0 < metrics["eval/response_len"] <= 12
+    artifacts = [a.path for a in client.list_artifacts(run.info.run_id, "eval")]
+    assert "eval/samples.json" in artifacts and "eval/win_rates.png" in artifacts
+    table = json.loads(open(client.download_artifacts(run.info.run_id, "eval/samples.json")).read())
+    assert set(table["columns"]) >= {"prompt", "policy", "chosen", "reference", "judge_policy", "judge_chosen",
+                                     "judge_reference"}
+    assert len(table["data"]) == 8
+    tags = run.data.tags
+    assert tags["eval.judge.kind"] == "reward_model" and tags["eval.judge.trained_role"] == "judge"
+    assert "rm-judge" in tags["eval.judge.path"]
+    assert len(list(sample_cache.glob("*.json"))) == 1
+
+
+def test_a_second_evaluation_reuses_the_reference_samples(trained, sample_cache, caplog, monkeypatch):
+    _, run = trained
+    generated = []
+    real_sample = bench.evaluation.sample
+    monkeypatch.setattr(bench.evaluation, "sample",
+                        lambda *a, **k: generated.append(k["desc"]) or real_sample(*a, **k))
+    with caplog.at_level(logging.INFO, logger="bench.evaluation"):
+        main(["eval", run.info.run_id, "--recipe", "tiny"])
+    assert generated == ["policy samples"]  # the reference was not sampled again
+    assert "reusing cached reference samples" in caplog.text
+
+
+def test_untrained_reference_against_itself_is_even(workdir, hh_path, sample_cache, capsys):
+    main(["train", "rm", "--recipe", "tiny", f"--data.path={hh_path}", "--trainer.max_steps=1",
+          "--trainer.limit_val_batches=0", "--model.role=shared"])
+    capsys.readouterr()
+    main(["eval", "tiny", "--recipe", "tiny", f"--data-path={hh_path}", "--n-prompts", "32", "--proxy", "none"])
+    metrics = json.loads(capsys.readouterr().out)
+    low, rate, high = (metrics[f"eval/win_rate_vs_ref{s}"] for s in ("_ci_low", "", "_ci_high"))
+    assert low <= 0.5 <= high and low < rate < high
+    assert metrics["eval/kl"] == pytest.approx(0.0, abs=1e-6)  # the policy is its own reference
+
+
+def test_win_rate_counts_ties_as_half_with_a_bootstrap_ci():
+    metric = WinRate()
+    metric.update(torch.tensor([1.0, 2.0, 3.0, 5.0]), torch.tensor([0.0, 2.0, 4.0, 1.0]))
+    result = metric.compute()
+    assert result["value"] == pytest.approx((1 + 0.5 + 0 + 1) / 4)
+    assert result["n"] == 4 and 0 <= result["ci_low"] <= result["value"] <= result["ci_high"] <= 1
+    # The interval ignores the order of the values (devices gather them in any order).
+    assert bootstrap_ci(torch.tensor([1.0, 0.0, 0.5, 1.0])) == bootstrap_ci(torch.tensor([0.5, 1.0, 1.0, 0.0]))
+
+
+class FakeJudgeHandler(BaseHTTPRequestHandler):
+    """Prefers whichever response contains GOOD; records the position it was in and the auth header."""
+
+    seen: list = []
+
+    def _reply(self, body):
+        data = json.dumps(body).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self):
+        self._reply({"data": [{"id": "fake-gpt"}]})
+
+    def do_POST(self):
+        request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        content = request["messages"][0]["content"]
+        a_part = content.split("Response A:")[1].split("Response B:")[0]
+        winner = "A" if "GOOD" in a_part else "B"
+        FakeJudgeHandler.seen.append((winner, self.headers.get("Authorization")))
+        self._reply({"choices": [{"message": {"content": f"Comparison: one is better.\nMore helpful: {winner}"}}]})
+
+    def log_message(self, *args):
+        pass
+
+
+def test_chat_completions_judge_randomises_order_against_a_local_server(monkeypatch):
+    server = HTTPServer(("127.0.0.1", 0), FakeJudgeHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test-secret")
+    FakeJudgeHandler.seen = []
+    try:
+        judge = ChatCompletionsJudge(f"http://127.0.0.1:{server.server_port}/v1", "fake-gpt", seed=1)
+        judge.check_reachable()
+        outcomes = judge.compare(["\n\nHuman: q?\n\nAssistant:"] * 12, ["GOOD answer"] * 12, ["bad answer"] * 12)
+    finally:
+        server.shutdown()
+    assert outcomes.tolist() == [1.0] * 12
+    positions = {winner for winner, _ in FakeJudgeHandler.seen}
+    assert positions == {"A", "B"}  # the policy was shown in both positions
+    assert all(auth == "Bearer sk-test-secret" for _, auth in FakeJudgeHandler.seen)
+    assert "sk-test-secret" not in json.dumps(judge.describe())
+
+
+def test_unreachable_judge_fails_before_any_generation(workdir, hh_path, monkeypatch, capsys):
+    monkeypatch.setattr(bench.evaluation, "sample", lambda *a, **k: pytest.fail("generation started"))
+    with pytest.raises(SystemExit):
+        main(["eval", "tiny", "--recipe", "tiny", f"--data-path={hh_path}", "--judge", "http://127.0.0.1:9/v1",
+              "--proxy", "none"])
+    assert "judge endpoint http://127.0.0.1:9/v1 is unreachable" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["eval", "0123456789abcdef0123456789abcdef", "--recipe", "tiny"], "no MLflow run '0123456789abcdef"),
+        (["eval", "tiny", "--recipe", "tiny", "--n-prompts", "100000"], "is larger than the test split"),
+    ],
+)
+def test_bad_eval_input(workdir, hh_path, capsys, argv, message):
+    with pytest.raises(SystemExit):
+        main([*argv, f"--data-path={hh_path}"])
+    assert message in capsys.readouterr().err
+
+
+def test_a_reward_model_is_not_a_policy(workdir, hh_path, capsys):
+    main(["train", "rm", "--recipe", "tiny", f"--data.path={hh_path}", "--trainer.max_steps=1",
+          "--trainer.limit_val_batches=0", "--model.role=judge"])
+    client = mlflow.MlflowClient()
+    (run,) = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main(["eval", run.data.tags["output_path"], "--recipe", "tiny", f"--data-path={hh_path}"])
+    assert "is not a policy" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["eval", run.info.run_id, "--recipe", "tiny"])
+    assert "trained a reward model (judge), not a policy" in capsys.readouterr().err
