@@ -94,7 +94,43 @@ def optimizer_with_warmup(parameters, optimizer: str, lr: float, weight_decay: f
     return {"optimizer": instance, "lr_scheduler": {"scheduler": warmup, "interval": "step"}}
 
 
-class AlignmentModule(L.LightningModule):
+class TrainedHFModel(L.LightningModule):
+    """One HF model trained in `_step` and saved with its tokenizer, in HF format, at the end of training.
+    Subclasses provide `trained_model`, `tokenizer`, `_step` and the optimizer hyperparameters."""
+
+    output_name: ClassVar[str]  # the folder, in the run directory, that the model is saved to
+
+    @property
+    def trained_model(self) -> torch.nn.Module:
+        raise NotImplementedError
+
+    def _step(self, stage: str, batch: dict) -> torch.Tensor:
+        raise NotImplementedError
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        return self._step("train", batch)
+
+    def validation_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        return self._step("val", batch)
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        return optimizer_with_warmup(
+            self.trained_model.parameters(), hp.optimizer, hp.lr, hp.weight_decay, hp.warmup_steps
+        )
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.trainer.default_root_dir) / self.output_name
+
+    def on_train_end(self) -> None:
+        if self.trainer.is_global_zero:
+            self.trained_model.save_pretrained(self.output_dir)
+            self.tokenizer.save_pretrained(self.output_dir)
+            log.info("saved the trained %s to %s", self.output_name, self.output_dir)
+
+
+class AlignmentModule(TrainedHFModel):
     """Base of every algorithm. A subclass names its data view and implements `loss_and_metrics`.
 
     Args:
@@ -109,7 +145,7 @@ class AlignmentModule(L.LightningModule):
 
     data_view: ClassVar[str] = "paired"
     needs_reference: ClassVar[bool] = True
-    output_name: ClassVar[str] = "policy"  # the folder, in the run directory, that the model is saved to
+    output_name = "policy"
 
     def __init__(
         self,
@@ -177,12 +213,6 @@ class AlignmentModule(L.LightningModule):
         batch, or (value, weight) when it averages over part of the batch only."""
         raise NotImplementedError
 
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        return self._step("train", batch)
-
-    def validation_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        return self._step("val", batch)
-
     def _step(self, stage: str, batch: dict) -> torch.Tensor:
         loss, metrics = self.loss_and_metrics(batch)
         batch_size = self.examples_in(batch)
@@ -199,21 +229,9 @@ class AlignmentModule(L.LightningModule):
         """How many examples a batch holds, for weighting epoch means."""
         return batch["input_ids"].shape[0]
 
-    # --- optimisation -------------------------------------------------------------------------
-    def configure_optimizers(self):
-        hp = self.hparams
-        return optimizer_with_warmup(self.policy.parameters(), hp.optimizer, hp.lr, hp.weight_decay, hp.warmup_steps)
-
-    # --- output -------------------------------------------------------------------------------
     @property
-    def output_dir(self) -> Path:
-        return Path(self.trainer.default_root_dir) / self.output_name
-
-    def on_train_end(self) -> None:
-        if self.trainer.is_global_zero:
-            self.policy.save_pretrained(self.output_dir)
-            self.tokenizer.save_pretrained(self.output_dir)
-            log.info("saved the trained policy to %s", self.output_dir)
+    def trained_model(self) -> torch.nn.Module:
+        return self.policy
 
 
 def preference_metrics(

@@ -3,10 +3,8 @@ judge that evaluates. It reads prompt + response through its own tokenizer, so i
 whose tokenizers differ from its own."""
 
 import logging
-from pathlib import Path
 from typing import Literal
 
-import lightning.pytorch as L
 import torch
 from jsonargparse.typing import NonNegativeFloat, NonNegativeInt, PositiveFloat
 
@@ -14,7 +12,7 @@ from bench.models import load_reward_backbone, load_tokenizer
 from bench.models import resolve as resolve_model
 from datamodules.formatting import RewardFormatter, reward_text
 from datamodules.hh_datamodule import pad_rows
-from modules.base import optimizer_with_warmup, require_positive
+from modules.base import TrainedHFModel, require_positive
 from modules.losses import bradley_terry_loss
 
 log = logging.getLogger(__name__)
@@ -23,7 +21,7 @@ Role = Literal["proxy", "judge", "shared"]
 ROLE_KEY = "bench_reward_role"  # written into the saved config.json, so a loader can check the role
 
 
-class RewardModel(L.LightningModule):
+class RewardModel(TrainedHFModel):
     """r(x, y) from an HF sequence-classification backbone with one output.
 
     Args:
@@ -77,26 +75,13 @@ class RewardModel(L.LightningModule):
             self.log("val/margin", (chosen - rejected).mean().detach(), batch_size=pairs, sync_dist=True)
         return loss
 
-    def training_step(self, batch, batch_idx):
-        return self._step("train", batch)
-
-    def validation_step(self, batch, batch_idx):
-        return self._step("val", batch)
-
-    def configure_optimizers(self):
-        hp = self.hparams
-        return optimizer_with_warmup(self.model.parameters(), hp.optimizer, hp.lr, hp.weight_decay, hp.warmup_steps)
-
     @property
-    def output_dir(self) -> Path:
-        return Path(self.trainer.default_root_dir) / self.output_name
+    def trained_model(self) -> torch.nn.Module:
+        return self.model
 
     def on_train_end(self) -> None:
-        if self.trainer.is_global_zero:
-            setattr(self.model.config, ROLE_KEY, self.hparams.role)
-            self.model.save_pretrained(self.output_dir)
-            self.tokenizer.save_pretrained(self.output_dir)
-            log.info("saved the %s reward model to %s", self.hparams.role, self.output_dir)
+        setattr(self.model.config, ROLE_KEY, self.hparams.role)  # saved in config.json
+        super().on_train_end()
 
     @torch.no_grad()
     def score(self, prompts: list[str], responses: list[str], batch_size: int = 32) -> torch.Tensor:
