@@ -55,3 +55,68 @@ def bradley_terry_loss(
     return -F.logsigmoid(chosen_rewards - rejected_rewards) + center_rewards_coefficient * (
         chosen_rewards + rejected_rewards
     ) ** 2
+
+
+def rrhf_loss(scores: torch.Tensor, rewards: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """RRHF's ranking loss (Yuan et al. 2023), per prompt: the sum, over valid candidate pairs with
+    r_i < r_j, of max(0, s_i - s_j). Scores s are length-normalised log-probs; all tensors are (B, k)
+    and `mask` marks the valid candidates. Equal rewards rank neither way."""
+    mask = mask.bool()
+    score_gap = scores[:, :, None] - scores[:, None, :]  # [b, i, j] = s_i - s_j
+    ranked_lower = rewards[:, :, None] < rewards[:, None, :]  # r_i < r_j
+    valid = mask[:, :, None] & mask[:, None, :]
+    return (score_gap.clamp(min=0) * (ranked_lower & valid)).sum(dim=(1, 2))
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Sum(values * mask) / Sum(mask) over the whole batch; 0 when nothing is unmasked."""
+    mask = mask.to(values.dtype)
+    return (values * mask).sum() / mask.sum().clamp(min=1)
+
+
+def gae(
+    rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation over right-padded (B, T) response tokens.
+
+    delta_t = r_t + gamma * V_{t+1} * mask_{t+1} - V_t   (V beyond the last column is 0)
+    A_t     = delta_t + gamma * lam * mask_{t+1} * A_{t+1}
+    returns = A + V; A is 0 where mask is 0.
+    """
+    mask = mask.to(values.dtype)
+    next_values = F.pad(values[:, 1:], (0, 1))
+    next_mask = F.pad(mask[:, 1:], (0, 1))
+    deltas = rewards + gamma * next_values * next_mask - values
+    advantages = torch.zeros_like(values)
+    running = torch.zeros_like(values[:, 0])
+    for t in reversed(range(values.shape[1])):
+        running = deltas[:, t] + gamma * lam * next_mask[:, t] * running
+        advantages[:, t] = running
+    advantages = advantages * mask
+    return advantages, advantages + values
+
+
+def ppo_policy_loss(
+    logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, cliprange: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """PPO's clipped surrogate: masked_mean(max(-A * ratio, -A * clip(ratio, 1 - c, 1 + c))), and the
+    fraction of tokens where the clipped term is the larger."""
+    ratio = torch.exp(logprobs - old_logprobs)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1 - cliprange, 1 + cliprange)
+    loss = masked_mean(torch.max(unclipped, clipped), mask)
+    clipfrac = masked_mean((clipped > unclipped).to(logprobs.dtype), mask)
+    return loss, clipfrac
+
+
+def ppo_value_loss(
+    values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, cliprange_value: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clipped value loss: 0.5 * masked_mean(max((V - R)^2, (V_clip - R)^2)) with
+    V_clip = V_old + clip(V - V_old, -c, c), and the fraction of tokens where the clipped term is larger."""
+    clipped_values = old_values + torch.clamp(values - old_values, -cliprange_value, cliprange_value)
+    unclipped_error = (values - returns) ** 2
+    clipped_error = (clipped_values - returns) ** 2
+    loss = 0.5 * masked_mean(torch.max(unclipped_error, clipped_error), mask)
+    clipfrac = masked_mean((clipped_error > unclipped_error).to(values.dtype), mask)
+    return loss, clipfrac
