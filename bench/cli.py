@@ -79,16 +79,19 @@ def train_command(argv: list[str]) -> None:
 def evaluate_after_training(run_id: str, recipe_arg: str, required: bool) -> None:
     """`bench eval` on the run just trained. Without a judge reward model in the recipe's experiment
     this warns and skips, unless `--eval true` asked for it."""
-    from bench import recipes
+    import mlflow
+
+    from bench import recipes, tracking
     from bench.evaluation import EvalSettings, evaluate, find_reward_model, resolve_target
 
-    recipe_name, _, eval_config = recipes.resolve(recipe_arg, "sft")
-    settings = EvalSettings.from_dict(eval_config)
+    recipe_name, recipe = recipes.load(recipe_arg)
+    settings = EvalSettings.from_dict(recipe.get("eval"))
     if settings.judge == "latest" and not required:
         try:
             find_reward_model(recipe_name, "judge")
         except BenchError as err:
             log.warning("evaluation skipped: %s. Run `bench eval %s` after training the judge.", err, run_id)
+            mlflow.MlflowClient(tracking.tracking_uri()).set_tag(run_id, "eval_skipped", str(err))
             return
     evaluate(resolve_target(run_id, None, {}, recipe_name), settings)
 
@@ -104,7 +107,7 @@ def train_one(algorithm: str, recipe_arg: str, argv: list[str], run_suffix: str 
     module_class = TRAINABLE[algorithm]
     is_reward_model = algorithm == "rm"
     model_spec_key = "backbone" if is_reward_model else "policy"
-    recipe_name, recipe_config, eval_config = recipes.resolve(recipe_arg, algorithm)
+    recipe_name, recipe_config, _ = recipes.resolve(recipe_arg, algorithm)
     run_name = f"{algorithm}{run_suffix}-{datetime.now():%Y%m%d-%H%M%S}"
 
     class TrainCLI(LightningCLI):
@@ -198,7 +201,8 @@ def eval_command(argv: list[str]) -> None:
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--seed", type=int)
     args = parser.parse_args(argv)
-    recipe_name, recipe_config, eval_config = recipes.resolve(args.recipe, "sft")
+    recipe_name, recipe_config = recipes.load(args.recipe)
+    eval_config = dict(recipe_config.get("eval") or {})
     for key in ("n_prompts", "judge", "judge_model", "proxy"):
         if getattr(args, key) is not None:
             eval_config[key] = None if getattr(args, key) == "none" else getattr(args, key)

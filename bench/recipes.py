@@ -42,8 +42,8 @@ def deep_merge(base: dict, override: dict) -> dict:
     return merged
 
 
-def resolve(name_or_path: str, algorithm: str) -> tuple[str, dict, dict]:
-    """(recipe name, the LightningCLI config for `algorithm`, the recipe's `eval` settings)."""
+def load(name_or_path: str) -> tuple[str, dict]:
+    """(recipe name, the recipe as written)."""
     path = recipe_path(name_or_path)
     try:
         recipe = yaml.safe_load(path.read_text()) or {}
@@ -51,8 +51,14 @@ def resolve(name_or_path: str, algorithm: str) -> tuple[str, dict, dict]:
         raise ConfigError(f"recipe {path} is not valid YAML: {err}") from err
     if not isinstance(recipe, dict):
         raise ConfigError(f"recipe {path} must be a mapping of config sections")
+    return path.stem, recipe
+
+
+def resolve(name_or_path: str, algorithm: str) -> tuple[str, dict, dict]:
+    """(recipe name, the LightningCLI config for `algorithm`, the recipe's `eval` settings)."""
+    name, recipe = load(name_or_path)
     overrides = recipe.pop("algorithms", {}) or {}
     eval_settings = recipe.pop("eval", {}) or {}
     if algorithm == "rm":
         recipe.pop("model", None)
-    return path.stem, deep_merge(recipe, overrides.get(algorithm, {})), eval_settings
+    return name, deep_merge(recipe, overrides.get(algorithm, {})), eval_settings

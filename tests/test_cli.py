@@ -48,6 +48,7 @@ def test_train_logs_a_complete_mlflow_run(workdir, hh_path, algorithm, own_metri
     tags = run.data.tags
     assert tags["algorithm"] == algorithm and tags["model"] == "tiny" and tags["seed"] == "0"
     assert tags["data_source"] == hh_path and tags["git_commit"]
+    assert "no finished judge reward model in experiment 'tiny'" in tags["eval_skipped"]
     params = run.data.params
     assert params["trainer.max_steps"] == "3" and params["model.policy"] == "tiny"
     assert params["data.view"] == {"sft": "sft", "kto": "unpaired"}.get(algorithm, "paired")
