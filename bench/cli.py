@@ -194,6 +194,7 @@ def eval_command(argv: list[str]) -> None:
     parser.add_argument("--n-prompts", type=int)
     parser.add_argument("--judge", help="judge reward-model folder, 'latest', or an OpenAI-compatible base URL")
     parser.add_argument("--judge-model", help="model name for an http(s) judge")
+    parser.add_argument("--judge-prompt", help="prompt template file for an http(s) judge (default: the DPO paper's)")
     parser.add_argument("--proxy", help="proxy reward-model folder, 'latest' or 'none'")
     parser.add_argument("--temperature", type=float)
     parser.add_argument("--top-p", type=float)
@@ -203,7 +204,7 @@ def eval_command(argv: list[str]) -> None:
     args = parser.parse_args(argv)
     recipe_name, recipe_config = recipes.load(args.recipe)
     eval_config = dict(recipe_config.get("eval") or {})
-    for key in ("n_prompts", "judge", "judge_model", "proxy"):
+    for key in ("n_prompts", "judge", "judge_model", "judge_prompt", "proxy"):
         if getattr(args, key) is not None:
             eval_config[key] = None if getattr(args, key) == "none" else getattr(args, key)
     sampling = dict(eval_config.get("sampling", {}))

@@ -20,7 +20,7 @@ from transformers import AutoConfig
 from bench import tracking
 from bench.errors import BenchError, ConfigError
 from bench.generation import ReferenceSampleCache, Sampling, decode_responses, sample
-from bench.judges import ChatCompletionsJudge, RewardModelJudge, load_reward_model
+from bench.judges import DPO_HELPFULNESS_PROMPT, ChatCompletionsJudge, RewardModelJudge, load_reward_model
 from bench.models import BUILTIN_SPECS, load_causal_lm, load_tokenizer, resolve
 from datamodules.formatting import Formatter
 from datamodules.hh_datamodule import Collator
@@ -39,6 +39,7 @@ class EvalSettings:
     sampling: Sampling = field(default_factory=Sampling)
     judge: str = "latest"  # a reward-model folder, "latest" (the recipe's newest judge run) or an http(s) URL
     judge_model: str = "gpt-4"  # for an http(s) judge
+    judge_prompt: str | None = None  # a template file with {query}, {response_a}, {response_b}; default DPO's
     proxy: str | None = "latest"  # a reward-model folder, "latest", or None for no proxy score
     bf16: bool = True  # autocast on CPU/GPU for generation and scoring
     confidence: float = 0.95
@@ -134,7 +135,16 @@ def find_reward_model(experiment: str, role: str) -> tuple[str, str]:
 
 def make_judge(settings: EvalSettings, experiment: str):
     if settings.judge.startswith(("http://", "https://")):
-        return ChatCompletionsJudge(settings.judge, settings.judge_model, seed=settings.sampling.seed)
+        template = DPO_HELPFULNESS_PROMPT
+        if settings.judge_prompt:
+            try:
+                template = Path(settings.judge_prompt).read_text()
+            except OSError as err:
+                raise ConfigError(f"eval.judge_prompt {settings.judge_prompt}: {err}") from err
+            missing = [f for f in ("{query}", "{response_a}", "{response_b}") if f not in template]
+            if missing:
+                raise ConfigError(f"eval.judge_prompt {settings.judge_prompt} lacks the fields {missing}")
+        return ChatCompletionsJudge(settings.judge, settings.judge_model, template, seed=settings.sampling.seed)
     path = find_reward_model(experiment, "judge")[0] if settings.judge == "latest" else settings.judge
     judge = RewardModelJudge(path, role="judge")
     if judge.trained_role == "proxy":
