@@ -223,7 +223,7 @@ def evaluate(target: Target, settings: EvalSettings) -> dict:
             log.info("reusing cached reference samples %s (%d prompts)", key, len(reference_ids))
 
         # KL(policy || reference) on the policy's own samples, summed over generated tokens.
-        sample_rows = [{"prompt_ids": p, "completion_ids": g} for p, g in zip(prompt_ids, policy_ids) if g]
+        sample_rows = [{"prompt_ids": p, "completion_ids": g} for p, g in zip(prompt_ids, policy_ids)]
         collate_sft = Collator("sft", tokenizer.pad_token_id)
         batch_size = settings.sampling.batch_size
         policy_on_samples = batched_logps(policy, sample_rows, collate_sft, batch_size, "KL: policy")
@@ -328,6 +328,9 @@ def record_eval(target: Target, settings: EvalSettings, judge, proxy, metrics: d
     client.log_table(run_id, data=table, artifact_file="eval/samples.json")
     figure = win_rate_figure(metrics)
     client.log_figure(run_id, figure, "eval/win_rates.png")
+    import matplotlib.pyplot as plt
+
+    plt.close(figure)
     log.info("eval metrics logged to run %s: %s", run_id, json.dumps({k: round(v, 4) for k, v in metrics.items()}))
     if client.get_run(run_id).info.status != "FINISHED" and target.run_id is None:
         client.set_terminated(run_id)
