@@ -13,6 +13,7 @@ from pathlib import Path
 
 import mlflow
 import torch
+import yaml
 from mlflow.exceptions import MlflowException
 from tqdm.auto import tqdm
 from transformers import AutoConfig
@@ -66,7 +67,6 @@ class Target:
     experiment: str
     data: dict
     run_id: str | None = None
-    beta: float = 0.1
 
 
 def _check_is_policy(spec: str, what: str) -> None:
@@ -101,23 +101,20 @@ def resolve_target(target: str, reference: str | None, data: dict, experiment: s
     policy_spec = params.get("model.policy")
     reference_spec = _param(params.get("model.reference")) or policy_spec
     experiment_name = client.get_experiment(run.info.experiment_id).name
-    beta = float(params.get("model.beta") or params.get("model.tau") or 0.1)
     return Target(policy=output, reference=reference or reference_spec, experiment=experiment_name,
-                  data={**data, **run_data}, run_id=target, beta=beta)
+                  data={**data, **run_data}, run_id=target)
 
 
 def _param(value: str | None):
     """MLflow stores params as strings; the config values were YAML scalars."""
     if value is None or value == "None":
         return None
-    import yaml
-
     return yaml.safe_load(value)
 
 
-def find_reward_model(experiment: str, role: str) -> tuple[str, str]:
-    """(folder, role) of the newest finished reward model for `role` in the experiment; a `shared`
-    model serves either role because it was chosen explicitly."""
+def find_reward_model(experiment: str, role: str) -> str:
+    """The folder of the newest finished reward model for `role` in the experiment; a `shared` model
+    serves either role because it was chosen explicitly."""
     client = mlflow.MlflowClient(tracking.tracking_uri())
     found = client.get_experiment_by_name(experiment)
     if found is not None:
@@ -128,7 +125,7 @@ def find_reward_model(experiment: str, role: str) -> tuple[str, str]:
         )
         for run in runs:
             if run.data.tags.get("role") in (role, "shared") and Path(run.data.tags.get("output_path", "")).exists():
-                return run.data.tags["output_path"], run.data.tags["role"]
+                return run.data.tags["output_path"]
     raise BenchError(f"no finished {role} reward model in experiment {experiment!r}; "
                      f"train one with `bench train rm --recipe {experiment}` or pass a folder")
 
@@ -145,7 +142,7 @@ def make_judge(settings: EvalSettings, experiment: str):
             if missing:
                 raise ConfigError(f"eval.judge_prompt {settings.judge_prompt} lacks the fields {missing}")
         return ChatCompletionsJudge(settings.judge, settings.judge_model, template, seed=settings.sampling.seed)
-    path = find_reward_model(experiment, "judge")[0] if settings.judge == "latest" else settings.judge
+    path = find_reward_model(experiment, "judge") if settings.judge == "latest" else settings.judge
     judge = RewardModelJudge(path, role="judge")
     if judge.trained_role == "proxy":
         raise ConfigError(f"judge {path} was trained as the proxy; train a judge, or a `shared` model on purpose")
@@ -157,7 +154,7 @@ def make_proxy(settings: EvalSettings, experiment: str, judge):
         return None
     if settings.proxy == "latest":
         try:
-            path = find_reward_model(experiment, "proxy")[0]
+            path = find_reward_model(experiment, "proxy")
         except BenchError as err:
             log.warning("%s; proxy_score is not measured", err)
             return None
@@ -233,10 +230,11 @@ def evaluate(target: Target, settings: EvalSettings) -> dict:
         # Preference accuracy of the implicit reward on held-out pairs, and of the untrained policy's
         # length-normalised log-probs (the RRHF paper's Table 5 measurement).
         pair_rows = [formatter.pair(p) for p in pairs]
-        collate_sft_rows = [{"prompt_ids": r["prompt_ids"], "completion_ids": r[k]}
-                            for k in ("chosen_ids", "rejected_ids") for r in pair_rows]
-        policy_pairs = batched_logps(policy, collate_sft_rows, collate_sft, batch_size, "pairs: policy")
-        reference_pairs = batched_logps(reference, collate_sft_rows, collate_sft, batch_size, "pairs: reference")
+        # All chosen rows, then all rejected rows.
+        response_rows = [{"prompt_ids": r["prompt_ids"], "completion_ids": r[k]}
+                         for k in ("chosen_ids", "rejected_ids") for r in pair_rows]
+        policy_pairs = batched_logps(policy, response_rows, collate_sft, batch_size, "pairs: policy")
+        reference_pairs = batched_logps(reference, response_rows, collate_sft, batch_size, "pairs: reference")
     n = len(pair_rows)
     logratios = policy_pairs.total - reference_pairs.total
     pref_accuracy = (logratios[:n] > logratios[n:]).float().mean().item()
