@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from bench.errors import ConfigError
 from bench.models import cache_dir, resolve
 
 log = logging.getLogger(__name__)
@@ -28,8 +29,6 @@ class Sampling:
     seed: int = 0
 
     def __post_init__(self):
-        from bench.errors import ConfigError
-
         if self.temperature < 0 or not 0 < self.top_p <= 1 or self.max_new_tokens < 1 or self.batch_size < 1:
             raise ConfigError(f"invalid sampling settings {self}: need temperature >= 0, 0 < top_p <= 1, "
                               "max_new_tokens >= 1, batch_size >= 1")
