@@ -101,10 +101,11 @@ def train_one(algorithm: str, recipe_arg: str, argv: list[str], run_suffix: str 
     from lightning.pytorch.cli import LightningCLI
 
     from bench import recipes, tracking
+    import modules
+    from bench.evaluation import find_reward_model
     from datamodules.hh_datamodule import HHRLHFDataModule
-    from modules import TRAINABLE
 
-    module_class = TRAINABLE[algorithm]
+    module_class = modules.module_class(algorithm)
     is_reward_model = algorithm == "rm"
     model_spec_key = "backbone" if is_reward_model else "policy"
     recipe_name, recipe_config, _ = recipes.resolve(recipe_arg, algorithm)
@@ -117,6 +118,16 @@ def train_one(algorithm: str, recipe_arg: str, argv: list[str], run_suffix: str 
                 parser.link_arguments("model.role", "data.train_subset", compute_fn=lambda role: "all" if role == "shared" else role)
                 parser.link_arguments("model.max_length", "data.max_length")
             parser.set_defaults({"data.view": module_class.data_view})
+            if module_class.data_view == "ranked":
+                parser.set_defaults({"data.proxy": "latest"})
+
+        def before_instantiate_classes(self):
+            # PPO's model.proxy and the ranked view's data.proxy: "latest" is the experiment's newest proxy.
+            for section in ("model", "data"):
+                if self.config[section].get("proxy") == "latest":
+                    self.config[section]["proxy"] = find_reward_model(recipe_name, "proxy")
+                    log.info("%s.proxy: the newest proxy of experiment %r, %s", section, recipe_name,
+                             self.config[section]["proxy"])
 
         def instantiate_trainer(self, **kwargs):
             trainer_config = self.config_init.get("trainer", {})
@@ -140,7 +151,9 @@ def train_one(algorithm: str, recipe_arg: str, argv: list[str], run_suffix: str 
     config = yaml.safe_load(cli.parser.dump(cli.config, skip_none=False))
     # What the trainer and datamodule really got: the parser's dump leaves out linked and overridden values.
     config["trainer"].update(logger="MLFlowLogger", default_root_dir=str(cli.run_dir))
-    config["data"].update({key: cli.datamodule.hparams[key] for key in ("tokenizer", "train_subset", "max_length")})
+    config["data"].update({key: cli.datamodule.hparams[key] for key in ("tokenizer", "train_subset", "max_length", "proxy")})
+    if "proxy" in config["model"]:
+        config["model"]["proxy"] = cli.model.hparams.proxy
     cli.run_dir.mkdir(parents=True, exist_ok=True)
     config_file = cli.run_dir / "config.yaml"
     config_file.write_text(yaml.safe_dump(config, sort_keys=False))
@@ -157,6 +170,9 @@ def train_one(algorithm: str, recipe_arg: str, argv: list[str], run_suffix: str 
     }
     if is_reward_model:
         tags["role"] = config["model"]["role"]
+    proxy = config["model"].get("proxy") or (config["data"]["proxy"] if config["data"]["view"] == "ranked" else None)
+    if proxy:
+        tags["proxy"] = proxy
     tracking.record_run(cli.run_logger, config, config_file, tags)
     log.info("MLflow run %s (experiment %r) at %s", cli.run_logger.run_id, recipe_name, tracking.tracking_uri())
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)

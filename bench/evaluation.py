@@ -20,7 +20,7 @@ from transformers import AutoConfig
 
 from bench import tracking
 from bench.errors import BenchError, ConfigError
-from bench.generation import ReferenceSampleCache, Sampling, decode_responses, sample
+from bench.generation import JsonCache, Sampling, decode_responses, reference_samples_key, sample
 from bench.judges import DPO_HELPFULNESS_PROMPT, ChatCompletionsJudge, RewardModelJudge, load_reward_model
 from bench.models import BUILTIN_SPECS, load_causal_lm, load_tokenizer, resolve
 from datamodules.formatting import Formatter
@@ -206,17 +206,18 @@ def evaluate(target: Target, settings: EvalSettings) -> dict:
     device = policy.device
     with _autocast(settings.bf16, device):
         policy_ids = sample(policy, tokenizer, prompt_ids, settings.sampling, desc="policy samples")
-        cache = ReferenceSampleCache()
+        cache = JsonCache("reference_samples")
         # The reference draws with another seed: evaluating the reference itself then compares two
         # independent samples, not one sample with itself.
         reference_sampling = Sampling(**{**asdict(settings.sampling), "seed": settings.sampling.seed + 1})
-        key = cache.key(target.reference, prompt_ids, reference_sampling)
-        reference_ids = cache.load(key)
-        if reference_ids is None:
+        key = reference_samples_key(target.reference, prompt_ids, reference_sampling)
+        cached = cache.load(key)
+        if cached is None:
             log.info("generating reference samples (%s, %d prompts); cache key %s", target.reference, len(pairs), key)
             reference_ids = sample(reference, tokenizer, prompt_ids, reference_sampling, desc="reference samples")
-            log.info("stored reference samples at %s", cache.store(key, reference_ids))
+            log.info("stored reference samples at %s", cache.store(key, {"generated": reference_ids}))
         else:
+            reference_ids = cached["generated"]
             log.info("reusing cached reference samples %s (%d prompts)", key, len(reference_ids))
 
         # KL(policy || reference) on the policy's own samples, summed over generated tokens.

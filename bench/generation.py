@@ -40,15 +40,17 @@ def cut_at_new_turn(text: str) -> str:
 
 
 @torch.no_grad()
-def sample(model, tokenizer, prompt_ids: list[list[int]], sampling: Sampling, desc: str) -> list[list[int]]:
+def sample(
+    model, tokenizer, prompt_ids: list[list[int]], sampling: Sampling, desc: str, leave: bool = True
+) -> list[list[int]]:
     """Generated token ids per prompt, ending at EOS / end of turn (included) or at max_new_tokens.
-    Batched and left-padded, with the KV cache."""
+    Batched and left-padded, with the KV cache. Seeds the global RNG with `sampling.seed`."""
     was_training = model.training
     model.eval()
     torch.manual_seed(sampling.seed)
     pad_id, eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
     outputs = []
-    for start in tqdm(range(0, len(prompt_ids), sampling.batch_size), desc=desc, unit="batch"):
+    for start in tqdm(range(0, len(prompt_ids), sampling.batch_size), desc=desc, unit="batch", leave=leave):
         chunk = prompt_ids[start : start + sampling.batch_size]
         width = max(len(p) for p in chunk)
         input_ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in chunk], device=model.device)
@@ -88,34 +90,40 @@ def model_fingerprint(spec: str) -> str:
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 
-class ReferenceSampleCache:
-    """Reference-policy samples on disk, keyed by reference model, prompt set and sampling settings,
-    so that every algorithm evaluated against the same reference reuses one generation."""
+class JsonCache:
+    """JSON documents on disk under `cache_dir()/<name>`, keyed by a hash of everything that determines
+    them (model fingerprints, prompts, settings). Written atomically; an unreadable file is a miss."""
 
-    def __init__(self, root: Path | None = None):
-        self.root = root or cache_dir() / "reference_samples"
+    def __init__(self, name: str, root: Path | None = None):
+        self.name = name
+        self.root = root or cache_dir() / name
 
-    def key(self, reference: str, prompt_ids: list[list[int]], sampling: Sampling) -> str:
-        payload = json.dumps(
-            {"model": model_fingerprint(reference), "prompts": prompt_ids, "sampling": asdict(sampling)},
-            sort_keys=True,
-        )
-        return hashlib.sha256(payload.encode()).hexdigest()[:24]
+    @staticmethod
+    def key(payload: dict) -> str:
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:24]
 
-    def load(self, key: str) -> list[list[int]] | None:
-        path = self.root / f"{key}.json"
+    def path(self, key: str) -> Path:
+        return self.root / f"{key}.json"
+
+    def load(self, key: str) -> dict | None:
+        path = self.path(key)
         if not path.exists():
             return None
         try:
-            return json.loads(path.read_text())["generated"]
-        except (json.JSONDecodeError, KeyError) as err:
-            log.warning("reference sample cache %s is unreadable (%s); generating again", path, err)
+            return json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            log.warning("%s cache %s is unreadable (%s); computing it again", self.name, path, err)
             return None
 
-    def store(self, key: str, generated: list[list[int]]) -> Path:
+    def store(self, key: str, document: dict) -> Path:
         self.root.mkdir(parents=True, exist_ok=True)
-        path = self.root / f"{key}.json"
+        path = self.path(key)
         partial = path.with_suffix(f".{os.getpid()}.partial")
-        partial.write_text(json.dumps({"generated": generated}))
+        partial.write_text(json.dumps(document))
         partial.replace(path)  # atomic: a reader never sees half a file
         return path
+
+
+def reference_samples_key(reference: str, prompt_ids: list[list[int]], sampling: Sampling) -> str:
+    """Reference-policy samples are shared by every algorithm evaluated against the same reference."""
+    return JsonCache.key({"model": model_fingerprint(reference), "prompts": prompt_ids, "sampling": asdict(sampling)})

@@ -43,9 +43,10 @@ More helpful: <"A" or "B">"""
 VERDICT = re.compile(r'More helpful:\s*"?\s*([AB])\b', re.IGNORECASE)
 
 
-def load_reward_model(path: str, role: str):
-    """A RewardModel module around a saved reward-model folder, checked to be one."""
-    from modules.reward_model import ROLE_KEY, RewardModel
+def check_reward_model(path: str, role: str) -> str:
+    """The role a saved reward-model folder was trained for; an error if the folder is not a reward model.
+    Reads config.json only, so it is cheap enough to check before anything else runs."""
+    from modules.reward_model import ROLE_KEY
 
     folder = Path(path)
     if not (folder / "config.json").exists():
@@ -57,10 +58,36 @@ def load_reward_model(path: str, role: str):
             f"{role} reward model {path} is not a reward model: architectures {architectures}, "
             f"num_labels {config.num_labels} (expected a ...ForSequenceClassification with one output)"
         )
-    module = RewardModel(backbone=str(folder))
+    return getattr(config, ROLE_KEY, "unknown")
+
+
+def load_reward_model(path: str, role: str):
+    """A RewardModel module around a saved reward-model folder, checked to be one."""
+    from modules.reward_model import RewardModel
+
+    trained_role = check_reward_model(path, role)
+    module = RewardModel(backbone=str(path))
     module.configure_model()
-    module.trained_role = getattr(config, ROLE_KEY, "unknown")
+    module.trained_role = trained_role
     return module
+
+
+def check_proxy(path: str, allow_judge_as_proxy: bool = False) -> None:
+    """PPO and RRHF optimise the proxy. Optimising the judge would make the evaluation grade the policy
+    with the model it was trained against, so a judge is refused unless that is asked for explicitly."""
+    if path == "latest":
+        raise ConfigError("proxy 'latest' means the newest proxy of the recipe's experiment, which `bench train` "
+                          "resolves; outside it, pass a reward-model folder")
+    if check_reward_model(path, "proxy") == "judge" and not allow_judge_as_proxy:
+        raise ConfigError(
+            f"proxy reward model {path} was trained as the judge; optimising it would make the evaluation "
+            "grade itself. Pass a proxy, or set allow_judge_as_proxy=true to do this on purpose"
+        )
+
+
+def load_proxy(path: str, allow_judge_as_proxy: bool = False):
+    check_proxy(path, allow_judge_as_proxy)
+    return load_reward_model(path, role="proxy").requires_grad_(False)
 
 
 class RewardModelJudge:

@@ -4,7 +4,9 @@
 - unpaired: one row per response with a `desirable` flag (KTO), plus a mismatched completion, another
             pair's response attached to this prompt, for KTO's KL reference point;
 - sft:      prompt with its chosen response;
-- reward:   chosen and rejected transcripts as a reward model reads them (its own tokenizer, raw HH text).
+- reward:   chosen and rejected transcripts as a reward model reads them (its own tokenizer, raw HH text);
+- ranked:   k candidates per prompt with proxy rewards (RRHF): chosen, rejected and k - 2 policy samples;
+- prompts:  prompts alone, as token ids and raw text, for online rollouts (PPO).
 
 For reward models the train split is halved by prompt hash: the proxy (which PPO and RRHF optimise) and
 the judge (which evaluates) never see the same prompt, so optimising the proxy does not grade itself.
@@ -23,12 +25,14 @@ from torch.utils.data import DataLoader
 
 from bench.errors import ConfigError, DataError
 from bench.models import load_tokenizer
+from bench.generation import Sampling
+from datamodules.candidates import check_num_candidates, ranked_rows
 from datamodules.formatting import Formatter, RewardFormatter
 from datamodules.hh_rlhf import HUB_ID, Pair, ReadReport, is_local, load_splits
 
 log = logging.getLogger(__name__)
 
-View = Literal["paired", "unpaired", "sft", "reward"]
+View = Literal["paired", "unpaired", "sft", "reward", "ranked", "prompts"]
 TrainSubset = Literal["all", "proxy", "judge"]
 IGNORE_INDEX = -100
 
@@ -67,6 +71,11 @@ def unpaired_rows(pairs: list[Pair], formatter: Formatter, seed: int) -> list[di
     return rows
 
 
+def prompt_rows(pairs: list[Pair], formatter: Formatter) -> list[dict]:
+    return [{"prompt_ids": formatter.prompt_ids(p.prompt)[-formatter.max_prompt_length :], "prompt": p.prompt}
+            for p in pairs]
+
+
 def train_subset(pairs: list[Pair], subset: TrainSubset) -> list[Pair]:
     if subset == "all":
         return pairs
@@ -98,6 +107,15 @@ class Collator:
             sequences = [r["chosen_ids"] for r in rows] + [r["rejected_ids"] for r in rows]
             batch = pad_rows([[]] * len(sequences), sequences, self.pad_id)
             return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        if self.view == "prompts":  # generation left-pads these itself
+            return {"prompt_ids": [r["prompt_ids"] for r in rows], "prompts": [r["prompt"] for r in rows]}
+        if self.view == "ranked":  # row-major: the k candidates of prompt 0, then of prompt 1, ...
+            k = len(rows[0]["candidate_ids"])
+            batch = pad_rows([r["prompt_ids"] for r in rows for _ in range(k)],
+                             [c for r in rows for c in r["candidate_ids"]], self.pad_id)
+            batch["rewards"] = torch.tensor([r["rewards"] for r in rows], dtype=torch.float32)
+            batch["candidate_mask"] = torch.tensor([r["candidate_valid"] for r in rows], dtype=torch.bool)
+            return batch
         prompts = [r["prompt_ids"] for r in rows]
         if self.view == "paired":
             return pad_rows(prompts + prompts, [r["chosen_ids"] for r in rows] + [r["rejected_ids"] for r in rows], self.pad_id)
@@ -123,6 +141,12 @@ class HHRLHFDataModule(L.LightningDataModule):
         max_train_pairs, max_val_pairs: take only the first N pairs of a split (short runs).
         train_subset: all, or the proxy's or the judge's half of the train split (reward models).
         seed: fixes the unpaired view's shuffling and mismatched partners, and the train order.
+        num_candidates: RRHF's k for the ranked view: chosen, rejected and k - 2 samples of the policy
+            (``tokenizer`` names the initial policy, which ``bench train`` links to ``model.policy``).
+        candidate_sampling: how the ranked view samples; its candidates are cached on disk.
+        proxy: the proxy reward-model folder that scores ranked candidates, or ``latest``: the newest
+            proxy of the recipe's MLflow experiment.
+        allow_judge_as_proxy: let a model trained as the judge score candidates, on purpose.
     """
 
     def __init__(
@@ -143,8 +167,21 @@ class HHRLHFDataModule(L.LightningDataModule):
         train_subset: TrainSubset = "all",
         seed: int = 0,
         num_workers: int = 0,
+        num_candidates: int = 4,
+        candidate_sampling: Sampling = Sampling(temperature=1.0),
+        proxy: str | None = None,
+        allow_judge_as_proxy: bool = False,
     ):
         super().__init__()
+        if not isinstance(candidate_sampling, Sampling):  # a mapping, from a YAML config
+            candidate_sampling = Sampling(**dict(candidate_sampling))
+        if view == "ranked":
+            check_num_candidates(num_candidates)
+            if not proxy:
+                raise ConfigError("the ranked view needs data.proxy: a proxy reward-model folder, or 'latest'")
+            from bench.judges import check_proxy  # imports modules/, whose base imports this module
+
+            check_proxy(proxy, allow_judge_as_proxy)
         for name, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size or 1)):
             if value < 1:
                 raise ConfigError(f"data.{name} must be >= 1, got {value}")
@@ -154,6 +191,7 @@ class HHRLHFDataModule(L.LightningDataModule):
         if is_local(path) and not Path(path).expanduser().is_dir():
             raise DataError(f"data.path {path} does not exist or is not a folder")
         self.save_hyperparameters(logger=False)
+        self.candidate_sampling = candidate_sampling  # hparams may hold it as a plain dict
         self.report: ReadReport | None = None
         self.views: dict[str, datasets.Dataset] = {}
 
@@ -174,15 +212,21 @@ class HHRLHFDataModule(L.LightningDataModule):
             pairs = splits[split][: limits[split]]
             if not pairs:
                 raise DataError(f"split {split!r} of {hp.path} is empty; check val_fraction and the source")
-            self.views[split] = datasets.Dataset.from_list(self._rows(pairs, formatter))
+            self.views[split] = datasets.Dataset.from_list(self._rows(pairs, formatter, split))
         self.test_pairs = splits["test"]
         log.info("HH-RLHF %s view: %s", hp.view, {k: len(v) for k, v in self.views.items()})
 
-    def _rows(self, pairs: list[Pair], formatter) -> list[dict]:
+    def _rows(self, pairs: list[Pair], formatter, split: str) -> list[dict]:
         if self.hparams.view in ("paired", "reward"):
             return paired_rows(pairs, formatter)
         if self.hparams.view == "sft":
             return sft_rows(pairs, formatter)
+        if self.hparams.view == "prompts":
+            return prompt_rows(pairs, formatter)
+        if self.hparams.view == "ranked":
+            hp = self.hparams
+            return ranked_rows(pairs, formatter, hp.tokenizer, hp.proxy, hp.num_candidates, self.candidate_sampling,
+                               hp.allow_judge_as_proxy, split)
         return unpaired_rows(pairs, formatter, self.hparams.seed)
 
     def _loader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader:

@@ -113,11 +113,12 @@ class TrainedHFModel(L.LightningModule):
     def validation_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         return self._step("val", batch)
 
+    def trainable_parameters(self):
+        return self.trained_model.parameters()
+
     def configure_optimizers(self):
         hp = self.hparams
-        return optimizer_with_warmup(
-            self.trained_model.parameters(), hp.optimizer, hp.lr, hp.weight_decay, hp.warmup_steps
-        )
+        return optimizer_with_warmup(self.trainable_parameters(), hp.optimizer, hp.lr, hp.weight_decay, hp.warmup_steps)
 
     @property
     def output_dir(self) -> Path:
@@ -215,15 +216,18 @@ class AlignmentModule(TrainedHFModel):
 
     def _step(self, stage: str, batch: dict) -> torch.Tensor:
         loss, metrics = self.loss_and_metrics(batch)
-        batch_size = self.examples_in(batch)
+        self.log_metrics(stage, {"loss": loss, **metrics}, self.examples_in(batch))
+        return loss
+
+    def log_metrics(self, stage: str, metrics: dict, batch_size: int, prog_bar: tuple[str, ...] = ("loss",)) -> None:
+        """Log `<stage>/<name>` per step in training and as epoch means in validation; every metric is
+        averaged across devices. A (value, weight) metric averages over `weight` examples."""
         on_step = stage == "train"
-        self.log(f"{stage}/loss", loss.detach(), batch_size=batch_size, on_step=on_step, on_epoch=not on_step,
-                 prog_bar=True, sync_dist=True)
         for name, value in metrics.items():
             value, weight = value if isinstance(value, tuple) else (value, batch_size)
-            self.log(f"{stage}/{name}", value.detach().float(), batch_size=weight, on_step=on_step,
-                     on_epoch=not on_step, sync_dist=True)
-        return loss
+            if weight:  # a statistic over nothing (e.g. no ranked pairs) is not logged
+                self.log(f"{stage}/{name}", torch.as_tensor(value).detach().float(), batch_size=weight,
+                         on_step=on_step, on_epoch=not on_step, prog_bar=name in prog_bar, sync_dist=True)
 
     def examples_in(self, batch: dict) -> int:
         """How many examples a batch holds, for weighting epoch means."""

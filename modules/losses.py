@@ -68,10 +68,26 @@ def rrhf_loss(scores: torch.Tensor, rewards: torch.Tensor, mask: torch.Tensor) -
     return (score_gap.clamp(min=0) * (ranked_lower & valid)).sum(dim=(1, 2))
 
 
+def rank_agreement(scores: torch.Tensor, rewards: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(number of valid pairs with r_i < r_j whose scores agree, s_i < s_j; number of such pairs)."""
+    mask = mask.bool()
+    ranked_lower = (rewards[:, :, None] < rewards[:, None, :]) & mask[:, :, None] & mask[:, None, :]
+    agrees = scores[:, :, None] < scores[:, None, :]
+    return (agrees & ranked_lower).sum(), ranked_lower.sum()
+
+
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Sum(values * mask) / Sum(mask) over the whole batch; 0 when nothing is unmasked."""
     mask = mask.to(values.dtype)
     return (values * mask).sum() / mask.sum().clamp(min=1)
+
+
+def masked_whiten(values: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """(x - mean) / std over the unmasked entries of the whole batch (unbiased variance, as TRL), 0 elsewhere."""
+    mean = masked_mean(values, mask)
+    count = mask.to(values.dtype).sum()
+    variance = masked_mean((values - mean) ** 2, mask) * count / (count - 1).clamp(min=1)
+    return (values - mean) * torch.rsqrt(variance + eps) * mask.to(values.dtype)
 
 
 def gae(

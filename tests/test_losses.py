@@ -148,3 +148,24 @@ def test_ppo_value_loss_clips_and_counts():
     assert clipfrac.item() == pytest.approx(1 / 3)
     all_masked, frac = ppo_value_loss(values, old, returns, torch.zeros_like(mask), 0.2)
     assert all_masked.item() == 0 and frac.item() == 0
+
+
+def test_rank_agreement_counts_reward_ordered_valid_pairs():
+    from modules.losses import rank_agreement
+
+    # prompt 0: rewards 1 < 2 < 3, scores -1, -2, -0.5: pairs (0,1) disagree, (0,2) and (1,2) agree
+    # prompt 1: tie (0,1) is not a pair; candidate 2 is masked -> no pairs
+    scores = t(-1.0, -2.0, -0.5, 0.0, 3.0, 9.0).view(2, 3)
+    rewards = t(1.0, 2.0, 3.0, 5.0, 5.0, 0.0).view(2, 3)
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]], dtype=torch.bool)
+    agreeing, pairs = rank_agreement(scores, rewards, mask)
+    assert (agreeing.item(), pairs.item()) == (2, 3)
+
+
+def test_masked_whiten_uses_only_real_tokens():
+    from modules.losses import masked_whiten
+
+    values = t(1.0, 2.0, 3.0, 100.0).view(2, 2)
+    mask = torch.tensor([[1, 1], [1, 0]])
+    # real tokens 1, 2, 3: mean 2, unbiased variance 1
+    torch.testing.assert_close(masked_whiten(values, mask, eps=0.0), t(-1.0, 0.0, 1.0, 0.0).view(2, 2))

@@ -1,0 +1,47 @@
+"""RRHF: Rank Responses to align with Human Feedback (Yuan et al. 2023), without a reference model.
+
+Each prompt brings k candidates ranked by the proxy reward model (the ranked view). The policy's
+length-normalised log-probs must order the candidates as the rewards do, and the best-rewarded
+candidate is also fitted by supervised learning.
+"""
+
+import torch
+from jsonargparse.typing import PositiveFloat
+
+from modules.base import AlignmentModule, require_positive
+from modules.losses import rank_agreement, rrhf_loss
+
+
+class RRHF(AlignmentModule):
+    """L = rank_weight * L_rank + L_sft on batches of any number of prompts and any k >= 2.
+
+    Args:
+        rank_weight: w, the weight of the ranking loss (1 in the paper).
+    """
+
+    data_view = "ranked"
+    needs_reference = False
+
+    def __init__(self, rank_weight: PositiveFloat = 1.0, **kwargs):
+        super().__init__(**kwargs)
+        require_positive(rank_weight=rank_weight)
+        self.save_hyperparameters(logger=False)
+
+    def loss_and_metrics(self, batch):
+        rewards, valid = batch["rewards"], batch["candidate_mask"]
+        # s_i: mean token log-prob of candidate i; rows are prompt-major, k per prompt.
+        scores = self.policy_logps(batch).mean.view_as(rewards)
+        rank_loss = rrhf_loss(scores, rewards, valid).mean()
+        best = rewards.masked_fill(~valid, float("-inf")).argmax(dim=1, keepdim=True)
+        sft_loss = -scores.gather(1, best).mean()  # token-mean NLL of the best-rewarded candidate
+        loss = self.hparams.rank_weight * rank_loss + sft_loss
+        agreeing, ranked_pairs = rank_agreement(scores.detach(), rewards, valid)
+        metrics = {
+            "loss_rank": rank_loss,
+            "loss_sft": sft_loss,
+            "rank_accuracy": (agreeing / ranked_pairs.clamp(min=1), int(ranked_pairs)),
+        }
+        return loss, metrics
+
+    def examples_in(self, batch: dict) -> int:
+        return batch["rewards"].shape[0]  # prompts, each with k rows
