@@ -6,6 +6,7 @@
 """
 
 import argparse
+import gc
 import json
 import logging
 import sys
@@ -72,6 +73,9 @@ def train_command(argv: list[str]) -> None:
             train_one(algorithm, recipe_arg, [*argv, f"--model.role={role}"], run_suffix=f"-{role}")
     else:
         run_id = train_one(algorithm, recipe_arg, argv)
+        # The trainer, models and optimizer state form reference cycles; free them before evaluation
+        # loads its own models (PPO's training state alone is about 17 GB with SmolLM2 on CPU).
+        gc.collect()
         if algorithm != "rm" and run_id is not None and run_eval != "false":
             evaluate_after_training(run_id, recipe_arg, required=run_eval == "true")
 
