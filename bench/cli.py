@@ -3,6 +3,9 @@
   bench data [PATH] [--json]                         what an HH-RLHF source holds
   bench train ALGO [--recipe NAME|PATH] [overrides]  train with LightningCLI conventions
   bench eval RUN_ID|CHECKPOINT [--recipe NAME]       win rates, reward-model scores and KL
+  bench sweep ALGO [--recipe NAME] [--n-trials N]    Optuna study over sweeps/ALGO.yaml (validation prompts)
+  bench compare [--recipe NAME] [--dry-run]          every stage of a recipe, one MLflow parent run
+  bench table --experiment NAME                      results/NAME.md and .csv from the experiment's runs
 """
 
 import argparse
@@ -10,7 +13,6 @@ import gc
 import json
 import logging
 import sys
-import tempfile
 from datetime import datetime
 from pathlib import Path
 
@@ -59,6 +61,8 @@ def _pop_option(argv: list[str], name: str, default: str) -> tuple[str, list[str
 
 
 def train_command(argv: list[str]) -> None:
+    from bench import recipes
+    from bench.training import evaluate_after_training, train_one
     from modules import TRAINABLE
 
     if not argv or argv[0] not in TRAINABLE:
@@ -67,123 +71,101 @@ def train_command(argv: list[str]) -> None:
     algorithm, argv = argv[0], argv[1:]
     recipe_arg, argv = _pop_option(argv, "--recipe", "smol-hh")
     run_eval, argv = _pop_option(argv, "--eval", "auto")
+    recipe_name, recipe = recipes.load(recipe_arg)
     if algorithm == "rm" and not any(a.startswith("--model.role") for a in argv):
         # The default reward-model stage: a proxy and a judge, each on its own half of the train split.
         for role in ("proxy", "judge"):
-            train_one(algorithm, recipe_arg, [*argv, f"--model.role={role}"], run_suffix=f"-{role}")
+            train_one(algorithm, recipe_name, recipe, [*argv, f"--model.role={role}"],
+                      run_name=f"rm-{role}-{datetime.now():%Y%m%d-%H%M%S}")
     else:
-        run_id = train_one(algorithm, recipe_arg, argv)
+        run_id = train_one(algorithm, recipe_name, recipe, argv).run_id
         # The trainer, models and optimizer state form reference cycles; free them before evaluation
         # loads its own models (PPO's training state alone is about 17 GB with SmolLM2 on CPU).
         gc.collect()
         if algorithm != "rm" and run_id is not None and run_eval != "false":
-            evaluate_after_training(run_id, recipe_arg, required=run_eval == "true")
+            evaluate_after_training(run_id, recipe_name, recipe, required=run_eval == "true")
 
 
-def evaluate_after_training(run_id: str, recipe_arg: str, required: bool) -> None:
-    """`bench eval` on the run just trained. Without a judge reward model in the recipe's experiment
-    this warns and skips, unless `--eval true` asked for it."""
-    import mlflow
+def split_eval_overrides(recipe: dict, argv: list[str]) -> tuple[dict, list[str]]:
+    """`--eval.n_prompts=8` or `--eval.sampling.max_new_tokens 32` set the recipe's `eval:` section; the
+    rest of argv is left for the trainer (LightningCLI overrides such as `--trainer.max_steps=2`)."""
+    from bench.recipes import deep_merge
 
-    from bench import recipes, tracking
-    from bench.evaluation import EvalSettings, evaluate, find_reward_model, resolve_target
+    settings, rest, i = {}, [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg.startswith("--eval."):
+            key, has_value, value = arg[2:].partition("=")
+            if not has_value:
+                if i + 1 >= len(argv):
+                    raise BenchError(f"{arg} needs a value")
+                value, i = argv[i + 1], i + 1
+            node = settings
+            *parents, leaf = key.split(".")[1:]
+            for part in parents:
+                node = node.setdefault(part, {})
+            node[leaf] = yaml.safe_load(value)
+        else:
+            rest.append(arg)
+        i += 1
+    return deep_merge(recipe, {"eval": settings}), rest
 
-    recipe_name, recipe = recipes.load(recipe_arg)
-    settings = EvalSettings.from_dict(recipe.get("eval"))
-    if settings.judge == "latest" and not required:
-        try:
-            find_reward_model(recipe_name, "judge")
-        except BenchError as err:
-            log.warning("evaluation skipped: %s. Run `bench eval %s` after training the judge.", err, run_id)
-            mlflow.MlflowClient(tracking.tracking_uri()).set_tag(run_id, "eval_skipped", str(err))
-            return
-    evaluate(resolve_target(run_id, None, {}, recipe_name), settings)
+
+def sweep_command(argv: list[str]) -> None:
+    from bench.sweep import SAMPLERS, sweep
+
+    parser = argparse.ArgumentParser(
+        prog="bench sweep", description="Optuna study over sweeps/ALGO.yaml; trials are judged on validation prompts.",
+        epilog="Other arguments override the recipe: LightningCLI's (--trainer.max_steps=2) and --eval.KEY=VALUE.")
+    parser.add_argument("algorithm")
+    parser.add_argument("--recipe", default="smol-hh")
+    parser.add_argument("--n-trials", type=int, default=10, help="finished trials the study should hold in total")
+    parser.add_argument("--study-name", help="default: RECIPE-ALGO; the same name resumes the study")
+    parser.add_argument("--storage", help="any SQLAlchemy URL (default: sqlite:///optuna.db in the working directory)")
+    parser.add_argument("--sampler", choices=SAMPLERS, default="tpe")
+    parser.add_argument("--objective", action="append", help="an eval/ metric, optionally :max or :min; twice "
+                        "for a multi-objective study (default: eval/win_rate_vs_chosen)")
+    parser.add_argument("--seed", type=int, default=0, help="sampler seed")
+    parser.add_argument("--space", help="search-space file (default: sweeps/ALGO.yaml)")
+    parser.add_argument("--no-prune", dest="prune", action="store_false", help="turn off median pruning")
+    args, rest = parser.parse_known_args(argv)
+    from bench import recipes
+
+    recipe_name, recipe = recipes.load(args.recipe)
+    recipe, overrides = split_eval_overrides(recipe, rest)
+    sweep(args.algorithm, recipe_name, recipe, args.n_trials, args.study_name, args.storage, args.sampler,
+          args.objective or ["eval/win_rate_vs_chosen"], args.seed, overrides, args.prune, args.space)
 
 
-def train_one(algorithm: str, recipe_arg: str, argv: list[str], run_suffix: str = "") -> str | None:
-    """Train one module with LightningCLI and log it to MLflow; returns the MLflow run id."""
-    from lightning.pytorch.cli import LightningCLI
+def compare_command(argv: list[str]) -> None:
+    from bench import recipes
+    from bench.compare import compare
 
-    from bench import recipes, tracking
-    import modules
-    from bench.evaluation import find_reward_model
-    from datamodules.hh_datamodule import HHRLHFDataModule
+    parser = argparse.ArgumentParser(
+        prog="bench compare", description="Run every stage of a recipe under one MLflow parent run.",
+        epilog="Other arguments override every stage: LightningCLI's (--trainer.max_steps=2) and --eval.KEY=VALUE.")
+    parser.add_argument("--recipe", default="smol-hh")
+    parser.add_argument("--dry-run", action="store_true", help="tiny stand-in models, one step per stage, "
+                        "a throwaway MLflow store")
+    parser.add_argument("--data-path", help="HH-RLHF source (default: the recipe's; a dry run also reads HH_RLHF_PATH)")
+    args, rest = parser.parse_known_args(argv)
+    recipe_name, recipe = recipes.load(args.recipe)
+    recipe, overrides = split_eval_overrides(recipe, rest)
+    runs = compare(recipe_name, recipe, overrides, dry_run=args.dry_run, data_path=args.data_path)
+    if not args.dry_run:
+        print(f"comparison finished: {json.dumps(runs)}; `bench table --experiment {recipe_name}` writes the table")
 
-    module_class = modules.module_class(algorithm)
-    is_reward_model = algorithm == "rm"
-    model_spec_key = "backbone" if is_reward_model else "policy"
-    recipe_name, recipe_config, _ = recipes.resolve(recipe_arg, algorithm)
-    run_name = f"{algorithm}{run_suffix}-{datetime.now():%Y%m%d-%H%M%S}"
 
-    class TrainCLI(LightningCLI):
-        def add_arguments_to_parser(self, parser):
-            parser.link_arguments(f"model.{model_spec_key}", "data.tokenizer")
-            if is_reward_model:
-                parser.link_arguments("model.role", "data.train_subset", compute_fn=lambda role: "all" if role == "shared" else role)
-                parser.link_arguments("model.max_length", "data.max_length")
-            parser.set_defaults({"data.view": module_class.data_view})
-            if module_class.data_view == "ranked":
-                parser.set_defaults({"data.proxy": "latest"})
+def table_command(argv: list[str]) -> None:
+    from bench.table import RESULTS_DIR, table
 
-        def before_instantiate_classes(self):
-            # PPO's model.proxy and the ranked view's data.proxy: "latest" is the experiment's newest proxy.
-            for section in ("model", "data"):
-                if self.config[section].get("proxy") == "latest":
-                    self.config[section]["proxy"] = find_reward_model(recipe_name, "proxy")
-                    log.info("%s.proxy: the newest proxy of experiment %r, %s", section, recipe_name,
-                             self.config[section]["proxy"])
-
-        def instantiate_trainer(self, **kwargs):
-            trainer_config = self.config_init.get("trainer", {})
-            self.run_dir = Path(trainer_config.get("default_root_dir") or Path("runs") / recipe_name / run_name)
-            self.run_logger = tracking.make_logger(recipe_name, run_name)
-            return super().instantiate_trainer(logger=self.run_logger, default_root_dir=str(self.run_dir), **kwargs)
-
-    with tempfile.NamedTemporaryFile("w", suffix=".yaml", prefix=f"{recipe_name}-{algorithm}-") as recipe_file:
-        yaml.safe_dump(recipe_config, recipe_file)
-        recipe_file.flush()
-        # LightningCLI reads sys.argv when given no args; ours are already split off from `bench train`.
-        sys.argv = [f"bench train {algorithm}"]
-        cli = TrainCLI(
-            module_class,
-            HHRLHFDataModule,
-            args=["--config", recipe_file.name, *argv],
-            run=False,
-            save_config_callback=None,
-            parser_kwargs={"prog": f"bench train {algorithm}"},
-        )
-    config = yaml.safe_load(cli.parser.dump(cli.config, skip_none=False))
-    # What the trainer and datamodule really got: the parser's dump leaves out linked and overridden values.
-    config["trainer"].update(logger="MLFlowLogger", default_root_dir=str(cli.run_dir))
-    config["data"].update({key: cli.datamodule.hparams[key] for key in ("tokenizer", "train_subset", "max_length", "proxy")})
-    if "proxy" in config["model"]:
-        config["model"]["proxy"] = cli.model.hparams.proxy
-    cli.run_dir.mkdir(parents=True, exist_ok=True)
-    config_file = cli.run_dir / "config.yaml"
-    config_file.write_text(yaml.safe_dump(config, sort_keys=False))
-    data = config["data"]
-    tags = {
-        "algorithm": algorithm,
-        "recipe": recipe_name,
-        "model": config["model"][model_spec_key],
-        "data_source": data["path"] + (f"[{','.join(data['subsets'])}]" if data.get("subsets") else ""),
-        "seed": str(config["seed_everything"]),
-        "git_commit": tracking.git_commit(),
-        "precision": str(config["trainer"]["precision"]),
-        "output_path": str((cli.run_dir / module_class.output_name).resolve()),
-    }
-    if is_reward_model:
-        tags["role"] = config["model"]["role"]
-    proxy = config["model"].get("proxy") or (config["data"]["proxy"] if config["data"]["view"] == "ranked" else None)
-    if proxy:
-        tags["proxy"] = proxy
-    tracking.record_run(cli.run_logger, config, config_file, tags)
-    log.info("MLflow run %s (experiment %r) at %s", cli.run_logger.run_id, recipe_name, tracking.tracking_uri())
-    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
-    if cli.trainer.interrupted:
-        return None
-    print(f"run {cli.run_logger.run_id} finished; model saved to {cli.model.output_dir}")
-    return cli.run_logger.run_id
+    parser = argparse.ArgumentParser(prog="bench table", description="results/NAME.md and .csv from an experiment")
+    parser.add_argument("--experiment", required=True, help="MLflow experiment (a recipe's runs go to its name)")
+    parser.add_argument("--output-dir", default=str(RESULTS_DIR))
+    args = parser.parse_args(argv)
+    md_path, csv_path = table(args.experiment, "bench table " + " ".join(argv), Path(args.output_dir))
+    print(md_path.read_text())
+    print(f"wrote {md_path} and {csv_path}")
 
 
 class _StderrHandler(logging.StreamHandler):
@@ -240,7 +222,8 @@ def eval_command(argv: list[str]) -> None:
     print(json.dumps(metrics, indent=2))
 
 
-COMMANDS = {"data": data_command, "train": train_command, "eval": eval_command}
+COMMANDS = {"data": data_command, "train": train_command, "eval": eval_command, "sweep": sweep_command,
+            "compare": compare_command, "table": table_command}
 
 
 def main(argv: list[str] | None = None) -> None:

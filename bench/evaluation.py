@@ -44,6 +44,7 @@ class EvalSettings:
     proxy: str | None = "latest"  # a reward-model folder, "latest", or None for no proxy score
     bf16: bool = True  # autocast on CPU/GPU for generation and scoring
     confidence: float = 0.95
+    split: str = "test"  # "validation" for sweeps: a study must not select on the prompts the tables report
 
     @classmethod
     def from_dict(cls, values: dict | None) -> "EvalSettings":
@@ -55,7 +56,21 @@ class EvalSettings:
         settings = cls(sampling=sampling, **values)
         if settings.n_prompts < 1:
             raise ConfigError(f"eval.n_prompts must be >= 1, got {settings.n_prompts}")
+        if settings.split not in ("validation", "test"):
+            raise ConfigError(f"eval.split must be 'validation' or 'test', got {settings.split!r}")
         return settings
+
+
+# What `evaluate` logs, and which way is better. judge_score needs a reward-model judge, proxy_score a proxy.
+EVAL_METRICS = {
+    "eval/win_rate_vs_chosen": "maximize",
+    "eval/win_rate_vs_ref": "maximize",
+    "eval/judge_score": "maximize",
+    "eval/proxy_score": "maximize",
+    "eval/pref_accuracy": "maximize",
+    "eval/kl": "minimize",
+    "eval/response_len": "maximize",
+}
 
 
 @dataclass
@@ -186,20 +201,20 @@ def evaluate(target: Target, settings: EvalSettings) -> dict:
     data = target.data
     splits, _ = load_splits(data["path"], data.get("subsets"), data.get("val_fraction", 0.1),
                             data.get("test_fraction", 0.1))
-    test = splits["test"]
-    if settings.n_prompts > len(test):
-        raise ConfigError(f"eval.n_prompts {settings.n_prompts} is larger than the test split ({len(test)} pairs "
-                          f"in {data['path']})")
+    prompt_pairs = splits[settings.split]
+    if settings.n_prompts > len(prompt_pairs):
+        raise ConfigError(f"eval.n_prompts {settings.n_prompts} is larger than the {settings.split} split "
+                          f"({len(prompt_pairs)} pairs in {data['path']})")
     judge = make_judge(settings, target.experiment)
     judge.check_reachable()
     proxy = make_proxy(settings, target.experiment, judge)
 
-    chosen_indices = sorted(random.Random(settings.sampling.seed).sample(range(len(test)), settings.n_prompts))
-    pairs = [test[i] for i in chosen_indices]
+    chosen_indices = sorted(random.Random(settings.sampling.seed).sample(range(len(prompt_pairs)), settings.n_prompts))
+    pairs = [prompt_pairs[i] for i in chosen_indices]
     tokenizer = load_tokenizer(target.policy)
     formatter = Formatter(tokenizer, data.get("chat_template", True), data.get("max_length", 512),
                           data.get("max_prompt_length", 256))
-    prompt_ids = [formatter.prompt_ids(p.prompt)[-formatter.max_prompt_length :] for p in pairs]
+    prompt_ids = [formatter.generation_prompt_ids(p.prompt) for p in pairs]
 
     policy = load_causal_lm(target.policy)
     reference = policy if target.reference == target.policy else load_causal_lm(target.reference)
@@ -261,7 +276,9 @@ def evaluate(target: Target, settings: EvalSettings) -> dict:
 
     for name, baseline in (("win_rate_vs_chosen", chosen_text), ("win_rate_vs_ref", reference_text)):
         win_rate = WinRate(confidence=settings.confidence)
-        win_rate.update(outcomes=judge.compare(prompts, policy_text, baseline))
+        outcomes = judge.compare(prompts, policy_text, baseline)
+        table[name] = outcomes.tolist()  # per prompt, for paired comparisons between runs (`bench table`)
+        win_rate.update(outcomes=outcomes)
         add_with_ci(name, win_rate)
     judge_policy = judge.scores(prompts, policy_text)
     if judge_policy is not None:
@@ -318,7 +335,7 @@ def record_eval(target: Target, settings: EvalSettings, judge, proxy, metrics: d
     tags["eval.proxy"] = getattr(getattr(proxy, "hparams", None), "backbone", "none") if proxy is not None else "none"
     for key, value in tags.items():
         client.set_tag(run_id, key, str(value))
-    params = {"eval.n_prompts": settings.n_prompts, "eval.confidence": settings.confidence,
+    params = {"eval.n_prompts": settings.n_prompts, "eval.confidence": settings.confidence, "eval.split": settings.split,
               **{f"eval.sampling.{k}": v for k, v in asdict(settings.sampling).items()}}
     existing = client.get_run(run_id).data.params
     for key, value in params.items():

@@ -14,6 +14,7 @@ import yaml
 from bench.errors import ConfigError
 
 RECIPE_DIR = Path(__file__).resolve().parent / "recipes"
+CLI_SECTIONS = ("seed_everything", "trainer", "data", "model")
 
 
 def available() -> list[str]:
@@ -54,11 +55,11 @@ def load(name_or_path: str) -> tuple[str, dict]:
     return path.stem, recipe
 
 
-def resolve(name_or_path: str, algorithm: str) -> tuple[str, dict, dict]:
-    """(recipe name, the LightningCLI config for `algorithm`, the recipe's `eval` settings)."""
-    name, recipe = load(name_or_path)
-    overrides = recipe.pop("algorithms", {}) or {}
-    eval_settings = recipe.pop("eval", {}) or {}
+def for_algorithm(recipe: dict, algorithm: str) -> dict:
+    """The LightningCLI config for `algorithm`: the shared sections merged with `algorithms.<algorithm>`.
+    Sections that are not LightningCLI's (eval, compare, published, ...) are left out."""
+    shared = {key: value for key, value in recipe.items() if key in CLI_SECTIONS}
     if algorithm == "rm":
-        recipe.pop("model", None)
-    return name, deep_merge(recipe, overrides.get(algorithm, {})), eval_settings
+        shared.pop("model", None)
+    overrides = (recipe.get("algorithms") or {}).get(algorithm) or {}
+    return deep_merge(shared, overrides)

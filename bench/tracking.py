@@ -37,10 +37,11 @@ def git_commit() -> str:
         return "unknown"
 
 
-def make_logger(experiment: str, run_name: str) -> MLFlowLogger:
+def make_logger(experiment: str, run_name: str, tags: dict[str, str] | None = None) -> MLFlowLogger:
     return MLFlowLogger(
         experiment_name=experiment,
         run_name=run_name,
+        tags=tags,
         tracking_uri=tracking_uri(),
         artifact_location=artifact_location(),
         log_model=False,

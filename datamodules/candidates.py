@@ -39,7 +39,7 @@ def ranked_rows(
     (a sample that decodes to empty text is not a response, so it is masked out, and counted)."""
     check_num_candidates(num_candidates)
     samples_per_prompt = num_candidates - 2
-    prompt_ids = [formatter.prompt_ids(p.prompt)[-formatter.max_prompt_length :] for p in pairs]
+    prompt_ids = [formatter.generation_prompt_ids(p.prompt) for p in pairs]
     cache = JsonCache("rrhf_candidates")
     key = JsonCache.key({
         "policy": model_fingerprint(policy),

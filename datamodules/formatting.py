@@ -46,6 +46,10 @@ class Formatter:
         # The chat template writes its own special tokens; raw text gets the tokenizer's BOS, if any.
         return self.tokenizer(self.prompt_text(prompt), add_special_tokens=not self.uses_chat_template).input_ids
 
+    def generation_prompt_ids(self, prompt: str) -> list[int]:
+        """The prompt a policy samples a response to: its last `max_prompt_length` tokens."""
+        return self.prompt_ids(prompt)[-self.max_prompt_length :]
+
     def response_ids(self, response: str) -> list[int]:
         ids = self.tokenizer(self.response_text(response), add_special_tokens=False).input_ids
         return ids + [self.tokenizer.eos_token_id]

@@ -72,7 +72,7 @@ def unpaired_rows(pairs: list[Pair], formatter: Formatter, seed: int) -> list[di
 
 
 def prompt_rows(pairs: list[Pair], formatter: Formatter) -> list[dict]:
-    return [{"prompt_ids": formatter.prompt_ids(p.prompt)[-formatter.max_prompt_length :], "prompt": p.prompt}
+    return [{"prompt_ids": formatter.generation_prompt_ids(p.prompt), "prompt": p.prompt}
             for p in pairs]
 
 

@@ -116,6 +116,14 @@ class TrainedHFModel(L.LightningModule):
     def trainable_parameters(self):
         return self.trained_model.parameters()
 
+    def examples_in(self, batch: dict) -> int:
+        """How many examples a batch holds, for weighting epoch means and counting budgets."""
+        return batch["input_ids"].shape[0]
+
+    def tokens_in(self, batch: dict) -> int:
+        """Non-padding tokens the model reads for one training batch: what a training budget counts."""
+        return int(sum(mask.sum() for key, mask in batch.items() if key.endswith("attention_mask")))
+
     def configure_optimizers(self):
         hp = self.hparams
         return optimizer_with_warmup(self.trainable_parameters(), hp.optimizer, hp.lr, hp.weight_decay, hp.warmup_steps)
@@ -228,10 +236,6 @@ class AlignmentModule(TrainedHFModel):
             if weight:  # a statistic over nothing (e.g. no ranked pairs) is not logged
                 self.log(f"{stage}/{name}", torch.as_tensor(value).detach().float(), batch_size=weight,
                          on_step=on_step, on_epoch=not on_step, prog_bar=name in prog_bar, sync_dist=True)
-
-    def examples_in(self, batch: dict) -> int:
-        """How many examples a batch holds, for weighting epoch means."""
-        return batch["input_ids"].shape[0]
 
     @property
     def trained_model(self) -> torch.nn.Module:

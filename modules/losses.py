@@ -61,17 +61,19 @@ def rrhf_loss(scores: torch.Tensor, rewards: torch.Tensor, mask: torch.Tensor) -
     """RRHF's ranking loss (Yuan et al. 2023), per prompt: the sum, over valid candidate pairs with
     r_i < r_j, of max(0, s_i - s_j). Scores s are length-normalised log-probs; all tensors are (B, k)
     and `mask` marks the valid candidates. Equal rewards rank neither way."""
-    mask = mask.bool()
     score_gap = scores[:, :, None] - scores[:, None, :]  # [b, i, j] = s_i - s_j
-    ranked_lower = rewards[:, :, None] < rewards[:, None, :]  # r_i < r_j
-    valid = mask[:, :, None] & mask[:, None, :]
-    return (score_gap.clamp(min=0) * (ranked_lower & valid)).sum(dim=(1, 2))
+    return (score_gap.clamp(min=0) * ranked_pairs(rewards, mask)).sum(dim=(1, 2))
+
+
+def ranked_pairs(rewards: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """[b, i, j]: candidates i and j are both valid and r_i < r_j."""
+    mask = mask.bool()
+    return (rewards[:, :, None] < rewards[:, None, :]) & mask[:, :, None] & mask[:, None, :]
 
 
 def rank_agreement(scores: torch.Tensor, rewards: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(number of valid pairs with r_i < r_j whose scores agree, s_i < s_j; number of such pairs)."""
-    mask = mask.bool()
-    ranked_lower = (rewards[:, :, None] < rewards[:, None, :]) & mask[:, :, None] & mask[:, None, :]
+    ranked_lower = ranked_pairs(rewards, mask)
     agrees = scores[:, :, None] < scores[:, None, :]
     return (agrees & ranked_lower).sum(), ranked_lower.sum()
 

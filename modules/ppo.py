@@ -115,8 +115,8 @@ class PPO(AlignmentModule):
             raise ConfigError(f"model.ppo_epochs must be >= 1, got {ppo_epochs}")
         require_positive(temperature=temperature, cliprange=cliprange, cliprange_value=cliprange_value,
                          vf_coef=vf_coef, num_mini_batches=num_mini_batches, max_new_tokens=max_new_tokens)
-        if kl_coef < 0 or not 0 <= gamma <= 1 or not 0 <= lam <= 1:
-            raise ConfigError(f"need kl_coef >= 0 and gamma, lam in [0, 1]; got {kl_coef}, {gamma}, {lam}")
+        if not 0 <= gamma <= 1 or not 0 <= lam <= 1:
+            raise ConfigError(f"need gamma and lam in [0, 1]; got {gamma}, {lam}")
         check_proxy(proxy, allow_judge_as_proxy)
         self.save_hyperparameters(logger=False)
         self.automatic_optimization = False
@@ -264,6 +264,7 @@ class PPO(AlignmentModule):
         advantages, returns = gae(rewards, rollout.values, rollout.mask, self.hparams.gamma, self.hparams.lam)
         advantages = masked_whiten(advantages, rollout.mask)
         metrics.update(self.ppo_updates(rollout, advantages, returns))
+        self.rollout_tokens = int(rollout.sequences.attention_mask.sum()) * self.hparams.ppo_epochs
         metrics["objective/kl_coef"] = torch.tensor(self.kl_coef)
         self.adapt_kl_coef(metrics["objective/kl"], len(rollout.scores))
         self.log_metrics("train", metrics, len(rollout.scores), prog_bar=("objective/scores", "objective/kl"))
@@ -283,3 +284,6 @@ class PPO(AlignmentModule):
 
     def examples_in(self, batch: dict) -> int:
         return len(batch["prompt_ids"])
+
+    def tokens_in(self, batch: dict) -> int:
+        return self.rollout_tokens  # prompts and sampled responses, once per PPO epoch

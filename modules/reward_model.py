@@ -67,13 +67,16 @@ class RewardModel(TrainedHFModel):
     def _step(self, stage: str, batch: dict) -> torch.Tensor:
         chosen, rejected = self(batch["input_ids"], batch["attention_mask"]).chunk(2)
         loss = bradley_terry_loss(chosen, rejected, self.hparams.center_rewards_coefficient).mean()
-        on_step, pairs = stage == "train", len(chosen)
+        on_step, pairs = stage == "train", self.examples_in(batch)
         self.log(f"{stage}/loss", loss.detach(), batch_size=pairs, on_step=on_step, on_epoch=not on_step,
                  prog_bar=True, sync_dist=True)
         if stage == "val":
             self.log("val/accuracy", (chosen > rejected).float().mean(), batch_size=pairs, sync_dist=True)
             self.log("val/margin", (chosen - rejected).mean().detach(), batch_size=pairs, sync_dist=True)
         return loss
+
+    def examples_in(self, batch: dict) -> int:
+        return batch["input_ids"].shape[0] // 2  # chosen and rejected rows of each pair
 
     @property
     def trained_model(self) -> torch.nn.Module:

@@ -5,7 +5,6 @@ length-normalised log-probs must order the candidates as the rewards do, and the
 candidate is also fitted by supervised learning.
 """
 
-import torch
 from jsonargparse.typing import PositiveFloat
 
 from modules.base import AlignmentModule, require_positive

@@ -13,7 +13,6 @@ import torch
 import bench.evaluation
 import bench.generation
 from bench.cli import main
-from bench.errors import BenchError
 from bench.judges import ChatCompletionsJudge
 from modules.metrics import WinRate, bootstrap_ci
 

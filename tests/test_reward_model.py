@@ -1,6 +1,5 @@
 """The reward model: its data view, halves of the train split, learning, and scoring text."""
 
-import pytest
 import torch
 import lightning.pytorch as L
 from transformers import AutoConfig

@@ -1,0 +1,223 @@
+"""`bench compare --recipe NAME`: every stage of a recipe, once, under one MLflow parent run.
+
+1. SFT, when the recipe's `compare.stages` lists it; the aligned algorithms then start from its policy.
+2. The proxy and the judge reward models.
+3. The aligned algorithms, each on the same budget: `compare.budget_prompts` training prompts
+   (optimizer steps x prompts per step; KTO reads two rows per prompt, PPO one rollout per batch of prompts).
+4. `bench eval` of each aligned policy on the same test prompts, judged by this comparison's judge.
+
+A stage whose config matches a finished run of the experiment reuses that run. `--dry-run` swaps in the
+tiny model, tiny data settings and a throwaway MLflow store, and runs one step of every stage.
+"""
+
+import contextlib
+import gc
+import logging
+import os
+import tempfile
+from datetime import datetime
+from pathlib import Path
+
+import mlflow
+
+from bench import recipes, tracking
+from bench.errors import BenchError, ConfigError
+
+log = logging.getLogger(__name__)
+
+STAGES = ("sft", "rm", "dpo", "ipo", "kto", "rrhf", "ppo")
+ALIGNED = ("dpo", "ipo", "kto", "rrhf", "ppo")
+ROWS_PER_PROMPT = {"unpaired": 2}  # KTO: a desirable and an undesirable row per prompt; other views one
+
+
+def stages_of(recipe_name: str, recipe: dict) -> list[str]:
+    stages = list((recipe.get("compare") or {}).get("stages") or ("rm", *ALIGNED))
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown:
+        raise ConfigError(f"recipe {recipe_name}: compare.stages names {unknown}, which is not a stage; "
+                          f"stages are {', '.join(STAGES)}")
+    if any(s in ("rrhf", "ppo") for s in stages) and "rm" not in stages:
+        raise ConfigError(f"recipe {recipe_name}: compare.stages has RRHF or PPO but no `rm` stage to train their proxy")
+    return sorted(stages, key=STAGES.index)  # SFT before the reward models before the algorithms
+
+
+def budget_overrides(algorithm: str, config: dict, prompts: int) -> list[str]:
+    """Trainer settings that make `algorithm` train on exactly `prompts` prompts."""
+    import modules
+
+    view = modules.module_class(algorithm).data_view
+    batch_size = config["data"].get("batch_size", 8)
+    rows = prompts * ROWS_PER_PROMPT.get(view, 1)
+    if rows % batch_size:
+        raise ConfigError(f"compare.budget_prompts {prompts} ({rows} rows for {algorithm}) is not a multiple of "
+                          f"{algorithm}'s data.batch_size {batch_size}")
+    steps = rows // batch_size
+    validate_at_end = f"--trainer.val_check_interval={steps}"
+    if view == "prompts":  # PPO: one rollout per batch; Lightning counts its optimizer steps as trainer steps
+        return [f"--trainer.limit_train_batches={steps}", "--trainer.max_epochs=1", "--trainer.max_steps=-1",
+                validate_at_end]
+    overrides = [f"--trainer.max_steps={steps}", "--trainer.max_epochs=-1", validate_at_end]
+    if view == "ranked":  # candidates are sampled and scored for the budget's prompts only
+        overrides.append(f"--data.max_train_pairs={prompts}")
+    return overrides
+
+
+def comparison_recipe(recipe: dict) -> dict:
+    """The recipe with `compare.algorithms` and `compare.eval` merged in: they override it for comparisons only."""
+    settings = recipe.get("compare") or {}
+    merged = recipes.deep_merge(recipe, {"algorithms": settings.get("algorithms") or {},
+                                         "eval": settings.get("eval") or {}})
+    merged["compare"] = {k: v for k, v in settings.items() if k not in ("algorithms", "eval")}
+    return merged
+
+
+def dry_run_recipe(recipe: dict, data_path: str) -> dict:
+    """The recipe with the tiny policy, MiniLM reward models, short sequences and one step per stage."""
+    small = comparison_recipe(recipe)
+    trainer = small.setdefault("trainer", {})
+    trainer.update(accelerator="cpu", devices=1, strategy="auto", precision="32-true", max_steps=1, max_epochs=-1,
+                   val_check_interval=1, limit_val_batches=1, num_sanity_val_steps=0, enable_model_summary=False)
+    trainer.pop("num_nodes", None)
+    small.setdefault("data", {}).update(path=data_path, batch_size=2, eval_batch_size=2, max_train_pairs=8,
+                                        max_val_pairs=2, max_length=64, max_prompt_length=32)
+    small.setdefault("model", {}).update(policy="tiny", reference=None)
+    for name, section in (small.get("algorithms") or {}).items():
+        section = section or {}
+        model, data = section.get("model") or {}, section.get("data") or {}
+        if name == "rm":
+            model.update(backbone="all-minilm-l6-v2", max_length=64)
+        else:
+            model.update(policy="tiny", reference=None)
+        if "max_new_tokens" in model:
+            model["max_new_tokens"] = 4
+        if name == "ppo":
+            model.update(ppo_epochs=1, num_mini_batches=1)
+        for key in ("batch_size", "eval_batch_size"):
+            if key in data:
+                data[key] = 2
+        if "candidate_sampling" in data:
+            data["candidate_sampling"] = {**data["candidate_sampling"], "max_new_tokens": 4, "batch_size": 4}
+        for key in ("max_train_pairs", "max_val_pairs"):
+            data.pop(key, None)
+        if "trainer" in section:
+            for key in ("max_steps", "max_epochs", "limit_train_batches", "val_check_interval", "limit_val_batches",
+                        "strategy", "precision", "accelerator", "devices", "num_nodes"):
+                section["trainer"].pop(key, None)
+        section.update(model=model, data=data)
+        small["algorithms"][name] = section
+    compare = small.setdefault("compare", {})
+    compare["budget_prompts"] = 2
+    small["eval"] = {**(small.get("eval") or {}), "n_prompts": 2, "judge": "latest", "proxy": "latest",
+                     "sampling": {**((small.get("eval") or {}).get("sampling") or {}), "max_new_tokens": 4, "batch_size": 2}}
+    return small
+
+
+@contextlib.contextmanager
+def throwaway_workspace():
+    """A temporary working directory and MLflow store, so that a dry run leaves nothing behind."""
+    previous_cwd, previous_uri = Path.cwd(), os.environ.get("MLFLOW_TRACKING_URI")
+    with tempfile.TemporaryDirectory(prefix="bench-dry-run-") as folder:
+        os.chdir(folder)
+        os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{Path(folder) / 'mlflow.db'}"
+        try:
+            yield Path(folder)
+        finally:
+            os.chdir(previous_cwd)
+            if previous_uri is None:
+                os.environ.pop("MLFLOW_TRACKING_URI", None)
+            else:
+                os.environ["MLFLOW_TRACKING_URI"] = previous_uri
+
+
+def compare(recipe_name: str, recipe: dict, argv: list[str], dry_run: bool = False, data_path: str | None = None) -> dict:
+    """Run the comparison; returns {stage: run id}. `argv` holds LightningCLI overrides for every stage."""
+    stages = stages_of(recipe_name, recipe)
+    if dry_run:
+        data_path = data_path or os.environ.get("HH_RLHF_PATH") or recipe.get("data", {}).get("path")
+        if not data_path or not Path(data_path).is_dir():
+            raise ConfigError(f"a dry run reads local data: set HH_RLHF_PATH or --data-path (recipe has {data_path!r})")
+        recipe = dry_run_recipe(recipe, str(Path(data_path).resolve()))
+        if "rm" not in stages:  # a local judge stands in for the recipe's (often a remote API)
+            stages = sorted([*stages, "rm"], key=STAGES.index)
+        with throwaway_workspace():
+            runs = Comparison(recipe_name, recipe, stages, argv).run()
+        print(f"dry run of recipe {recipe_name}: {len(runs)} stages ran one step each: {', '.join(runs)}")
+        return runs
+    if data_path:
+        recipe = recipes.deep_merge(recipe, {"data": {"path": data_path}})
+    return Comparison(recipe_name, recipe, stages, argv).run()
+
+
+class Comparison:
+    def __init__(self, recipe_name: str, recipe: dict, stages: list[str], argv: list[str]):
+        self.recipe = comparison_recipe(recipe)
+        self.recipe_name, self.stages, self.argv = recipe_name, stages, argv
+        self.budget = self.recipe["compare"].get("budget_prompts")
+        if self.budget is not None and (not isinstance(self.budget, int) or self.budget < 1):
+            raise ConfigError(f"recipe {recipe_name}: compare.budget_prompts must be a positive integer, got {self.budget!r}")
+        self.client = mlflow.MlflowClient(tracking.tracking_uri())
+        self.runs: dict[str, str] = {}
+
+    def parent_run(self) -> str:
+        found = self.client.get_experiment_by_name(self.recipe_name)
+        experiment_id = (found.experiment_id if found else
+                         self.client.create_experiment(self.recipe_name, artifact_location=tracking.artifact_location()))
+        run = self.client.create_run(experiment_id, run_name=f"compare-{datetime.now():%Y%m%d-%H%M%S}",
+                                     tags={"compare_role": "parent", "recipe": self.recipe_name,
+                                           "git_commit": tracking.git_commit()})
+        self.client.log_param(run.info.run_id, "stages", ",".join(self.stages))
+        self.client.log_param(run.info.run_id, "budget_prompts", str(self.budget))
+        return run.info.run_id
+
+    def train(self, stage: str, algorithm: str, argv: list[str]):
+        from bench.training import train_one
+
+        tags = {"mlflow.parentRunId": self.parent, "compare_stage": stage}
+        result = train_one(algorithm, self.recipe_name, self.recipe, [*argv, *self.argv],
+                           run_name=f"{stage}-{datetime.now():%Y%m%d-%H%M%S}", tags=tags, reuse=True)
+        gc.collect()  # free the trainer and its models before the next stage loads its own
+        if result.run_id is None:
+            raise BenchError(f"stage {stage} was interrupted")
+        self.runs[stage] = result.run_id
+        self.client.set_tag(self.parent, f"stage.{stage}", result.run_id + (" (reused)" if result.reused else ""))
+        return result
+
+    def run(self) -> dict:
+        # Every stage's budget is checked before the first one trains.
+        budgets = {algorithm: budget_overrides(algorithm, recipes.for_algorithm(self.recipe, algorithm), self.budget)
+                   for algorithm in self.stages if algorithm in ALIGNED and self.budget}
+        self.parent = self.parent_run()
+        log.info("comparison of %s under MLflow parent run %s", ", ".join(self.stages), self.parent)
+        policy_args: list[str] = []
+        if "sft" in self.stages:
+            sft = self.train("sft", "sft", [])
+            policy_args = [f"--model.policy={sft.output_path}"]  # the aligned policies' start and reference
+        proxy_args: dict[str, list[str]] = {}
+        judge = proxy = None
+        if "rm" in self.stages:
+            proxy = str(self.train("rm-proxy", "rm", ["--model.role=proxy"]).output_path)
+            judge = str(self.train("rm-judge", "rm", ["--model.role=judge"]).output_path)
+            proxy_args = {"ppo": [f"--model.proxy={proxy}"], "rrhf": [f"--data.proxy={proxy}"]}
+        if "sft" in self.stages:
+            self.evaluate("sft", sft.run_id, judge, proxy)
+        for algorithm in (s for s in self.stages if s in ALIGNED):
+            result = self.train(algorithm, algorithm,
+                                [*policy_args, *proxy_args.get(algorithm, []), *budgets.get(algorithm, [])])
+            self.evaluate(algorithm, result.run_id, judge, proxy)
+        self.client.set_terminated(self.parent)
+        return self.runs
+
+    def evaluate(self, algorithm: str, run_id: str, judge: str | None, proxy: str | None) -> None:
+        from bench.evaluation import EvalSettings, evaluate, resolve_target
+
+        if "eval/win_rate_vs_chosen" in self.client.get_run(run_id).data.metrics:
+            log.info("%s: run %s is already evaluated", algorithm, run_id)
+            return
+        settings = dict(self.recipe.get("eval") or {})
+        # "latest" means this comparison's own reward models, not whichever is newest in the experiment.
+        if judge and settings.get("judge", "latest") == "latest":
+            settings["judge"] = judge
+        if proxy and settings.get("proxy", "latest") == "latest":
+            settings["proxy"] = proxy
+        evaluate(resolve_target(run_id, None, {}, self.recipe_name), EvalSettings.from_dict(settings))
+        gc.collect()

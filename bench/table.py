@@ -1,0 +1,225 @@
+"""`bench table --experiment NAME`: results/NAME.md and results/NAME.csv from the experiment's MLflow runs.
+
+Rows come from the newest finished `bench compare` (test prompts) and from every sweep's best trial
+(validation prompts). Each row's win rate is compared with the best row's on the same prompts by a
+paired bootstrap. The recipe's published numbers, when it has them, are printed beside the measured ones.
+"""
+
+import csv
+import io
+import json
+import os
+import platform
+import tempfile
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+import mlflow
+import numpy as np
+
+from bench import recipes, tracking
+from bench.errors import BenchError, ConfigError
+
+RESULTS_DIR = Path("results")
+WIN_COLUMNS = ("win_rate_vs_chosen", "win_rate_vs_ref")
+
+
+@dataclass
+class Row:
+    algorithm: str
+    run_id: str
+    source: str  # which comparison or sweep the run belongs to
+    prompts: str  # which prompts it was evaluated on: rows are compared only within one prompt set
+    metrics: dict
+    outcomes: dict = field(default_factory=dict)  # per-prompt win outcomes, by WIN_COLUMNS
+    prompt_texts: list = field(default_factory=list)
+    difference: dict = field(default_factory=dict)  # paired bootstrap against the best row
+
+
+def _run_outcomes(client: mlflow.MlflowClient, run_id: str) -> tuple[dict, list]:
+    with tempfile.TemporaryDirectory() as folder:
+        try:
+            path = client.download_artifacts(run_id, "eval/samples.json", folder)
+        except Exception as err:  # noqa: BLE001 - MLflow raises several kinds for a missing artifact
+            raise BenchError(f"run {run_id} has no eval/samples.json to compare prompts on: {err}") from err
+        table = json.loads(Path(path).read_text())
+    columns = table["columns"]
+    rows = [dict(zip(columns, values)) for values in table["data"]]
+    outcomes = {name: np.array([r[name] for r in rows], dtype=float) for name in WIN_COLUMNS if name in columns}
+    return outcomes, [r["prompt"] for r in rows]
+
+
+def _row(client, run, source: str) -> Row:
+    params = run.data.params
+    prompts = (f"{params.get('eval.split', 'test')} split, {params.get('eval.n_prompts')} prompts, "
+               f"seed {params.get('eval.sampling.seed')}")
+    row = Row(run.data.tags.get("algorithm", "?"), run.info.run_id, source, prompts, run.data.metrics)
+    row.outcomes, row.prompt_texts = _run_outcomes(client, run.info.run_id)
+    return row
+
+
+def collect_rows(experiment: str) -> list[Row]:
+    client = mlflow.MlflowClient(tracking.tracking_uri())
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        raise BenchError(f"no MLflow experiment {experiment!r} in {tracking.tracking_uri()}")
+    ids = [found.experiment_id]
+    rows = []
+    comparisons = client.search_runs(ids, "tags.compare_role = 'parent' and attributes.status = 'FINISHED'",
+                                     order_by=["attributes.start_time DESC"], max_results=1)
+    for parent in comparisons:
+        for tag, value in parent.data.tags.items():
+            run_id = value.split()[0]
+            if tag.startswith("stage.") and not tag.startswith("stage.rm"):
+                rows.append(_row(client, client.get_run(run_id), f"compare {parent.info.run_name}"))
+    for study in client.search_runs(ids, "tags.sweep_role = 'study'", order_by=["attributes.start_time DESC"]):
+        best = study.data.tags.get("best_run_id")
+        if best:
+            rows.append(_row(client, client.get_run(best), f"sweep {study.data.tags['optuna.study']} "
+                                                           f"best trial {study.data.tags.get('best_trial')}"))
+    if not rows:
+        raise BenchError(f"experiment {experiment!r} has no finished `bench compare` and no sweep with a best trial")
+    return rows
+
+
+def paired_bootstrap(a: np.ndarray, b: np.ndarray, confidence: float = 0.95, resamples: int = 10_000,
+                     seed: int = 0) -> tuple[float, float, float]:
+    """Mean of a - b over the same prompts, and its percentile bootstrap CI (prompts resampled in pairs)."""
+    differences = a - b
+    rng = np.random.default_rng(seed)
+    means = differences[rng.integers(0, len(differences), (resamples, len(differences)))].mean(axis=1)
+    alpha = (1 - confidence) / 2
+    return float(differences.mean()), float(np.quantile(means, alpha)), float(np.quantile(means, 1 - alpha))
+
+
+def compare_with_best(rows: list[Row]) -> None:
+    """Within each prompt set, each row's win rate vs chosen against the best row's, prompt by prompt."""
+    for prompts in {r.prompts for r in rows}:
+        group = [r for r in rows if r.prompts == prompts and "win_rate_vs_chosen" in r.outcomes]
+        if not group:
+            continue
+        best = max(group, key=lambda r: r.outcomes["win_rate_vs_chosen"].mean())
+        for row in group:
+            if row.prompt_texts != best.prompt_texts:
+                raise BenchError(f"runs {row.run_id} and {best.run_id} claim the same prompt set ({prompts}) "
+                                 "but were evaluated on different prompts")
+            mean, low, high = paired_bootstrap(row.outcomes["win_rate_vs_chosen"], best.outcomes["win_rate_vs_chosen"])
+            row.difference = {"vs": best.algorithm, "mean": mean, "low": low, "high": high,
+                              "significant": row is not best and (high < 0 or low > 0)}
+
+
+def published_rows(experiment: str) -> tuple[str, list[dict]]:
+    """The recipe's `published:` section, when the experiment is named after a recipe."""
+    try:
+        _, recipe = recipes.load(experiment)
+    except ConfigError:
+        return "", []
+    published = recipe.get("published") or {}
+    return published.get("source", ""), list(published.get("rows") or [])
+
+
+def machine() -> str:
+    import torch
+
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return (f"{os.cpu_count()} CPU cores ({platform.machine()}), {memory:.0f} GiB RAM, {device}, "
+            f"Python {platform.python_version()}, torch {torch.__version__}")
+
+
+CSV_FIELDS = ["algorithm", "source", "prompts", "run_id", "win_rate_vs_chosen", "win_rate_vs_chosen_ci_low",
+              "win_rate_vs_chosen_ci_high", "win_rate_vs_ref", "win_rate_vs_ref_ci_low", "win_rate_vs_ref_ci_high",
+              "judge_score", "proxy_score", "kl", "response_len", "train_tokens", "train_wall_time_s",
+              "train_tokens_per_s", "diff_vs_best", "diff_ci_low", "diff_ci_high", "diff_significant", "best",
+              "published_metric", "published_value"]
+
+
+def csv_record(row: Row, published: dict[str, dict]) -> dict:
+    m = row.metrics
+    record = {"algorithm": row.algorithm, "source": row.source, "prompts": row.prompts, "run_id": row.run_id}
+    for name in ("win_rate_vs_chosen", "win_rate_vs_ref"):
+        for suffix in ("", "_ci_low", "_ci_high"):
+            record[name + suffix] = m.get(f"eval/{name}{suffix}")
+    record.update(judge_score=m.get("eval/judge_score"), proxy_score=m.get("eval/proxy_score"), kl=m.get("eval/kl"),
+                  response_len=m.get("eval/response_len"), train_tokens=m.get("train/tokens"),
+                  train_wall_time_s=m.get("train/wall_time_s"), train_tokens_per_s=m.get("train/tokens_per_s"))
+    d = row.difference
+    record.update(diff_vs_best=d.get("mean"), diff_ci_low=d.get("low"), diff_ci_high=d.get("high"),
+                  diff_significant=d.get("significant"), best=d.get("vs"),
+                  published_metric=published.get(row.algorithm, {}).get("metric"),
+                  published_value=published.get(row.algorithm, {}).get("value"))
+    return record
+
+
+def _fmt(value, digits: int = 3) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float) and abs(value) >= 1000:
+        return f"{value:,.0f}"
+    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def markdown(experiment: str, records: list[dict], command: str, source: str, published: list[dict]) -> str:
+    lines = [f"# {experiment}", "",
+             f"Command: `{command}`  ", f"Date: {datetime.now():%Y-%m-%d %H:%M %Z}".rstrip() + "  ",
+             f"Machine: {machine()}  ", f"Commit: {tracking.git_commit()}", ""]
+    lines += ["| algorithm | win vs chosen [95% CI] | win vs reference [95% CI] | judge score | proxy score | KL | "
+              "length | train tokens | wall time (s) | tokens/s | Δ win vs best [95% CI] | published |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    def published_cell(r):
+        return "–" if r["published_value"] is None else f"{r['published_value']} ({r['published_metric']})"
+
+    for r in records:
+        def win(name):
+            return f"{_fmt(r[name])} [{_fmt(r[name + '_ci_low'])}, {_fmt(r[name + '_ci_high'])}]"
+        if r["diff_vs_best"] is None:
+            diff = "–"
+        elif r["best"] == r["algorithm"] and r["diff_vs_best"] == 0:
+            diff = "best"
+        else:
+            diff = (f"{r['diff_vs_best']:+.3f} [{r['diff_ci_low']:+.3f}, {r['diff_ci_high']:+.3f}]"
+                    + (" *" if r["diff_significant"] else ""))
+        lines.append(f"| {r['algorithm']} | {win('win_rate_vs_chosen')} | {win('win_rate_vs_ref')} | "
+                     f"{_fmt(r['judge_score'])} | {_fmt(r['proxy_score'])} | {_fmt(r['kl'], 2)} | "
+                     f"{_fmt(r['response_len'], 1)} | {_fmt(r['train_tokens'], 0)} | {_fmt(r['train_wall_time_s'], 0)} | "
+                     f"{_fmt(r['train_tokens_per_s'], 1)} | {diff} | {published_cell(r)} |")
+    prompt_sets = sorted({r["prompts"] for r in records})
+    sources = sorted({r["source"] for r in records})
+    lines += ["", f"Rows from: {'; '.join(sources)}. Prompts: {'; '.join(prompt_sets)}.",
+              "Win rates are judged by the experiment's judge reward model; ties count one half. Δ is the paired "
+              "bootstrap difference in win rate vs chosen against the best row on the same prompts "
+              "(10,000 resamples); * marks a 95% CI that excludes 0. Judge and proxy scores are on each reward "
+              "model's own scale: a policy whose proxy score rises while its judge score does not is "
+              "over-optimising the proxy."]
+    if published:
+        lines += ["", "## Published", "", source, "", "| label | algorithm | model | metric | value | note |",
+                  "|---|---|---|---|---|---|"]
+        for p in published:
+            lines.append(f"| {p.get('label', '')} | {p.get('algorithm', '')} | {p.get('model', '')} | "
+                         f"{p.get('metric', '')} | {p.get('value', '')} | {p.get('note', '')} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_atomically(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.with_name(f".{path.name}.partial")
+    staging.write_text(text)
+    staging.replace(path)
+
+
+def table(experiment: str, command: str, output_dir: Path = RESULTS_DIR) -> tuple[Path, Path]:
+    rows = collect_rows(experiment)
+    compare_with_best(rows)
+    source, published = published_rows(experiment)
+    # A measured row sits beside the published figure for the same algorithm on the recipe's own model.
+    by_algorithm = {p["algorithm"]: p for p in published if p.get("compare", True)}
+    records = [csv_record(r, by_algorithm) for r in rows]
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=CSV_FIELDS)
+    writer.writeheader()
+    writer.writerows(records)
+    md_path, csv_path = output_dir / f"{experiment}.md", output_dir / f"{experiment}.csv"
+    write_atomically(csv_path, buffer.getvalue())
+    write_atomically(md_path, markdown(experiment, records, command, source, published))
+    return md_path, csv_path

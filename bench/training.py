@@ -1,0 +1,171 @@
+"""One training run: a recipe section and command-line overrides in, a LightningCLI run logged to MLflow out.
+`bench train`, every `bench compare` stage and every `bench sweep` trial go through `train_one`."""
+
+import hashlib
+import json
+import logging
+import sys
+import tempfile
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+import mlflow
+import yaml
+
+from bench import recipes, tracking
+from bench.errors import BenchError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainResult:
+    run_id: str | None  # None when training was interrupted
+    output_path: Path
+    reused: bool = False  # a finished run with the same config served instead
+
+
+def config_fingerprint(algorithm: str, config: dict) -> str:
+    """What makes two runs the same experiment: the algorithm and its resolved config, less where it is written."""
+    trainer = {k: v for k, v in config["trainer"].items() if k not in ("default_root_dir", "logger")}
+    payload = json.dumps({"algorithm": algorithm, **config, "trainer": trainer}, sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def find_finished_run(experiment: str, fingerprint: str) -> tuple[str, Path] | None:
+    client = mlflow.MlflowClient(tracking.tracking_uri())
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return None
+    runs = client.search_runs([found.experiment_id], order_by=["attributes.start_time DESC"],
+                              filter_string=f"tags.config_fingerprint = '{fingerprint}' and attributes.status = 'FINISHED'")
+    for run in runs:
+        output = Path(run.data.tags.get("output_path", ""))
+        if output.exists():
+            return run.info.run_id, output
+    return None
+
+
+def train_one(
+    algorithm: str,
+    recipe_name: str,
+    recipe: dict,
+    argv: list[str],
+    run_name: str | None = None,
+    tags: dict[str, str] | None = None,
+    callbacks: list | None = None,
+    reuse: bool = False,
+) -> TrainResult:
+    """Train one module with LightningCLI and log it to MLflow.
+
+    `tags` go on the run (`mlflow.parentRunId` nests it under a comparison or a study), `callbacks` join the
+    recipe's, and with `reuse` a finished run of the same experiment with the same config is returned instead.
+    """
+    from lightning.pytorch.cli import LightningCLI
+
+    import modules
+    from bench.evaluation import find_reward_model
+    from bench.throughput import TrainingThroughput
+    from datamodules.hh_datamodule import HHRLHFDataModule
+
+    module_class = modules.module_class(algorithm)
+    is_reward_model = algorithm == "rm"
+    model_spec_key = "backbone" if is_reward_model else "policy"
+    recipe_config = recipes.for_algorithm(recipe, algorithm)
+    run_name = run_name or f"{algorithm}-{datetime.now():%Y%m%d-%H%M%S}"
+
+    class TrainCLI(LightningCLI):
+        def add_arguments_to_parser(self, parser):
+            parser.link_arguments(f"model.{model_spec_key}", "data.tokenizer")
+            if is_reward_model:
+                parser.link_arguments("model.role", "data.train_subset", compute_fn=lambda role: "all" if role == "shared" else role)
+                parser.link_arguments("model.max_length", "data.max_length")
+            parser.set_defaults({"data.view": module_class.data_view})
+            if module_class.data_view == "ranked":
+                parser.set_defaults({"data.proxy": "latest"})
+
+        def before_instantiate_classes(self):
+            # PPO's model.proxy and the ranked view's data.proxy: "latest" is the experiment's newest proxy.
+            for section in ("model", "data"):
+                if self.config[section].get("proxy") == "latest":
+                    self.config[section]["proxy"] = find_reward_model(recipe_name, "proxy")
+                    log.info("%s.proxy: the newest proxy of experiment %r, %s", section, recipe_name,
+                             self.config[section]["proxy"])
+
+        def instantiate_trainer(self, **kwargs):
+            trainer_config = self.config_init.get("trainer", {})
+            self.run_dir = Path(trainer_config.get("default_root_dir") or Path("runs") / recipe_name / run_name)
+            self.run_logger = tracking.make_logger(recipe_name, run_name, tags)
+            trainer = super().instantiate_trainer(logger=self.run_logger, default_root_dir=str(self.run_dir), **kwargs)
+            trainer.callbacks.extend([TrainingThroughput(), *(callbacks or [])])
+            return trainer
+
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", prefix=f"{recipe_name}-{algorithm}-") as recipe_file:
+        yaml.safe_dump(recipe_config, recipe_file)
+        recipe_file.flush()
+        # LightningCLI reads sys.argv when given no args; ours are already split off from `bench train`.
+        sys.argv = [f"bench train {algorithm}"]
+        cli = TrainCLI(
+            module_class,
+            HHRLHFDataModule,
+            args=["--config", recipe_file.name, *argv],
+            run=False,
+            save_config_callback=None,
+            parser_kwargs={"prog": f"bench train {algorithm}"},
+        )
+    config = yaml.safe_load(cli.parser.dump(cli.config, skip_none=False))
+    # What the trainer and datamodule really got: the parser's dump leaves out linked and overridden values.
+    config["trainer"].update(logger="MLFlowLogger", default_root_dir=str(cli.run_dir))
+    config["data"].update({key: cli.datamodule.hparams[key] for key in ("tokenizer", "train_subset", "max_length", "proxy")})
+    if "proxy" in config["model"]:
+        config["model"]["proxy"] = cli.model.hparams.proxy
+    fingerprint = config_fingerprint(algorithm, config)
+    if reuse and (found := find_finished_run(recipe_name, fingerprint)):
+        log.info("%s: reusing finished run %s with the same config (fingerprint %s)", algorithm, found[0], fingerprint)
+        return TrainResult(run_id=found[0], output_path=found[1], reused=True)
+
+    cli.run_dir.mkdir(parents=True, exist_ok=True)
+    config_file = cli.run_dir / "config.yaml"
+    config_file.write_text(yaml.safe_dump(config, sort_keys=False))
+    data = config["data"]
+    output_path = (cli.run_dir / module_class.output_name).resolve()
+    run_tags = {
+        "algorithm": algorithm,
+        "recipe": recipe_name,
+        "model": config["model"][model_spec_key],
+        "data_source": data["path"] + (f"[{','.join(data['subsets'])}]" if data.get("subsets") else ""),
+        "seed": str(config["seed_everything"]),
+        "git_commit": tracking.git_commit(),
+        "precision": str(config["trainer"]["precision"]),
+        "output_path": str(output_path),
+        "config_fingerprint": fingerprint,
+    }
+    if is_reward_model:
+        run_tags["role"] = config["model"]["role"]
+    proxy = config["model"].get("proxy") or (config["data"]["proxy"] if config["data"]["view"] == "ranked" else None)
+    if proxy:
+        run_tags["proxy"] = proxy
+    tracking.record_run(cli.run_logger, config, config_file, run_tags)
+    log.info("MLflow run %s (experiment %r) at %s", cli.run_logger.run_id, recipe_name, tracking.tracking_uri())
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    if cli.trainer.interrupted:
+        return TrainResult(run_id=None, output_path=output_path)
+    print(f"run {cli.run_logger.run_id} finished; model saved to {cli.model.output_dir}")
+    return TrainResult(run_id=cli.run_logger.run_id, output_path=output_path)
+
+
+def evaluate_after_training(run_id: str, recipe_name: str, recipe: dict, required: bool) -> None:
+    """`bench eval` on the run just trained. Without a judge reward model in the recipe's experiment
+    this warns and skips, unless `--eval true` asked for it."""
+    from bench.evaluation import EvalSettings, evaluate, find_reward_model, resolve_target
+
+    settings = EvalSettings.from_dict(recipe.get("eval"))
+    if settings.judge == "latest" and not required:
+        try:
+            find_reward_model(recipe_name, "judge")
+        except BenchError as err:
+            log.warning("evaluation skipped: %s. Run `bench eval %s` after training the judge.", err, run_id)
+            mlflow.MlflowClient(tracking.tracking_uri()).set_tag(run_id, "eval_skipped", str(err))
+            return
+    evaluate(resolve_target(run_id, None, {}, recipe_name), settings)

@@ -1,0 +1,115 @@
+"""`bench compare` and `bench table` on the tiny model, the dry run of every recipe, and bad input."""
+
+import csv
+
+import mlflow
+import numpy as np
+import pytest
+import yaml
+
+from bench import recipes
+from bench.cli import main
+from bench.table import paired_bootstrap, published_rows
+
+ALIGNED = ["dpo", "ipo", "kto", "rrhf", "ppo"]
+
+
+@pytest.mark.parametrize("recipe", recipes.available())
+def test_dry_run_builds_and_steps_every_stage_of_every_recipe(workdir, hh_path, capsys, recipe):
+    main(["compare", "--recipe", recipe, "--dry-run", "--data-path", hh_path])
+    out = capsys.readouterr().out
+    _, loaded = recipes.load(recipe)
+    stages = loaded["compare"]["stages"]
+    ran = out.split("ran one step each: ")[1].split()
+    expected = [s for s in stages if s not in ("rm",)]
+    assert [s.rstrip(",") for s in ran if not s.startswith("rm-")] == expected
+    assert {"rm-proxy,", "rm-judge,"} <= set(ran)
+    assert not (workdir / "runs").exists() and not (workdir / "mlflow.db").exists()  # a throwaway workspace
+
+
+def compare_runs(client, experiment_id):
+    runs = client.search_runs([experiment_id], "tags.compare_role = 'parent'", order_by=["attributes.start_time DESC"])
+    return runs
+
+
+def test_compare_trains_every_stage_on_one_budget_then_reuses_them_and_tables(workdir, hh_path, capsys):
+    main(["compare", "--recipe", "tiny", "--data-path", hh_path])
+    client = mlflow.MlflowClient()
+    experiment = client.get_experiment_by_name("tiny")
+    parent = compare_runs(client, experiment.experiment_id)[0]
+    children = client.search_runs([experiment.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert sorted(c.data.tags["compare_stage"] for c in children) == sorted(["rm-proxy", "rm-judge", *ALIGNED])
+    stage_runs = {c.data.tags["compare_stage"]: c for c in children}
+    # 8 training prompts each: DPO/IPO pairs, KTO two rows per prompt, RRHF and PPO prompts.
+    examples = {a: stage_runs[a].data.metrics["train/examples"] for a in ALIGNED}
+    assert examples == {"dpo": 8, "ipo": 8, "kto": 16, "rrhf": 8, "ppo": 8}
+    for algorithm in ALIGNED:
+        metrics = stage_runs[algorithm].data.metrics
+        assert metrics["train/tokens"] > 0 and metrics["train/wall_time_s"] > 0
+        assert metrics["train/tokens_per_s"] == pytest.approx(metrics["train/tokens"] / metrics["train/wall_time_s"])
+        assert "eval/win_rate_vs_chosen" in metrics
+        # Judged by this comparison's judge, on the same test prompts.
+        assert client.get_run(stage_runs[algorithm].info.run_id).data.tags["eval.judge.path"] == \
+            stage_runs["rm-judge"].data.tags["output_path"]
+
+    main(["compare", "--recipe", "tiny", "--data-path", hh_path])
+    again = compare_runs(client, experiment.experiment_id)[0]
+    assert again.info.run_id != parent.info.run_id
+    for stage in ["rm-proxy", "rm-judge", *ALIGNED]:
+        assert again.data.tags[f"stage.{stage}"] == f"{stage_runs[stage].info.run_id} (reused)"
+    assert not client.search_runs([experiment.experiment_id], f"tags.mlflow.parentRunId = '{again.info.run_id}'")
+
+    main(["table", "--experiment", "tiny", "--output-dir", str(workdir / "results")])
+    with open(workdir / "results" / "tiny.csv") as file:
+        rows = list(csv.DictReader(file))
+    assert sorted(r["algorithm"] for r in rows) == sorted(ALIGNED)
+    by_algorithm = {r["algorithm"]: r for r in rows}
+    for algorithm in ALIGNED:
+        metrics = stage_runs[algorithm].data.metrics
+        assert float(by_algorithm[algorithm]["win_rate_vs_chosen"]) == pytest.approx(metrics["eval/win_rate_vs_chosen"])
+        assert float(by_algorithm[algorithm]["train_tokens"]) == metrics["train/tokens"]
+    best = max(rows, key=lambda r: float(r["win_rate_vs_chosen"]))
+    assert float(best["diff_vs_best"]) == 0
+    for row in rows:
+        assert float(row["diff_vs_best"]) == pytest.approx(float(row["win_rate_vs_chosen"]) - float(best["win_rate_vs_chosen"]))
+    markdown = (workdir / "results" / "tiny.md").read_text()
+    assert markdown.startswith("# tiny\n\nCommand: `bench table --experiment tiny")
+    assert "Machine:" in markdown and markdown.count("\n| ") == 2 + len(ALIGNED)
+
+
+def test_paired_bootstrap_of_win_outcomes():
+    same = np.array([1.0, 0.0, 0.5, 1.0])
+    assert paired_bootstrap(same, same) == (0.0, 0.0, 0.0)
+    better, worse = np.ones(40), np.r_[np.ones(10), np.zeros(30)]
+    mean, low, high = paired_bootstrap(worse, better)
+    assert mean == pytest.approx(-0.75) and low < mean < high < 0  # significant
+    mixed_a, mixed_b = np.tile([1.0, 0.0], 20), np.tile([0.0, 1.0], 20)
+    mean, low, high = paired_bootstrap(mixed_a, mixed_b)
+    assert mean == 0 and low < 0 < high  # not significant
+
+
+def test_paper_recipes_carry_their_published_numbers():
+    source, rows = published_rows("dpo-hh-pythia28")
+    assert "Figure 3" in source
+    assert {(r["algorithm"], r["value"]) for r in rows if r.get("compare", True)} == {
+        ("dpo", 0.63), ("best_of_128", 0.61), ("sft", 0.37)}
+    _, rows = published_rows("kto-archangel")
+    assert {r["algorithm"] for r in rows} == {"sft", "dpo", "kto", "ppo"} and len(rows) == 12
+    _, rows = published_rows("rrhf-hh")
+    assert {r["label"]: r["value"] for r in rows}["Alpaca+RRHF_DP"] == -1.02
+
+
+@pytest.mark.parametrize("compare_section, message", [
+    ({"stages": ["dpo", "orpo"]}, "compare.stages names ['orpo'], which is not a stage"),
+    ({"stages": ["ppo"]}, "has RRHF or PPO but no `rm` stage"),
+    ({"stages": ["dpo"], "budget_prompts": 3}, "compare.budget_prompts 3 (3 rows for dpo) is not a multiple of"),
+])
+def test_a_bad_comparison_is_refused_with_its_reason(workdir, hh_path, capsys, compare_section, message):
+    _, recipe = recipes.load("tiny")
+    recipe["compare"] = compare_section
+    path = workdir / "bad.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    with pytest.raises(SystemExit) as exited:
+        main(["compare", "--recipe", str(path), "--data-path", hh_path])
+    assert exited.value.code == 2
+    assert message in capsys.readouterr().err
