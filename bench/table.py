@@ -180,7 +180,8 @@ def markdown(experiment: str, records: list[dict], command: str, source: str, pu
         else:
             diff = (f"{r['diff_vs_best']:+.3f} [{r['diff_ci_low']:+.3f}, {r['diff_ci_high']:+.3f}]"
                     + (" *" if r["diff_significant"] else ""))
-        lines.append(f"| {r['algorithm']} | {win('win_rate_vs_chosen')} | {win('win_rate_vs_ref')} | "
+        label = r["algorithm"] + (" (sweep best trial)" if r["source"].startswith("sweep") else "")
+        lines.append(f"| {label} | {win('win_rate_vs_chosen')} | {win('win_rate_vs_ref')} | "
                      f"{_fmt(r['judge_score'])} | {_fmt(r['proxy_score'])} | {_fmt(r['kl'], 2)} | "
                      f"{_fmt(r['response_len'], 1)} | {_fmt(r['train_tokens'], 0)} | {_fmt(r['train_wall_time_s'], 0)} | "
                      f"{_fmt(r['train_tokens_per_s'], 1)} | {diff} | {published_cell(r)} |")

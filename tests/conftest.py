@@ -27,3 +27,18 @@ def workdir(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     return tmp_path
+
+
+@pytest.fixture(scope="session")
+def reward_models(tmp_path_factory):
+    """Untrained MiniLM reward models saved as a proxy and as a judge."""
+    from modules.reward_model import ROLE_KEY, RewardModel
+
+    root = tmp_path_factory.mktemp("reward_models")
+    for role in ("proxy", "judge"):
+        module = RewardModel(backbone="all-minilm-l6-v2", role=role)
+        module.configure_model()
+        setattr(module.model.config, ROLE_KEY, role)
+        module.model.save_pretrained(root / role)
+        module.tokenizer.save_pretrained(root / role)
+    return {role: str(root / role) for role in ("proxy", "judge")}

@@ -19,24 +19,10 @@ from datamodules.hh_datamodule import HHRLHFDataModule
 from datamodules.hh_rlhf import load_splits
 from modules.base import sequence_logps
 from modules.ppo import PPO, Rollout, Sequences
-from modules.reward_model import ROLE_KEY, RewardModel
 from modules.rrhf import RRHF
 
 PPO_METRICS = ["objective/kl", "objective/scores", "objective/rlhf_reward", "objective/entropy", "policy/approxkl",
                "policy/clipfrac", "loss/policy", "loss/value", "val/clipfrac", "val/num_eos_tokens"]
-
-
-@pytest.fixture(scope="module")
-def reward_models(tmp_path_factory):
-    """Untrained MiniLM reward models saved as a proxy and as a judge."""
-    root = tmp_path_factory.mktemp("reward_models")
-    for role in ("proxy", "judge"):
-        module = RewardModel(backbone="all-minilm-l6-v2", role=role)
-        module.configure_model()
-        setattr(module.model.config, ROLE_KEY, role)
-        module.model.save_pretrained(root / role)
-        module.tokenizer.save_pretrained(root / role)
-    return {role: str(root / role) for role in ("proxy", "judge")}
 
 
 @pytest.fixture

@@ -15,10 +15,9 @@ from bench.cli import main
 from bench.errors import ConfigError
 from bench.sweep import load_space, make_sampler, parse_objectives
 from postgres_server import running_postgres
-from test_rrhf_ppo import reward_models  # noqa: F401  (a fixture)
 
 
-def sweep_args(hh_path, reward_models, *extra):  # noqa: F811
+def sweep_args(hh_path, reward_models, *extra):
     """A trial of one optimizer step, judged on 4 validation prompts with untrained reward models."""
     return ["sweep", "dpo", "--recipe", "tiny", f"--data.path={hh_path}", "--trainer.max_steps=1",
             "--trainer.limit_val_batches=1", "--eval.n_prompts=4", f"--eval.judge={reward_models['judge']}",
@@ -30,7 +29,7 @@ def finished_trials(storage: str, study_name: str) -> list[optuna.trial.FrozenTr
     return [t for t in study.get_trials() if t.state == TrialState.COMPLETE]
 
 
-def test_a_rerun_resumes_the_study_and_mlflow_nests_each_trial(workdir, hh_path, reward_models, capsys):  # noqa: F811
+def test_a_rerun_resumes_the_study_and_mlflow_nests_each_trial(workdir, hh_path, reward_models, capsys):
     main(sweep_args(hh_path, reward_models, "--n-trials", "2"))
     storage = f"sqlite:///{workdir / 'optuna.db'}"
     assert len(finished_trials(storage, "tiny-dpo")) == 2
@@ -57,7 +56,7 @@ def test_a_rerun_resumes_the_study_and_mlflow_nests_each_trial(workdir, hh_path,
     assert parents[0].data.tags["best_run_id"] == best[0].info.run_id
 
 
-def test_two_workers_on_postgres_finish_exactly_n_trials(tmp_path, hh_path, reward_models):  # noqa: F811
+def test_two_workers_on_postgres_finish_exactly_n_trials(tmp_path, hh_path, reward_models):
     n_trials = 3
     tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri}
@@ -120,7 +119,7 @@ def test_objectives_take_eval_metrics_and_directions():
     (["--storage", "nosuchdb://x"], "Optuna storage 'nosuchdb://x' is unreachable"),
     (["--sampler", "cmaes", "--objective", "eval/win_rate_vs_chosen", "--objective", "eval/kl"], "CMA-ES is single-objective"),
 ])
-def test_bad_sweep_input_fails_before_any_training(workdir, hh_path, reward_models, capsys, extra, message):  # noqa: F811
+def test_bad_sweep_input_fails_before_any_training(workdir, hh_path, reward_models, capsys, extra, message):
     with pytest.raises(SystemExit) as exited:
         main(sweep_args(hh_path, reward_models, "--n-trials", "1", *extra))
     assert exited.value.code == 2
