@@ -163,7 +163,9 @@ def _fmt(value, digits: int = 3) -> str:
 def markdown(experiment: str, records: list[dict], command: str, source: str, published: list[dict]) -> str:
     lines = [f"# {experiment}", "",
              f"Command: `{command}`  ", f"Date: {datetime.now():%Y-%m-%d %H:%M %Z}".rstrip() + "  ",
-             f"Machine: {machine()}  ", f"Commit: {tracking.git_commit()}", ""]
+             f"Machine: {machine()}  ", f"Commit: {tracking.git_commit()}  ",
+             f"Runs: `bench compare --recipe {experiment}` (test prompts); sweep rows from `bench sweep` "
+             "(their best trial, on validation prompts)", ""]
     lines += ["| algorithm | win vs chosen [95% CI] | win vs reference [95% CI] | judge score | proxy score | KL | "
               "length | train tokens | wall time (s) | tokens/s | Δ win vs best [95% CI] | published |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|"]
