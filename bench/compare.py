@@ -159,10 +159,7 @@ class Comparison:
         self.runs: dict[str, str] = {}
 
     def parent_run(self) -> str:
-        found = self.client.get_experiment_by_name(self.recipe_name)
-        experiment_id = (found.experiment_id if found else
-                         self.client.create_experiment(self.recipe_name, artifact_location=tracking.artifact_location()))
-        run = self.client.create_run(experiment_id, run_name=f"compare-{datetime.now():%Y%m%d-%H%M%S}",
+        run = self.client.create_run(tracking.experiment_id(self.client, self.recipe_name), run_name=f"compare-{datetime.now():%Y%m%d-%H%M%S}",
                                      tags={"compare_role": "parent", "recipe": self.recipe_name,
                                            "git_commit": tracking.git_commit()})
         self.client.log_param(run.info.run_id, "stages", ",".join(self.stages))

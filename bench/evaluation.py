@@ -322,10 +322,8 @@ def record_eval(target: Target, settings: EvalSettings, judge, proxy, metrics: d
     client = mlflow.MlflowClient(tracking.tracking_uri())
     run_id = target.run_id
     if run_id is None:
-        experiment = client.get_experiment_by_name(target.experiment)
-        experiment_id = (experiment.experiment_id if experiment else
-                         client.create_experiment(target.experiment, artifact_location=tracking.artifact_location()))
-        run_id = client.create_run(experiment_id, run_name=f"eval-{Path(target.policy).name}",
+        run_id = client.create_run(tracking.experiment_id(client, target.experiment),
+                                   run_name=f"eval-{Path(target.policy).name}",
                                    tags={"algorithm": "eval", "model": target.policy}).info.run_id
     for key, value in metrics.items():
         client.log_metric(run_id, key, value)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import optuna
 import yaml
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
@@ -270,9 +271,7 @@ def parent_run(experiment: str, study_name: str, params: dict) -> str:
     """The study's MLflow parent run, shared by every worker and every resumption. Two workers that start at
     once may both create one; the earliest wins and the other is deleted."""
     client = mlflow.MlflowClient(tracking.tracking_uri())
-    found = client.get_experiment_by_name(experiment)
-    experiment_id = (found.experiment_id if found else
-                     client.create_experiment(experiment, artifact_location=tracking.artifact_location()))
+    experiment_id = tracking.experiment_id(client, experiment)
     query = f"tags.`optuna.study` = '{study_name}' and tags.sweep_role = 'study'"
     existing = client.search_runs([experiment_id], filter_string=query, order_by=["attributes.start_time ASC"])
     if existing:
@@ -297,12 +296,12 @@ def best_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
 def record_best(study: optuna.Study, objectives: list[Objective], parent_run_id: str) -> None:
     """Tag the best trial's run (every Pareto-optimal one, with two objectives) and summarise on the parent."""
     client = mlflow.MlflowClient(tracking.tracking_uri())
-    best = {t.number for t in best_trials(study)}
+    best = best_trials(study)
     for trial in study.get_trials(deepcopy=False):
         run_id = trial.user_attrs.get("mlflow_run_id")
         if run_id:
-            client.set_tag(run_id, "best_trial", str(trial.number in best).lower())
-    for trial in best_trials(study)[:1]:
+            client.set_tag(run_id, "best_trial", str(trial.number in {t.number for t in best}).lower())
+    for trial in best[:1]:
         client.set_tag(parent_run_id, "best_trial", str(trial.number))
         client.set_tag(parent_run_id, "best_run_id", trial.user_attrs.get("mlflow_run_id", ""))
         for objective, value in zip(objectives, trial.values):
@@ -372,9 +371,11 @@ def sweep(
     make_sampler(sampler_name, space, seed, len(objectives))  # check the sampler before touching the storage
     study = optuna.create_study(study_name=study_name, storage=storage, pruner=pruner,
                                 directions=[o.direction for o in objectives], load_if_exists=True)
-    # A resumed study must not replay the proposals it already holds, so the seed moves on with the trial count.
-    # Workers that start together should be given different --seed values.
-    study.sampler = make_sampler(sampler_name, space, seed + len(study.get_trials(deepcopy=False)), len(objectives))
+    # A resumed study must not replay the proposals it already holds, so the sampler's seed is derived from
+    # (--seed, trials so far); a sum would let (0, 1) and (1, 0) collide. Workers that start together should
+    # be given different --seed values.
+    sampler_seed = int(np.random.SeedSequence([seed, len(study.get_trials(deepcopy=False))]).generate_state(1)[0])
+    study.sampler = make_sampler(sampler_name, space, sampler_seed, len(objectives))
     if [d.name.lower() for d in study.directions] != [o.direction for o in objectives]:
         raise ConfigError(f"study {study_name!r} exists with directions {[d.name.lower() for d in study.directions]}; "
                           f"these objectives want {[o.direction for o in objectives]}: use another --study-name")

@@ -23,6 +23,21 @@ def artifact_location() -> str | None:
     return None
 
 
+def experiment_id(client, name: str) -> str:
+    """The id of the MLflow experiment `name`, created (with its artifacts beside the store) if missing.
+    Two processes may create it at once (sweep workers); the one that loses reads the winner's."""
+    found = client.get_experiment_by_name(name)
+    if found:
+        return found.experiment_id
+    try:
+        return client.create_experiment(name, artifact_location=artifact_location())
+    except Exception:  # the store's unique-name violation; its type depends on the backend
+        found = client.get_experiment_by_name(name)
+        if found is None:
+            raise
+        return found.experiment_id
+
+
 def git_commit() -> str:
     try:
         out = subprocess.run(
