@@ -6,6 +6,7 @@
   bench sweep ALGO [--recipe NAME] [--n-trials N]    Optuna study over sweeps/ALGO.yaml (validation prompts)
   bench compare [--recipe NAME] [--dry-run]          every stage of a recipe, one MLflow parent run
   bench table --experiment NAME                      results/NAME.md and .csv from the experiment's runs
+  bench perf [--steps S] [--json] [--output FILE]    DPO speed against TRL's DPOTrainer (cold/warm cache)
 """
 
 import argparse
@@ -222,8 +223,42 @@ def eval_command(argv: list[str]) -> None:
     print(json.dumps(metrics, indent=2))
 
 
+def perf_command(argv: list[str]) -> None:
+    from bench import perf
+    from bench.table import RESULTS_DIR, write_atomically
+    from bench.training import default_precision
+
+    defaults = perf.PerfSettings()
+    parser = argparse.ArgumentParser(prog="bench perf", description="DPO pairs/s, tokens/s, MFU and memory: this "
+                                     "harness (cold and warm reference cache) against TRL's DPOTrainer")
+    parser.add_argument("--steps", type=int, default=defaults.steps)
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    parser.add_argument("--max-length", type=int, default=defaults.max_length)
+    parser.add_argument("--max-prompt-length", type=int, default=defaults.max_prompt_length)
+    parser.add_argument("--lr", type=float, default=defaults.lr)
+    parser.add_argument("--policy", default=defaults.policy)
+    parser.add_argument("--data-path", default=defaults.data_path)
+    parser.add_argument("--precision", default=default_precision(), choices=("bf16-mixed", "32-true"))
+    parser.add_argument("--variants", nargs="+", choices=perf.VARIANTS, default=list(perf.VARIANTS))
+    parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    parser.add_argument("--output", help=f"also write the table here (e.g. {RESULTS_DIR / 'perf.md'})")
+    args = parser.parse_args(argv)
+    for name in ("steps", "batch_size", "max_length", "max_prompt_length"):
+        if getattr(args, name) < 1:
+            raise BenchError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    settings = perf.PerfSettings(data_path=args.data_path, policy=args.policy, steps=args.steps,
+                                 batch_size=args.batch_size, max_length=args.max_length,
+                                 max_prompt_length=args.max_prompt_length, lr=args.lr, precision=args.precision)
+    results = perf.perf(settings, tuple(args.variants))
+    table = perf.markdown(results, settings, "bench perf " + " ".join(argv))
+    print(perf.dumps(results, settings) if args.json else table)
+    if args.output:
+        write_atomically(Path(args.output), table + "\n")
+        print(f"wrote {args.output}")
+
+
 COMMANDS = {"data": data_command, "train": train_command, "eval": eval_command, "sweep": sweep_command,
-            "compare": compare_command, "table": table_command}
+            "compare": compare_command, "table": table_command, "perf": perf_command}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -56,10 +56,9 @@ def budget_overrides(algorithm: str, config: dict, prompts: int) -> list[str]:
     if view == "prompts":  # PPO: one rollout per batch; Lightning counts its optimizer steps as trainer steps
         return [f"--trainer.limit_train_batches={steps}", "--trainer.max_epochs=1", "--trainer.max_steps=-1",
                 validate_at_end]
-    overrides = [f"--trainer.max_steps={steps}", "--trainer.max_epochs=-1", validate_at_end]
-    if view == "ranked":  # candidates are sampled and scored for the budget's prompts only
-        overrides.append(f"--data.max_train_pairs={prompts}")
-    return overrides
+    # The budget's prompts only: RRHF samples candidates for them, DPO/IPO/KTO cache reference log-probs of them.
+    return [f"--trainer.max_steps={steps}", "--trainer.max_epochs=-1", validate_at_end,
+            f"--data.max_train_pairs={prompts}"]
 
 
 def comparison_recipe(recipe: dict) -> dict:

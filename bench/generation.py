@@ -44,14 +44,15 @@ def sample(
     model, tokenizer, prompt_ids: list[list[int]], sampling: Sampling, desc: str, leave: bool = True
 ) -> list[list[int]]:
     """Generated token ids per prompt, ending at EOS / end of turn (included) or at max_new_tokens.
-    Batched and left-padded, with the KV cache. Seeds the global RNG with `sampling.seed`."""
+    Batched by prompt length (less left-padding), with the KV cache. Seeds the global RNG with `sampling.seed`."""
     was_training = model.training
     model.eval()
     torch.manual_seed(sampling.seed)
     pad_id, eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
+    order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
     outputs = []
-    for start in tqdm(range(0, len(prompt_ids), sampling.batch_size), desc=desc, unit="batch", leave=leave):
-        chunk = prompt_ids[start : start + sampling.batch_size]
+    for start in tqdm(range(0, len(order), sampling.batch_size), desc=desc, unit="batch", leave=leave):
+        chunk = [prompt_ids[i] for i in order[start : start + sampling.batch_size]]
         width = max(len(p) for p in chunk)
         input_ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in chunk], device=model.device)
         attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=model.device)
@@ -70,7 +71,10 @@ def sample(
         for ids in generated:
             outputs.append(ids[: ids.index(eos_id) + 1] if eos_id in ids else ids)
     model.train(was_training)
-    return outputs
+    by_prompt = [None] * len(order)
+    for position, index in enumerate(order):
+        by_prompt[index] = outputs[position]
+    return by_prompt
 
 
 def decode_responses(tokenizer, generated: list[list[int]]) -> list[str]:

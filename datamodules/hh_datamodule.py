@@ -13,8 +13,10 @@ the judge (which evaluates) never see the same prompt, so optimising the proxy d
 """
 
 import hashlib
+import json
 import logging
 import random
+from dataclasses import asdict
 from pathlib import Path
 from typing import Literal
 
@@ -22,6 +24,7 @@ import datasets
 import lightning.pytorch as L
 import torch
 from torch.utils.data import DataLoader
+from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from bench.errors import ConfigError, DataError
 from bench.models import load_tokenizer
@@ -35,6 +38,22 @@ log = logging.getLogger(__name__)
 View = Literal["paired", "unpaired", "sft", "reward", "ranked", "prompts"]
 TrainSubset = Literal["all", "proxy", "judge"]
 IGNORE_INDEX = -100
+# Views whose rows a frozen reference scores: {column of reference log-probs: the response column it scores}.
+REFERENCE_COLUMNS = {
+    "paired": {"chosen_reference_logp": "chosen_ids", "rejected_reference_logp": "rejected_ids"},
+    "unpaired": {"reference_logp": "completion_ids", "kl_reference_logp": "kl_completion_ids"},
+}
+
+
+def sequence_key(prompt_ids: list[int], response_ids: list[int]) -> str:
+    """Names a prompt + response token sequence in the reference log-prob cache."""
+    return hashlib.blake2b(json.dumps([prompt_ids, response_ids]).encode(), digest_size=16).hexdigest()
+
+
+def response_length(row: dict) -> int:
+    """What a row costs to pad to: its prompt and its longest response."""
+    responses = [value for key, value in row.items() if key.endswith("_ids") and key != "prompt_ids"]
+    return len(row.get("prompt_ids", [])) + max(map(len, responses), default=0)
 
 
 def paired_rows(pairs: list[Pair], formatter: Formatter) -> list[dict]:
@@ -118,12 +137,20 @@ class Collator:
             return batch
         prompts = [r["prompt_ids"] for r in rows]
         if self.view == "paired":
-            return pad_rows(prompts + prompts, [r["chosen_ids"] for r in rows] + [r["rejected_ids"] for r in rows], self.pad_id)
+            batch = pad_rows(prompts + prompts, [r["chosen_ids"] for r in rows] + [r["rejected_ids"] for r in rows],
+                             self.pad_id)
+            if "chosen_reference_logp" in rows[0]:  # same order as the rows: chosen, then rejected
+                batch["reference_logps"] = torch.tensor([r["chosen_reference_logp"] for r in rows] +
+                                                        [r["rejected_reference_logp"] for r in rows])
+            return batch
         batch = pad_rows(prompts, [r["completion_ids"] for r in rows], self.pad_id)
         if self.view == "unpaired":
             batch["desirable"] = torch.tensor([r["desirable"] for r in rows], dtype=torch.bool)
             kl = pad_rows(prompts, [r["kl_completion_ids"] for r in rows], self.pad_id)
             batch.update({f"kl_{key}": value for key, value in kl.items()})
+            if "reference_logp" in rows[0]:
+                batch["reference_logps"] = torch.tensor([r["reference_logp"] for r in rows])
+                batch["kl_reference_logps"] = torch.tensor([r["kl_reference_logp"] for r in rows])
         return batch
 
 
@@ -147,6 +174,7 @@ class HHRLHFDataModule(L.LightningDataModule):
         proxy: the proxy reward-model folder that scores ranked candidates, or ``latest``: the newest
             proxy of the recipe's MLflow experiment.
         allow_judge_as_proxy: let a model trained as the judge score candidates, on purpose.
+        group_by_length: shuffle, then sort by length within mega-batches of 50 batches (less padding).
     """
 
     def __init__(
@@ -171,6 +199,7 @@ class HHRLHFDataModule(L.LightningDataModule):
         candidate_sampling: Sampling = Sampling(temperature=1.0),
         proxy: str | None = None,
         allow_judge_as_proxy: bool = False,
+        group_by_length: bool = True,
     ):
         super().__init__()
         if not isinstance(candidate_sampling, Sampling):  # a mapping, from a YAML config
@@ -191,7 +220,9 @@ class HHRLHFDataModule(L.LightningDataModule):
         if is_local(path) and not Path(path).expanduser().is_dir():
             raise DataError(f"data.path {path} does not exist or is not a folder")
         self.save_hyperparameters(logger=False)
-        self.candidate_sampling = candidate_sampling  # hparams may hold it as a plain dict
+        # Plain values only in hparams: checkpoints are read back with torch.load(weights_only=True).
+        self.hparams.candidate_sampling = asdict(candidate_sampling)
+        self.candidate_sampling = candidate_sampling
         self.report: ReadReport | None = None
         self.views: dict[str, datasets.Dataset] = {}
 
@@ -229,12 +260,41 @@ class HHRLHFDataModule(L.LightningDataModule):
                                hp.allow_judge_as_proxy, split)
         return unpaired_rows(pairs, formatter, self.hparams.seed)
 
+    def formatting(self) -> dict:
+        """The settings besides the tokenizer that decide the token ids of a row."""
+        hp = self.hparams
+        return {"chat_template": hp.chat_template, "max_length": hp.max_length, "max_prompt_length": hp.max_prompt_length}
+
+    def reference_sequences(self) -> dict[str, tuple[list[int], list[int]]]:
+        """Every (prompt, response) of the train and validation views that a reference scores, by key."""
+        sequences = {}
+        for view in self.views.values():
+            for response_column in REFERENCE_COLUMNS.get(self.hparams.view, {}).values():
+                for prompt, response in zip(view["prompt_ids"], view[response_column]):
+                    sequences[sequence_key(prompt, response)] = (prompt, response)
+        return sequences
+
+    def attach_reference_logps(self, logps: dict[str, float]) -> None:
+        """Add the reference log-prob columns, which the collator then puts in every batch."""
+        for split, view in self.views.items():
+            for column, response_column in REFERENCE_COLUMNS[self.hparams.view].items():
+                values = [logps[sequence_key(p, r)] for p, r in zip(view["prompt_ids"], view[response_column])]
+                view = view.remove_columns([column]) if column in view.column_names else view
+                view = view.add_column(column, values)
+            self.views[split] = view
+
     def _loader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader:
+        generator = torch.Generator().manual_seed(self.hparams.seed) if shuffle else None
+        sampler = None
+        if shuffle and self.hparams.group_by_length and self.hparams.view not in ("prompts", "ranked"):
+            lengths = [response_length(row) for row in self.views[split]]
+            sampler, shuffle = LengthGroupedSampler(batch_size, lengths=lengths, generator=generator), False
         return DataLoader(
             self.views[split],
             batch_size=batch_size,
             shuffle=shuffle,
-            generator=torch.Generator().manual_seed(self.hparams.seed) if shuffle else None,
+            sampler=sampler,
+            generator=generator if shuffle else None,
             collate_fn=Collator(self.hparams.view, self.tokenizer.pad_token_id),
             num_workers=self.hparams.num_workers,
         )

@@ -1,8 +1,8 @@
 """The machinery every algorithm shares: policy and frozen reference, per-sequence log-probs,
 optimizer with linear warmup, metric logging, and saving the policy in HF format."""
 
-import copy
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, Literal
@@ -15,7 +15,9 @@ from jsonargparse.typing import NonNegativeInt, PositiveFloat
 from bench.errors import ConfigError
 from bench.models import load_causal_lm, load_tokenizer
 from bench.models import resolve as resolve_model
-from datamodules.hh_datamodule import IGNORE_INDEX
+from datamodules.hh_datamodule import IGNORE_INDEX, REFERENCE_COLUMNS
+from modules.reference_cache import ReferenceLogpCache, compute_logps
+
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +88,15 @@ def head_computes_logits(model: torch.nn.Module) -> bool:
     return got.shape == expected.shape and torch.allclose(got, expected, atol=1e-4, rtol=1e-4)
 
 
+def all_gather_objects(value) -> list:
+    """`value` from every process (just this one outside torch.distributed)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return [value]
+    gathered = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, value)
+    return gathered
+
+
 def optimizer_with_warmup(parameters, optimizer: str, lr: float, weight_decay: float, warmup_steps: int) -> dict:
     """AdamW or RMSprop with linear warmup then a constant rate, as in the DPO reference code."""
     optimizer_class = {"adamw": torch.optim.AdamW, "rmsprop": torch.optim.RMSprop}[optimizer]
@@ -150,6 +161,9 @@ class AlignmentModule(TrainedHFModel):
         weight_decay: AdamW/RMSprop weight decay.
         warmup_steps: linear warmup length in optimizer steps.
         trust_remote_code: allow model code from the hub; off unless asked for.
+        reference_cache: take the reference's log-probs from the on-disk cache (`modules.reference_cache`),
+            computing the missing ones once before training; the reference is not even loaded when
+            every sequence is cached. Off: the reference scores every batch as it trains.
     """
 
     data_view: ClassVar[str] = "paired"
@@ -165,6 +179,7 @@ class AlignmentModule(TrainedHFModel):
         weight_decay: float = 0.0,
         warmup_steps: NonNegativeInt = 0,
         trust_remote_code: bool = False,
+        reference_cache: bool = True,
     ):
         super().__init__()
         require_positive(lr=lr)
@@ -176,6 +191,8 @@ class AlignmentModule(TrainedHFModel):
         self.save_hyperparameters(logger=False)
         self.policy: torch.nn.Module | None = None
         self.reference: torch.nn.Module | None = None
+        self.reference_logps_cache: ReferenceLogpCache | None = None
+        self.uncached_sequences: dict[str, tuple[list[int], list[int]]] = {}
 
     # --- models -------------------------------------------------------------------------------
     def configure_model(self) -> None:
@@ -184,10 +201,12 @@ class AlignmentModule(TrainedHFModel):
         hp = self.hparams
         self.tokenizer = load_tokenizer(hp.policy, hp.trust_remote_code)
         self.policy = load_causal_lm(hp.policy, hp.trust_remote_code).train()  # from_pretrained gives eval mode
-        if self.needs_reference:
-            self.reference = (
-                load_causal_lm(hp.reference, hp.trust_remote_code) if hp.reference else copy.deepcopy(self.policy)
-            )
+        if self.needs_reference and self.reference_logps_cache is not None and not self.uncached_sequences:
+            log.info("reference log-probs of every sequence are cached in %s: the reference model is not loaded",
+                     self.reference_logps_cache.folder)
+        elif self.needs_reference:
+            # Loaded, not copied from the policy: the same initial weights, and the policy may have trained since.
+            self.reference = load_causal_lm(hp.reference or hp.policy, hp.trust_remote_code)
             self.reference.requires_grad_(False).eval()
         self.head_on_responses = {name: head_computes_logits(model) for name, model in
                                   (("policy", self.policy), ("reference", self.reference)) if model is not None}
@@ -203,12 +222,61 @@ class AlignmentModule(TrainedHFModel):
         view = getattr(getattr(datamodule, "hparams", None), "view", self.data_view)
         if view != self.data_view:
             raise ConfigError(f"{type(self).__name__} trains on the {self.data_view!r} view, but data.view is {view!r}")
+        # Offline data only: an online algorithm's (PPO's) reference scores fresh samples.
+        offline = self.data_view in REFERENCE_COLUMNS and hasattr(datamodule, "reference_sequences")
+        if self.needs_reference and self.hparams.reference_cache and offline:
+            hp = self.hparams
+            self.reference_logps_cache = ReferenceLogpCache.for_run(
+                hp.reference or hp.policy, datamodule.hparams.tokenizer, datamodule.formatting(), str(self.trainer.precision))
+            self.cached_logps = self.reference_logps_cache.load()
+            self.uncached_sequences = {key: sequence for key, sequence in datamodule.reference_sequences().items()
+                                       if key not in self.cached_logps}
+
+    def on_fit_start(self) -> None:
+        if self.reference_logps_cache is None:
+            return
+        if self.uncached_sequences:
+            self.cache_reference_logps()
+        self.trainer.datamodule.attach_reference_logps(self.cached_logps)
+
+    def cache_reference_logps(self) -> None:
+        """Score the data's uncached sequences with the reference once, store them, and free the reference."""
+        keys, started = list(self.uncached_sequences), time.perf_counter()
+        datamodule = self.trainer.datamodule
+        batch_size = 2 * (datamodule.hparams.eval_batch_size or datamodule.hparams.batch_size)
+        local = compute_logps(self.reference, [self.uncached_sequences[key] for key in keys],
+                              datamodule.tokenizer.pad_token_id, batch_size, self._reference_sequence_logps,
+                              self.trainer.precision_plugin.forward_context, self.global_rank, self.trainer.world_size)
+        computed = {keys[index]: value for part in all_gather_objects(local) for index, value in part.items()}
+        if self.trainer.is_global_zero:
+            shard = self.reference_logps_cache.store(computed)
+            log.info("computed reference log-probs of %d sequences in %.1f s; cached in %s",
+                     len(computed), time.perf_counter() - started, shard)
+        self.cached_logps.update(computed)
+        self.uncached_sequences = {}
+        self.reference = None  # every batch now carries its reference log-probs
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # The reference is a constant that its spec reloads; a checkpoint need not carry a second copy.
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("reference.")}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if self.reference is not None:  # loaded for this run (e.g. the cache was cleared since)
+            for key, value in self.reference.state_dict().items():
+                checkpoint["state_dict"].setdefault(f"reference.{key}", value)
+
+    def _reference_sequence_logps(self, model: torch.nn.Module, batch: dict) -> SequenceLogps:
+        return sequence_logps(model, batch, "", self.head_on_responses["reference"])
 
     def policy_logps(self, batch: dict, prefix: str = "") -> SequenceLogps:
         return sequence_logps(self.policy, batch, prefix, self.head_on_responses["policy"])
 
     @torch.no_grad()
     def reference_logps(self, batch: dict, prefix: str = "") -> SequenceLogps:
+        cached = batch.get(f"{prefix}reference_logps")
+        if cached is not None:
+            tokens = (batch[f"{prefix}labels"][:, 1:] != IGNORE_INDEX).sum(-1)
+            return SequenceLogps(total=cached, tokens=tokens)
         return sequence_logps(self.reference, batch, prefix, self.head_on_responses["reference"])
 
     def mean_across_devices(self, value: torch.Tensor) -> torch.Tensor:

@@ -34,6 +34,7 @@ class KTO(AlignmentModule):
         self.save_hyperparameters(logger=False)
 
     def on_fit_start(self) -> None:
+        super().on_fit_start()
         desirable = torch.tensor(self.trainer.datamodule.views["train"]["desirable"])
         n_desirable, n_undesirable = int(desirable.sum()), int((~desirable).sum())
         hp = self.hparams

@@ -171,3 +171,14 @@ def test_a_reward_model_is_not_a_policy(workdir, hh_path, capsys):
     with pytest.raises(SystemExit):
         main(["eval", run.info.run_id, "--recipe", "tiny"])
     assert "trained a reward model (judge), not a policy" in capsys.readouterr().err
+
+
+def test_length_sorted_sampling_returns_each_prompts_own_response():
+    from bench.models import load_causal_lm, load_tokenizer
+
+    model, tokenizer = load_causal_lm("tiny"), load_tokenizer("tiny")
+    prompts = [list(range(5, 5 + n)) for n in (9, 3, 14, 6, 11)]
+    greedy = bench.generation.Sampling(temperature=0, max_new_tokens=6, batch_size=2)
+    batched = bench.generation.sample(model, tokenizer, prompts, greedy, desc="batched")
+    alone = [bench.generation.sample(model, tokenizer, [p], greedy, desc="alone")[0] for p in prompts]
+    assert batched == alone

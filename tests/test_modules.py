@@ -82,7 +82,7 @@ def test_kto_kl_is_the_mismatched_logratio_clamped(hh_path):
 
 def test_dpo_learns_and_keeps_the_reference_frozen(hh_path, tmp_path):
     dm = datamodule(hh_path, "paired")
-    module = DPO(policy="tiny", beta=0.5, lr=5e-3)
+    module = DPO(policy="tiny", beta=0.5, lr=5e-3, reference_cache=False)  # the reference itself stays frozen
     batch = first_batch(dm)
     trainer = L.Trainer(max_steps=8, accelerator="cpu", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
