@@ -50,11 +50,13 @@ class PerfSettings:
         return self.steps * self.batch_size
 
 
-def matmul_peak_flops(bf16: bool, size: int = 2048, repeats: int = 8, trials: int = 5) -> float:
+def matmul_peak_flops(bf16: bool, size: int = 2048, repeats: int = 8, trials: int = 8, warmup_s: float = 2.0) -> float:
     """The best FLOP/s of square matmuls in the training dtype: the denominator of MFU."""
     dtype = torch.bfloat16 if bf16 else torch.float32
     a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
-    a @ b  # warm-up: thread pool and kernel selection
+    started = time.perf_counter()
+    while time.perf_counter() - started < warmup_s:  # thread pool, kernel selection, the cores' clocks
+        a @ b
     best = 0.0
     for _ in range(trials):
         started = time.perf_counter()
@@ -80,7 +82,7 @@ def pair_tokens(rows) -> int:
     return sum(2 * len(r["prompt_ids"]) + len(r["chosen_ids"]) + len(r["rejected_ids"]) for r in rows)
 
 
-def run_harness(settings: PerfSettings) -> dict:
+def run_harness(settings: PerfSettings, dm) -> dict:
     import lightning.pytorch as L
 
     from modules import DPO
@@ -93,7 +95,6 @@ def run_harness(settings: PerfSettings) -> dict:
             self.losses.append(float(outputs["loss"]))
 
     L.seed_everything(settings.seed, verbose=False)
-    dm = harness_datamodule(settings)
     recorder = LossRecorder()
     with tempfile.TemporaryDirectory() as run_dir:
         started = time.perf_counter()
@@ -104,10 +105,10 @@ def run_harness(settings: PerfSettings) -> dict:
                             callbacks=[recorder], default_root_dir=run_dir)
         trainer.fit(module, datamodule=dm)
         seconds = time.perf_counter() - started
-    return {"seconds": seconds, "losses": recorder.losses}
+    return {"seconds": seconds, "losses": recorder.losses, "model": module.policy}
 
 
-def run_trl(settings: PerfSettings, precompute: bool) -> dict:
+def run_trl(settings: PerfSettings, dm, precompute: bool) -> dict:
     import transformers
     from torch.utils.data import SequentialSampler
     from trl import DPOConfig, DPOTrainer
@@ -122,7 +123,6 @@ def run_trl(settings: PerfSettings, precompute: bool) -> dict:
             return SequentialSampler(self.train_dataset)  # already in the harness's batch order
 
     transformers.set_seed(settings.seed)
-    dm = harness_datamodule(settings)
     order = list(iter(dm.train_dataloader().sampler))
     rows = dm.views["train"].select(order).select_columns(["prompt_ids", "chosen_ids", "rejected_ids"])
     with tempfile.TemporaryDirectory() as output_dir:
@@ -141,7 +141,7 @@ def run_trl(settings: PerfSettings, precompute: bool) -> dict:
         trainer.train()
         seconds = time.perf_counter() - started
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
-    return {"seconds": seconds, "losses": losses}
+    return {"seconds": seconds, "losses": losses, "model": trainer.model}
 
 
 def run_variant(variant: str, settings: PerfSettings, reference_cache: str) -> dict:
@@ -149,15 +149,13 @@ def run_variant(variant: str, settings: PerfSettings, reference_cache: str) -> d
     os.environ["BENCH_REFERENCE_CACHE"] = reference_cache
     torch.manual_seed(settings.seed)
     peak = matmul_peak_flops(settings.precision == "bf16-mixed")
+    dm = harness_datamodule(settings)
+    tokens = pair_tokens(dm.views["train"])
     if variant.startswith("harness"):
-        result = run_harness(settings)
+        result = run_harness(settings, dm)
     else:
-        result = run_trl(settings, precompute=variant == "trl-precompute")
-    from bench.models import load_causal_lm
-
-    rows = harness_datamodule(settings).views["train"]
-    params = sum(p.numel() for p in load_causal_lm(settings.policy).parameters())
-    tokens = pair_tokens(rows)
+        result = run_trl(settings, dm, precompute=variant == "trl-precompute")
+    params = sum(p.numel() for p in result["model"].parameters())
     reference_tokens = 0 if variant == "harness-warm" else tokens
     seconds = result["seconds"]
     return {
