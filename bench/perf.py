@@ -242,7 +242,7 @@ def markdown(results: list[dict], settings: PerfSettings, command: str) -> str:
         f"{settings.max_length}/{settings.max_prompt_length}, {settings.precision}, AdamW lr {settings.lr}, "
         f"beta {settings.beta}, seed {settings.seed}",
         "",
-        "| variant | seconds | pairs/s | training tokens/s | MFU | matmul peak (TFLOP/s) | peak RSS (GB) | final loss |",
+        "| variant | seconds | pairs/s | training tokens/s | MFU | matmul peak (TFLOP/s) | peak RSS (GiB) | final loss |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in results:

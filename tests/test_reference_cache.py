@@ -83,26 +83,24 @@ def test_kto_reuses_dpo_rows_and_scores_only_its_mismatched_ones(hh_path, tmp_pa
     assert 0 < computed_count(caplog) <= len(kl_rows)
 
 
-@pytest.mark.parametrize("change", ["max_length", "chat_template", "reference", "precision"])
-def test_a_changed_setting_misses_the_cache(hh_path, tmp_path, caplog, change):
+def test_a_changed_setting_misses_the_cache(hh_path, tmp_path, caplog):
     caplog.set_level(logging.INFO)
     fit(DPO(policy="tiny"), datamodule(hh_path), tmp_path)
     n_sequences = computed_count(caplog)
-    module, dm, precision = DPO(policy="tiny"), datamodule(hh_path), "32-true"
-    if change == "max_length":
-        dm = datamodule(hh_path, max_length=97)  # the same token ids for most rows: the setting alone decides
-    elif change == "chat_template":
-        dm = datamodule(hh_path, chat_template=False)
-    elif change == "precision":
-        precision = "bf16-mixed"
-    else:
-        other = load_causal_lm("tiny")
-        with torch.no_grad():
-            other.lm_head.weight.mul_(1.5)
-        other.save_pretrained(tmp_path / "other-reference")
-        module = DPO(policy="tiny", reference=str(tmp_path / "other-reference"))
-    fit(module, dm, tmp_path, precision)
-    assert computed_count(caplog) == n_sequences
+    other = load_causal_lm("tiny")
+    with torch.no_grad():
+        other.lm_head.weight.mul_(1.5)
+    other.save_pretrained(tmp_path / "other-reference")
+    changes = {
+        # The same token ids for most rows: the setting alone decides.
+        "max_length": (DPO(policy="tiny"), datamodule(hh_path, max_length=97), "32-true"),
+        "chat_template": (DPO(policy="tiny"), datamodule(hh_path, chat_template=False), "32-true"),
+        "precision": (DPO(policy="tiny"), datamodule(hh_path), "bf16-mixed"),
+        "reference": (DPO(policy="tiny", reference=str(tmp_path / "other-reference")), datamodule(hh_path), "32-true"),
+    }
+    for change, (module, dm, precision) in changes.items():
+        fit(module, dm, tmp_path, precision)
+        assert computed_count(caplog) == n_sequences, change
 
 
 def test_a_corrupted_shard_is_rebuilt_not_used(hh_path, tmp_path, caplog, cache_root):
