@@ -15,6 +15,7 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import optuna
+import sqlalchemy.exc
 import yaml
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
@@ -149,9 +150,20 @@ def open_storage(url: str, heartbeat_interval: int, grace_period: int) -> RDBSto
     """Connects now, so that a wrong or unreachable URL fails before any training. A trial whose heartbeat
     stops (its worker died) is failed by the next worker to look, and retried with the same parameters
     (Optuna's RetryHeartbeatStaleTrialCallback, which replaces RetryFailedTrialCallback)."""
-    try:
+    def connect() -> RDBStorage:
         return RDBStorage(url, heartbeat_interval=heartbeat_interval, grace_period=grace_period,
-                          failed_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=3))
+                          heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=3))
+
+    try:
+        for attempt in range(5):
+            try:
+                return connect()
+            except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError):
+                # Workers started together on a new database race to create Optuna's tables; the losers
+                # find them made once the winner commits.
+                if attempt == 4:
+                    raise
+                time.sleep(0.5 * (attempt + 1))
     except Exception as err:  # SQLAlchemy raises many kinds: bad URL, no driver, refused connection
         shown = url.split("@")[-1] if "@" in url else url  # never print a password
         raise BenchError(f"Optuna storage {shown!r} is unreachable: {type(err).__name__}: {str(err).splitlines()[0]}") from err

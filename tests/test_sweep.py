@@ -142,3 +142,35 @@ def test_samplers_check_their_needs_before_a_study_starts(tmp_path):
     study = optuna.create_study(sampler=grid, direction="maximize")
     study.optimize(lambda trial: trial.suggest_float("model.beta", 0.01, 0.5, log=True), n_trials=3)
     assert sorted(t.params["model.beta"] for t in study.trials) == [0.05, 0.1, 0.5]  # the DPO paper's betas
+
+
+def test_workers_racing_to_create_a_new_optuna_database_both_connect():
+    """Two workers opening the same new PostgreSQL database at once race to create Optuna's tables."""
+    import threading
+
+    import sqlalchemy
+
+    from bench.sweep import open_storage
+
+    with running_postgres() as url:
+        admin = sqlalchemy.create_engine(url, isolation_level="AUTOCOMMIT")
+        for attempt in range(4):
+            with admin.connect() as connection:
+                connection.execute(sqlalchemy.text(f"CREATE DATABASE race_{attempt}"))
+            fresh = url.rsplit("/", 1)[0] + f"/race_{attempt}"
+            start, outcomes = threading.Barrier(2), []
+
+            def worker():
+                start.wait()
+                try:
+                    outcomes.append(open_storage(fresh, 60, 180))
+                except Exception as err:
+                    outcomes.append(err)
+
+            threads = [threading.Thread(target=worker) for _ in range(2)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+            assert all(not isinstance(o, Exception) for o in outcomes), outcomes
+        admin.dispose()
