@@ -50,8 +50,8 @@ def sequence_key(prompt_ids: list[int], response_ids: list[int]) -> str:
     return hashlib.blake2b(json.dumps([prompt_ids, response_ids]).encode(), digest_size=16).hexdigest()
 
 
-def response_length(row: dict) -> int:
-    """What a row costs to pad to: its prompt and its longest response."""
+def padded_length(row: dict) -> int:
+    """The width a row pads its batch to: its prompt and its longest response."""
     responses = [value for key, value in row.items() if key.endswith("_ids") and key != "prompt_ids"]
     return len(row.get("prompt_ids", [])) + max(map(len, responses), default=0)
 
@@ -287,7 +287,7 @@ class HHRLHFDataModule(L.LightningDataModule):
         generator = torch.Generator().manual_seed(self.hparams.seed) if shuffle else None
         sampler = None
         if shuffle and self.hparams.group_by_length and self.hparams.view not in ("prompts", "ranked"):
-            lengths = [response_length(row) for row in self.views[split]]
+            lengths = [padded_length(row) for row in self.views[split]]
             sampler, shuffle = LengthGroupedSampler(batch_size, lengths=lengths, generator=generator), False
         return DataLoader(
             self.views[split],
