@@ -72,8 +72,10 @@ def test_kto_kl_is_the_mismatched_logratio_clamped(hh_path):
     with torch.no_grad():  # move the policy away from the reference
         for p in module.policy.parameters():
             p.add_(torch.randn_like(p) * 0.02)
-    policy = sequence_logps(module.policy, batch, "kl_")
-    reference = sequence_logps(module.reference, batch, "kl_")
+    # The module's own log-prob path (output head on response positions only), so that the comparison is
+    # of the KL formula, not of float summation order between two paths.
+    policy = sequence_logps(module.policy, batch, "kl_", module.head_on_responses["policy"])
+    reference = sequence_logps(module.reference, batch, "kl_", module.head_on_responses["reference"])
     expected = (policy.total - reference.total).mean().clamp(min=0)
     torch.testing.assert_close(module.kl_estimate(batch), expected)
 
