@@ -2,11 +2,13 @@
 
   bench data [PATH] [--json]                         what an HH-RLHF source holds
   bench train ALGO [--recipe NAME|PATH] [overrides]  train with LightningCLI conventions
+        [--resume [RUN_DIR]]                         continue a killed run from its last checkpoint
   bench eval RUN_ID|CHECKPOINT [--recipe NAME]       win rates, reward-model scores and KL
   bench sweep ALGO [--recipe NAME] [--n-trials N]    Optuna study over sweeps/ALGO.yaml (validation prompts)
   bench compare [--recipe NAME] [--dry-run]          every stage of a recipe, one MLflow parent run
   bench table --experiment NAME                      results/NAME.md and .csv from the experiment's runs
   bench perf [--steps S] [--json] [--output FILE]    DPO speed against TRL's DPOTrainer (cold/warm cache)
+  bench ui [--host H] [--port P]                     the MLflow UI over the store runs log to
 """
 
 import argparse
@@ -48,10 +50,14 @@ def data_command(argv: list[str]) -> None:
     print(json.dumps(report, indent=2) if args.json else format_report(report))
 
 
-def _pop_option(argv: list[str], name: str, default: str) -> tuple[str, list[str]]:
+def _pop_option(argv: list[str], name: str, default: str | None, bare: str | None = None) -> tuple[str | None, list[str]]:
+    """`name VALUE` or `name=VALUE` taken out of argv; with `bare`, `name` alone means that value."""
     rest, value, i = [], default, 0
     while i < len(argv):
-        if argv[i] == name and i + 1 < len(argv):
+        given_alone = i + 1 == len(argv) or argv[i + 1].startswith("-")
+        if argv[i] == name and bare is not None and given_alone:
+            value, i = bare, i + 1
+        elif argv[i] == name and i + 1 < len(argv):
             value, i = argv[i + 1], i + 2
         elif argv[i].startswith(name + "="):
             value, i = argv[i].split("=", 1)[1], i + 1
@@ -72,14 +78,18 @@ def train_command(argv: list[str]) -> None:
     algorithm, argv = argv[0], argv[1:]
     recipe_arg, argv = _pop_option(argv, "--recipe", "smol-hh")
     run_eval, argv = _pop_option(argv, "--eval", "auto")
+    # `--resume` alone: this algorithm's newest unfinished run in the recipe.
+    resume, argv = _pop_option(argv, "--resume", None, bare="latest")
     recipe_name, recipe = recipes.load(recipe_arg)
     if algorithm == "rm" and not any(a.startswith("--model.role") for a in argv):
+        if resume:
+            raise BenchError("--resume trains one reward model: add --model.role=proxy or --model.role=judge")
         # The default reward-model stage: a proxy and a judge, each on its own half of the train split.
         for role in ("proxy", "judge"):
             train_one(algorithm, recipe_name, recipe, [*argv, f"--model.role={role}"],
                       run_name=f"rm-{role}-{datetime.now():%Y%m%d-%H%M%S}")
     else:
-        run_id = train_one(algorithm, recipe_name, recipe, argv).run_id
+        run_id = train_one(algorithm, recipe_name, recipe, argv, resume=resume).run_id
         # The trainer, models and optimizer state form reference cycles; free them before evaluation
         # loads its own models (PPO's training state alone is about 17 GB with SmolLM2 on CPU).
         gc.collect()
@@ -225,7 +235,7 @@ def eval_command(argv: list[str]) -> None:
 
 def perf_command(argv: list[str]) -> None:
     from bench import perf
-    from bench.table import RESULTS_DIR, write_atomically
+    from bench.table import RESULTS_DIR, check_not_anothers, result_owner, write_result
     from bench.training import default_precision
 
     defaults = perf.PerfSettings()
@@ -246,18 +256,27 @@ def perf_command(argv: list[str]) -> None:
     for name in ("steps", "batch_size", "max_length", "max_prompt_length"):
         if getattr(args, name) < 1:
             raise BenchError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    command = "bench perf " + " ".join(argv)
+    if args.output:  # before the run, not after it
+        check_not_anothers(Path(args.output), result_owner(command))
     settings = perf.PerfSettings(data_path=args.data_path, policy=args.policy, steps=args.steps,
                                  batch_size=args.batch_size, max_length=args.max_length,
                                  max_prompt_length=args.max_prompt_length, lr=args.lr, precision=args.precision)
     results = perf.perf(settings, tuple(args.variants))
-    table = perf.markdown(results, settings, "bench perf " + " ".join(argv))
+    table = perf.markdown(results, settings, command)
     print(perf.dumps(results, settings) if args.json else table)
     if args.output:
-        write_atomically(Path(args.output), table + "\n")
+        write_result(Path(args.output), table + "\n", command)
         print(f"wrote {args.output}")
 
 
-COMMANDS = {"data": data_command, "train": train_command, "eval": eval_command, "sweep": sweep_command,
+def ui_command(argv: list[str]) -> None:
+    from bench.ui import ui_command as run_ui
+
+    run_ui(argv)
+
+
+COMMANDS = {"ui": ui_command, "data": data_command, "train": train_command, "eval": eval_command, "sweep": sweep_command,
             "compare": compare_command, "table": table_command, "perf": perf_command}
 
 
@@ -272,6 +291,10 @@ def main(argv: list[str] | None = None) -> None:
         print(f"bench: unknown command {argv[0]!r}\n{USAGE}", file=sys.stderr)
         sys.exit(2)
     try:
+        if argv[0] in ("train", "eval", "sweep", "compare", "table"):
+            from bench.tracking import check_reachable
+
+            check_reachable()
         command(argv[1:])
     except BenchError as err:
         print(f"bench {argv[0]}: error: {err}", file=sys.stderr)

@@ -20,8 +20,9 @@ from pathlib import Path
 
 import mlflow
 
-from bench import recipes, tracking
+from bench import figures, recipes, tracking
 from bench.errors import BenchError, ConfigError
+from bench.strategies import check_strategies
 
 log = logging.getLogger(__name__)
 
@@ -135,6 +136,8 @@ def compare(recipe_name: str, recipe: dict, argv: list[str], dry_run: bool = Fal
         data_path = data_path or os.environ.get("HH_RLHF_PATH") or recipe.get("data", {}).get("path")
         if not data_path or not Path(data_path).is_dir():
             raise ConfigError(f"a dry run reads local data: set HH_RLHF_PATH or --data-path (recipe has {data_path!r})")
+        for line in check_strategies(recipe_name, recipe):  # the tiny stand-ins below train with strategy auto
+            print(f"strategy checked: {line}")
         recipe = dry_run_recipe(recipe, str(Path(data_path).resolve()))
         if "rm" not in stages:  # a local judge stands in for the recipe's (often a remote API)
             stages = sorted([*stages, "rm"], key=STAGES.index)
@@ -200,6 +203,7 @@ class Comparison:
             result = self.train(algorithm, algorithm,
                                 [*policy_args, *proxy_args.get(algorithm, []), *budgets.get(algorithm, [])])
             self.evaluate(algorithm, result.run_id, judge, proxy)
+        figures.log_figures(self.client, self.parent, figures.comparison_run_ids(self.client, self.parent))
         self.client.set_terminated(self.parent)
         return self.runs
 

@@ -7,7 +7,10 @@ heartbeat lets a crashed trial be failed and retried. MLflow holds one parent ru
 child run per trial.
 """
 
+import copy
 import logging
+import os
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +25,7 @@ from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 from optuna_integration import PyTorchLightningPruningCallback
 
-from bench import tracking
+from bench import figures, tracking
 from bench.errors import BenchError, ConfigError
 
 log = logging.getLogger(__name__)
@@ -185,6 +188,53 @@ class SweepPruning(PyTorchLightningPruningCallback):
             raise optuna.TrialPruned(f"pruned at step {trainer.global_step} ({self.monitor} = {value.item():.4f})")
 
 
+def this_worker() -> str:
+    """host:pid:start-time. The start time tells a live worker from a later process that reuses its pid."""
+    return f"{socket.gethostname()}:{os.getpid()}:{process_start_time(os.getpid())}"
+
+
+def process_start_time(pid: int) -> str:
+    try:  # field 22 of /proc/PID/stat, after the parenthesised command name
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return "?"
+
+
+def is_dead_local_worker(worker: str) -> bool:
+    host, pid, started = worker.rsplit(":", 2)
+    if host != socket.gethostname():
+        return False  # another machine's worker: its heartbeat says when it died
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, under another user
+        return False
+    return started != "?" and process_start_time(int(pid)) != started
+
+
+def fail_dead_local_trials(study: optuna.Study, experiment: str) -> None:
+    """Fail, and retry with the same parameters, the running trials of workers on this machine that are
+    gone (a killed `bench sweep`), now rather than after the heartbeat's grace period."""
+    storage = study._storage
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        worker = trial.user_attrs.get("worker")
+        if worker and is_dead_local_worker(worker) and storage.set_trial_state_values(trial._trial_id, TrialState.FAIL):
+            log.warning("trial %d: its worker %s is gone; marked failed and queued again with the same parameters",
+                        trial.number, worker)
+            tag_trial_run(experiment, study.study_name, trial.number, "FAIL", "FAILED")
+            RetryHeartbeatStaleTrialCallback(max_retry=3)(study, copy.deepcopy(storage.get_trial(trial._trial_id)))
+
+
+def tag_trial_run(experiment: str, study_name: str, number: int, state: str, status: str) -> None:
+    """The trial's MLflow run ends with the trial: `optuna.state` tag and run status."""
+    client = mlflow.MlflowClient(tracking.tracking_uri())
+    query = f"tags.`optuna.study` = '{study_name}' and tags.`optuna.trial` = '{number}'"
+    for run in client.search_runs([tracking.experiment_id(client, experiment)], query):
+        client.set_tag(run.info.run_id, "optuna.state", state)
+        client.set_terminated(run.info.run_id, status)
+
+
 class SurplusTrial(Exception):
     """Another worker already started the trial that completes the study."""
 
@@ -205,6 +255,7 @@ class Sweep:
     # --- one trial ----------------------------------------------------------------------------------
     def objective(self, trial: optuna.Trial):
         self.check_not_surplus(trial)
+        trial.set_user_attr("worker", this_worker())
         params = {name: suggest(trial, name, distribution) for name, distribution in self.space.distributions.items()}
         return self.run_trial(trial, params)
 
@@ -234,7 +285,7 @@ class Sweep:
             result = train_one(self.algorithm, self.recipe_name, self.recipe, argv, run_name=run_name, tags=tags,
                                callbacks=[pruning] if pruning else None)
         except optuna.TrialPruned:
-            self.tag_trial_run(run_name, "PRUNED")
+            tag_trial_run(self.recipe_name, self.study.study_name, trial.number, "PRUNED", "KILLED")  # stopped on purpose, not failed
             raise
         finally:
             gc.collect()
@@ -253,13 +304,6 @@ class Sweep:
             values.append(metrics[objective.metric])
         return values[0] if len(values) == 1 else values
 
-    def tag_trial_run(self, run_name: str, state: str) -> None:
-        client = mlflow.MlflowClient(tracking.tracking_uri())
-        experiment = client.get_experiment_by_name(self.recipe_name)
-        for run in client.search_runs([experiment.experiment_id], filter_string=f"attributes.run_name = '{run_name}'"):
-            client.set_tag(run.info.run_id, "optuna.state", state)
-            client.set_terminated(run.info.run_id, "KILLED")  # stopped on purpose, not failed
-
     # --- the worker loop --------------------------------------------------------------------------------
     def counts(self) -> tuple[int, int]:
         trials = self.study.get_trials(deepcopy=False)
@@ -268,6 +312,7 @@ class Sweep:
     def run(self, poll_seconds: float) -> None:
         """Run trials until the study holds `n_trials` finished ones; wait while other workers finish theirs."""
         while True:
+            fail_dead_local_trials(self.study, self.recipe_name)
             finished, running = self.counts()
             if finished >= self.n_trials:
                 return
@@ -321,6 +366,7 @@ def record_best(study: optuna.Study, objectives: list[Objective], parent_run_id:
         for name, value in trial.params.items():
             client.set_tag(parent_run_id, f"best.{name}", str(value))
     client.set_tag(parent_run_id, "finished_trials", str(sum(t.state in FINISHED for t in study.get_trials())))
+    figures.log_figures(client, parent_run_id, figures.sweep_run_ids(client, parent_run_id))
     if client.get_run(parent_run_id).info.status == "RUNNING":
         client.set_terminated(parent_run_id)
 

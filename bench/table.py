@@ -10,6 +10,7 @@ import io
 import json
 import os
 import platform
+import re
 import tempfile
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -211,7 +212,45 @@ def write_atomically(path: Path, text: str) -> None:
     staging.replace(path)
 
 
+def result_owner(command: str) -> str:
+    """What a results file is the output of: `bench table` of one experiment, or `bench perf`."""
+    found = re.search(r"--experiment[ =](\S+)", command)
+    return f"bench table --experiment {found.group(1)}" if command.startswith("bench table") and found else \
+        " ".join(command.split()[:2])
+
+
+def check_not_anothers(path: Path, owner: str) -> None:
+    """Refuse to replace a results file that another experiment's table (or another command) wrote; each
+    writes its `Command:` line, which says whose it is."""
+    if not path.exists():
+        return
+    found = re.search(r"^Command: `([^`]*)`", path.read_text(errors="replace"), re.MULTILINE)
+    if found is None:
+        raise BenchError(f"{path} exists and has no `Command:` line: bench did not write it; not overwriting it")
+    if result_owner(found.group(1)) != owner:
+        raise BenchError(f"{path} holds the output of `{found.group(1)}`; not overwriting it with `{owner}`'s: "
+                         "choose another output path")
+
+
+def write_result(path: Path, text: str, command: str) -> None:
+    check_not_anothers(path, result_owner(command))
+    write_atomically(path, text)
+
+
+def figure_runs(client: mlflow.MlflowClient, experiment: str, rows: list[Row]) -> list[str]:
+    """The table's runs, then every trial of the experiment's sweeps (the reward-vs-KL view plots them all)."""
+    from bench import figures
+
+    run_ids = [r.run_id for r in rows]
+    found = client.get_experiment_by_name(experiment)
+    for study in client.search_runs([found.experiment_id], "tags.sweep_role = 'study'"):
+        run_ids += figures.sweep_run_ids(client, study.info.run_id)
+    return run_ids
+
+
 def table(experiment: str, command: str, output_dir: Path = RESULTS_DIR) -> tuple[Path, Path]:
+    from bench import figures
+
     rows = collect_rows(experiment)
     compare_with_best(rows)
     source, published = published_rows(experiment)
@@ -223,6 +262,15 @@ def table(experiment: str, command: str, output_dir: Path = RESULTS_DIR) -> tupl
     writer.writeheader()
     writer.writerows(records)
     md_path, csv_path = output_dir / f"{experiment}.md", output_dir / f"{experiment}.csv"
+    check_not_anothers(md_path, result_owner(command))  # the CSV and PNGs beside it are the same table's
+    client = mlflow.MlflowClient(tracking.tracking_uri())
+    plotted = figures.make_figures(figures.collect_runs(client, figure_runs(client, experiment, rows)))
+    try:
+        images = figures.save_pngs(plotted, output_dir, experiment)
+    finally:
+        figures.close_figures(plotted)
+    text = markdown(experiment, records, command, source, published) + "\n## Figures\n\n" + \
+        figures.markdown_images(images) + "\n"
     write_atomically(csv_path, buffer.getvalue())
-    write_atomically(md_path, markdown(experiment, records, command, source, published))
+    write_atomically(md_path, text)
     return md_path, csv_path

@@ -15,6 +15,26 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
 
 
+def check_reachable(timeout: float = 5.0) -> None:
+    """Fail now, naming the server, if runs would log to an MLflow server that does not answer: MLflow's
+    own client would retry for minutes and then fail after the training had run."""
+    import urllib.error
+    import urllib.request
+
+    from bench.errors import BenchError
+
+    uri = tracking_uri()
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as response:
+            response.read()
+    except (urllib.error.URLError, OSError) as err:
+        reason = getattr(err, "reason", err)
+        raise BenchError(f"the MLflow tracking server {uri} (MLFLOW_TRACKING_URI) is unreachable: {reason}. Start it "
+                         "(`bench ui`, or `mlflow server`), or unset MLFLOW_TRACKING_URI to log to ./mlflow.db") from err
+
+
 def artifact_location() -> str | None:
     """Artifacts of a local sqlite store go beside it; a tracking server chooses its own."""
     uri = tracking_uri()
@@ -52,8 +72,10 @@ def git_commit() -> str:
         return "unknown"
 
 
-def make_logger(experiment: str, run_name: str, tags: dict[str, str] | None = None) -> MLFlowLogger:
+def make_logger(experiment: str, run_name: str, tags: dict[str, str] | None = None,
+                run_id: str | None = None) -> MLFlowLogger:
     return MLFlowLogger(
+        run_id=run_id,
         experiment_name=experiment,
         run_name=run_name,
         tags=tags,

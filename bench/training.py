@@ -38,10 +38,40 @@ def default_precision() -> str:
 
 
 def config_fingerprint(algorithm: str, config: dict) -> str:
-    """What makes two runs the same experiment: the algorithm and its resolved config, less where it is written."""
+    """What makes two runs the same experiment: the algorithm and its resolved config, less where and how
+    often it is written."""
     trainer = {k: v for k, v in config["trainer"].items() if k not in ("default_root_dir", "logger")}
-    payload = json.dumps({"algorithm": algorithm, **config, "trainer": trainer}, sort_keys=True, default=str)
+    kept = {k: v for k, v in config.items() if k != "checkpoint"}
+    payload = json.dumps({"algorithm": algorithm, **kept, "trainer": trainer}, sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+RUN_RECORD = "run.json"  # in the run directory: its MLflow run and config fingerprint, read on resume
+LAST_CHECKPOINT = Path("checkpoints") / "last.ckpt"
+
+
+def latest_unfinished_run_dir(recipe_name: str, algorithm: str, output_name: str) -> Path:
+    """The newest `runs/<recipe>/<algorithm>-*` directory with a checkpoint and no saved model."""
+    candidates = [last.parent.parent for last in Path("runs", recipe_name).glob(f"{algorithm}-*/{LAST_CHECKPOINT}")
+                  if not (last.parent.parent / output_name).exists()]
+    if not candidates:
+        raise BenchError(f"--resume: no unfinished {algorithm} run with a checkpoint under {Path('runs', recipe_name)}")
+    return max(candidates, key=lambda run_dir: (run_dir / LAST_CHECKPOINT).stat().st_mtime)
+
+
+def earlier_run(run_dir: Path, client: mlflow.MlflowClient) -> dict | None:
+    """The record of the run that `run_dir` already holds, if any; a finished one is never trained over."""
+    record_file = run_dir / RUN_RECORD
+    if not record_file.exists():
+        if (run_dir / LAST_CHECKPOINT).exists():
+            raise BenchError(f"{run_dir / LAST_CHECKPOINT} exists but {record_file} does not: not a `bench train` "
+                             "run directory")
+        return None
+    record = json.loads(record_file.read_text())
+    if client.get_run(record["mlflow_run_id"]).info.status == "FINISHED":
+        raise BenchError(f"{run_dir} holds MLflow run {record['mlflow_run_id']}, which already finished; "
+                         "train in a new directory")
+    return record
 
 
 def find_finished_run(experiment: str, fingerprint: str) -> tuple[str, Path] | None:
@@ -67,12 +97,16 @@ def train_one(
     tags: dict[str, str] | None = None,
     callbacks: list | None = None,
     reuse: bool = False,
+    resume: str | None = None,
 ) -> TrainResult:
     """Train one module with LightningCLI and log it to MLflow.
 
     `tags` go on the run (`mlflow.parentRunId` nests it under a comparison or a study), `callbacks` join the
     recipe's, and with `reuse` a finished run of the same experiment with the same config is returned instead.
+    A run directory that holds a checkpoint is resumed from it, in the same MLflow run; `resume` names that
+    directory, or is "latest" for the newest unfinished run of this algorithm and recipe.
     """
+    from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.cli import LightningCLI
 
     import modules
@@ -84,7 +118,14 @@ def train_one(
     is_reward_model = algorithm == "rm"
     model_spec_key = "backbone" if is_reward_model else "policy"
     recipe_config = recipes.for_algorithm(recipe, algorithm)
+    if resume is not None:
+        run_dir = (latest_unfinished_run_dir(recipe_name, algorithm, module_class.output_name) if resume == "latest"
+                   else Path(resume))
+        if not (run_dir / LAST_CHECKPOINT).exists():
+            raise BenchError(f"--resume: {run_dir / LAST_CHECKPOINT} does not exist")
+        argv, run_name = [*argv, f"--trainer.default_root_dir={run_dir}"], run_dir.name
     run_name = run_name or f"{algorithm}-{datetime.now():%Y%m%d-%H%M%S}"
+    client = mlflow.MlflowClient(tracking.tracking_uri())
 
     class TrainCLI(LightningCLI):
         def add_arguments_to_parser(self, parser):
@@ -92,11 +133,18 @@ def train_one(
             if is_reward_model:
                 parser.link_arguments("model.role", "data.train_subset", compute_fn=lambda role: "all" if role == "shared" else role)
                 parser.link_arguments("model.max_length", "data.max_length")
+            # Resumable runs: the last checkpoint every N steps, with optimizer, scheduler, loop and data position.
+            parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+            parser.set_defaults({"checkpoint.save_last": True, "checkpoint.save_top_k": 0,
+                                 "checkpoint.every_n_train_steps": 50})
             parser.set_defaults({"data.view": module_class.data_view, "trainer.precision": default_precision()})
             if module_class.data_view == "ranked":
                 parser.set_defaults({"data.proxy": "latest"})
 
         def before_instantiate_classes(self):
+            self.run_dir = Path(self.config["trainer"].get("default_root_dir") or Path("runs") / recipe_name / run_name)
+            self.config["checkpoint"]["dirpath"] = self.config["checkpoint"].get("dirpath") or str(self.run_dir / "checkpoints")
+            self.resume_from = self.run_dir / LAST_CHECKPOINT if (self.run_dir / LAST_CHECKPOINT).exists() else None
             # PPO's model.proxy and the ranked view's data.proxy: "latest" is the experiment's newest proxy.
             for section in ("model", "data"):
                 if self.config[section].get("proxy") == "latest":
@@ -105,9 +153,10 @@ def train_one(
                              self.config[section]["proxy"])
 
         def instantiate_trainer(self, **kwargs):
-            trainer_config = self.config_init.get("trainer", {})
-            self.run_dir = Path(trainer_config.get("default_root_dir") or Path("runs") / recipe_name / run_name)
-            self.run_logger = tracking.make_logger(recipe_name, run_name, tags)
+            # A resumed run continues its MLflow run; earlier_run vets it before training starts.
+            resumed_run_id = (json.loads((self.run_dir / RUN_RECORD).read_text()).get("mlflow_run_id")
+                              if self.resume_from and (self.run_dir / RUN_RECORD).exists() else None)
+            self.run_logger = tracking.make_logger(recipe_name, self.run_dir.name, tags, run_id=resumed_run_id)
             trainer = super().instantiate_trainer(logger=self.run_logger, default_root_dir=str(self.run_dir), **kwargs)
             trainer.callbacks.extend([TrainingThroughput(), *(callbacks or [])])
             return trainer
@@ -135,12 +184,23 @@ def train_one(
     if reuse and (found := find_finished_run(recipe_name, fingerprint)):
         log.info("%s: reusing finished run %s with the same config (fingerprint %s)", algorithm, found[0], fingerprint)
         return TrainResult(run_id=found[0], output_path=found[1], reused=True)
-
+    output_path = (cli.run_dir / module_class.output_name).resolve()
+    earlier = earlier_run(cli.run_dir, client)
+    if cli.resume_from is not None:
+        if earlier["config_fingerprint"] != fingerprint:
+            raise BenchError(f"{cli.run_dir} holds a run with another config (fingerprint {earlier['config_fingerprint']}, "
+                             f"this one {fingerprint}); resume with the same recipe and overrides, or train in a new directory")
+        client.set_tag(earlier["mlflow_run_id"], "resumed_from", str(cli.resume_from))
+        log.info("resuming MLflow run %s from %s", earlier["mlflow_run_id"], cli.resume_from)
+        return fit(cli, output_path)
+    if earlier:  # it died before its first checkpoint: start over, and say so on its MLflow run
+        client.set_terminated(earlier["mlflow_run_id"], "KILLED")
+        client.set_tag(earlier["mlflow_run_id"], "abandoned",
+                       f"restarted in {cli.run_dir}: it died before its first checkpoint")
     cli.run_dir.mkdir(parents=True, exist_ok=True)
     config_file = cli.run_dir / "config.yaml"
     config_file.write_text(yaml.safe_dump(config, sort_keys=False))
     data = config["data"]
-    output_path = (cli.run_dir / module_class.output_name).resolve()
     run_tags = {
         "algorithm": algorithm,
         "recipe": recipe_name,
@@ -158,8 +218,14 @@ def train_one(
     if proxy:
         run_tags["proxy"] = proxy
     tracking.record_run(cli.run_logger, config, config_file, run_tags)
+    (cli.run_dir / RUN_RECORD).write_text(json.dumps({"mlflow_run_id": cli.run_logger.run_id,
+                                                      "config_fingerprint": fingerprint}))
     log.info("MLflow run %s (experiment %r) at %s", cli.run_logger.run_id, recipe_name, tracking.tracking_uri())
-    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    return fit(cli, output_path)
+
+
+def fit(cli, output_path: Path) -> TrainResult:
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.resume_from)
     if cli.trainer.interrupted:
         return TrainResult(run_id=None, output_path=output_path)
     print(f"run {cli.run_logger.run_id} finished; model saved to {cli.model.output_dir}")

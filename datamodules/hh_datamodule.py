@@ -23,8 +23,9 @@ from typing import Literal
 import datasets
 import lightning.pytorch as L
 import torch
-from torch.utils.data import DataLoader
-from transformers.trainer_pt_utils import LengthGroupedSampler
+from jsonargparse.typing import PositiveInt
+from torch.utils.data import DataLoader, DistributedSampler
+from transformers.trainer_pt_utils import get_length_grouped_indices
 
 from bench.errors import ConfigError, DataError
 from bench.models import load_tokenizer
@@ -117,6 +118,51 @@ def pad_rows(prompts: list[list[int]], completions: list[list[int]], pad_id: int
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
+class GlobalBatchSampler(DistributedSampler):
+    """The train order, drawn from seed + epoch (Lightning calls `set_epoch`, so a resumed run sees the
+    order the uninterrupted one saw): shuffled and, given `lengths`, grouped by length in mega-batches of
+    the global batch (batch size times W processes), as HF's LengthGroupedSampler does. Process r takes
+    positions r, r + W, ...: the processes' step-k batches together are one process's step-k batch at W
+    times the batch size. A DistributedSampler, so that Lightning keeps it instead of wrapping it in one
+    that shuffles again (and would undo the length grouping)."""
+
+    def __init__(self, dataset, batch_size: int, seed: int, lengths: list[int] | None = None, num_replicas: int = 1,
+                 rank: int = 0):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
+        self.batch_size, self.lengths = batch_size, lengths
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        if self.lengths is None:
+            order = torch.randperm(len(self.dataset), generator=generator).tolist()
+        else:
+            order = get_length_grouped_indices(self.lengths, self.batch_size * self.num_replicas, generator=generator)
+        order = (order * -(-self.total_size // len(order)))[: self.total_size]  # every process gets as many rows
+        return iter(order[self.rank :: self.num_replicas])
+
+
+class ResumableDataLoader(DataLoader):
+    """A DataLoader that Lightning checkpoints mid-epoch through its `state_dict`/`load_state_dict`
+    protocol: a resumed epoch skips the batches already trained on."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.batches_taken, self.batches_to_skip = 0, 0
+
+    def __iter__(self):
+        skip, self.batches_to_skip = self.batches_to_skip, 0
+        for index, batch in enumerate(super().__iter__()):
+            if index >= skip:
+                self.batches_taken = index + 1
+                yield batch
+
+    def state_dict(self) -> dict:
+        return {"batches_taken": self.batches_taken}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.batches_to_skip = state["batches_taken"]
+
+
 class Collator:
     def __init__(self, view: View, pad_id: int):
         self.view, self.pad_id = view, pad_id
@@ -186,8 +232,8 @@ class HHRLHFDataModule(L.LightningDataModule):
         chat_template: bool = True,
         max_length: int = 512,
         max_prompt_length: int = 256,
-        batch_size: int = 8,
-        eval_batch_size: int | None = None,
+        batch_size: PositiveInt = 8,
+        eval_batch_size: PositiveInt | None = None,
         val_fraction: float = 0.1,
         test_fraction: float = 0.1,
         max_train_pairs: int | None = None,
@@ -284,17 +330,18 @@ class HHRLHFDataModule(L.LightningDataModule):
             self.views[split] = view
 
     def _loader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader:
-        generator = torch.Generator().manual_seed(self.hparams.seed) if shuffle else None
         sampler = None
-        if shuffle and self.hparams.group_by_length and self.hparams.view not in ("prompts", "ranked"):
-            lengths = [padded_length(row) for row in self.views[split]]
-            sampler, shuffle = LengthGroupedSampler(batch_size, lengths=lengths, generator=generator), False
-        return DataLoader(
+        if shuffle:
+            lengths = None
+            if self.hparams.group_by_length and self.hparams.view not in ("prompts", "ranked"):
+                lengths = [padded_length(row) for row in self.views[split]]
+            trainer = self.trainer
+            world_size, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+            sampler = GlobalBatchSampler(self.views[split], batch_size, self.hparams.seed, lengths, world_size, rank)
+        return ResumableDataLoader(
             self.views[split],
             batch_size=batch_size,
-            shuffle=shuffle,
             sampler=sampler,
-            generator=generator if shuffle else None,
             collate_fn=Collator(self.hparams.view, self.tokenizer.pad_token_id),
             num_workers=self.hparams.num_workers,
         )

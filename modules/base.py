@@ -2,17 +2,19 @@
 optimizer with linear warmup, metric logging, and saving the policy in HF format."""
 
 import logging
+import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, Literal
 
 import lightning.pytorch as L
+import numpy as np
 import torch
 import torch.nn.functional as F
 from jsonargparse.typing import NonNegativeInt, PositiveFloat
 
-from bench.errors import ConfigError
+from bench.errors import BenchError, ConfigError
 from bench.models import load_causal_lm, load_tokenizer
 from bench.models import resolve as resolve_model
 from datamodules.hh_datamodule import IGNORE_INDEX, REFERENCE_COLUMNS
@@ -105,11 +107,43 @@ def optimizer_with_warmup(parameters, optimizer: str, lr: float, weight_decay: f
     return {"optimizer": instance, "lr_scheduler": {"scheduler": warmup, "interval": "step"}}
 
 
+class NonFiniteLoss(BenchError):
+    """A NaN or inf training loss, with where it happened."""
+
+
+NonFiniteLossPolicy = Literal["error", "skip"]
+
+
+def rng_states() -> dict:
+    """Every RNG a training step may draw from, as plain values and tensors (checkpoints are read back
+    with torch.load(weights_only=True), which refuses numpy arrays)."""
+    kind, keys, position, has_gauss, cached_gaussian = np.random.get_state()
+    version, python_state, gauss = random.getstate()
+    states = {"torch": torch.get_rng_state(), "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), position,
+                                                         has_gauss, cached_gaussian],
+              "python": [version, list(python_state), gauss]}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states: dict) -> None:
+    torch.set_rng_state(states["torch"])
+    kind, keys, position, has_gauss, cached_gaussian = states["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, cached_gaussian))
+    version, python_state, gauss = states["python"]
+    random.setstate((version, tuple(python_state), gauss))
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
 class TrainedHFModel(L.LightningModule):
     """One HF model trained in `_step` and saved with its tokenizer, in HF format, at the end of training.
-    Subclasses provide `trained_model`, `tokenizer`, `_step` and the optimizer hyperparameters."""
+    Subclasses provide `trained_model`, `tokenizer`, `_step` and the optimizer hyperparameters, and
+    `nonfinite_loss` ("error" or "skip") among their hyperparameters."""
 
     output_name: ClassVar[str]  # the folder, in the run directory, that the model is saved to
+    skipped_batches: int = 0
 
     @property
     def trained_model(self) -> torch.nn.Module:
@@ -118,8 +152,29 @@ class TrainedHFModel(L.LightningModule):
     def _step(self, stage: str, batch: dict) -> torch.Tensor:
         raise NotImplementedError
 
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        return self._step("train", batch)
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
+        loss = self._step("train", batch)
+        finite = self.loss_is_finite(loss, batch_idx)
+        if self.hparams.nonfinite_loss == "skip":  # a running count, so that its last value is the total
+            self.log("train/skipped_batches", float(self.skipped_batches), on_step=True, on_epoch=False)
+        return loss if finite else None  # None: Lightning skips the update
+
+    def loss_is_finite(self, loss: torch.Tensor, batch_idx: int) -> bool:
+        """False when the batch is to be skipped; raises NonFiniteLoss unless `nonfinite_loss` is "skip".
+        Every process decides together: one rank skipping alone would hang the gradient all-reduce."""
+        finite = torch.isfinite(loss.detach()).all().float()
+        if self._trainer is not None:
+            finite = self.trainer.strategy.reduce(finite, reduce_op="mean")
+        if finite.item() == 1.0:
+            return True
+        where = f"step {self.global_step}, batch index {batch_idx} of epoch {self.current_epoch}"
+        if self.hparams.nonfinite_loss != "skip":
+            raise NonFiniteLoss(f"non-finite training loss ({loss.item()}) at {where}; lower model.lr, check that "
+                                f"batch's data, or pass --model.nonfinite_loss=skip to skip such batches")
+        self.skipped_batches += 1
+        log.warning("skipped a batch with a non-finite loss (%s) at %s; %d skipped so far", loss.item(), where,
+                    self.skipped_batches)
+        return False
 
     def validation_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         return self._step("val", batch)
@@ -143,6 +198,25 @@ class TrainedHFModel(L.LightningModule):
     def output_dir(self) -> Path:
         return Path(self.trainer.default_root_dir) / self.output_name
 
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["rng_states"] = rng_states()
+        checkpoint["skipped_batches"] = self.skipped_batches
+        # Lightning saves a step's checkpoint before it logs that step's metrics: a run killed in between
+        # would lose them, and its resumption starts at the next step. Keep them to log on resume.
+        checkpoint["step_metrics"] = {"step": self.global_step - 1, "metrics": {
+            key: float(value) for key, value in self.trainer.callback_metrics.items() if key.startswith("train/")}}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if "rng_states" in checkpoint:  # a resumed run draws what the uninterrupted one would have drawn
+            set_rng_states(checkpoint["rng_states"])
+        self.skipped_batches = checkpoint.get("skipped_batches", 0)
+        self.step_metrics_to_log = checkpoint.get("step_metrics")
+
+    def on_train_start(self) -> None:
+        pending, self.step_metrics_to_log = getattr(self, "step_metrics_to_log", None), None
+        if pending and pending["metrics"] and self.logger and (pending["step"] + 1) % self.trainer.log_every_n_steps == 0:
+            self.logger.log_metrics(pending["metrics"], step=pending["step"])
+
     def on_train_end(self) -> None:
         if self.trainer.is_global_zero:
             self.trained_model.save_pretrained(self.output_dir)
@@ -164,6 +238,8 @@ class AlignmentModule(TrainedHFModel):
         reference_cache: take the reference's log-probs from the on-disk cache (`modules.reference_cache`),
             computing the missing ones once before training; the reference is not even loaded when
             every sequence is cached. Off: the reference scores every batch as it trains.
+        nonfinite_loss: on a NaN or inf training loss, "error" stops the run naming the step and batch;
+            "skip" skips that batch's update and counts it in `train/skipped_batches`.
     """
 
     data_view: ClassVar[str] = "paired"
@@ -180,6 +256,7 @@ class AlignmentModule(TrainedHFModel):
         warmup_steps: NonNegativeInt = 0,
         trust_remote_code: bool = False,
         reference_cache: bool = True,
+        nonfinite_loss: NonFiniteLossPolicy = "error",
     ):
         super().__init__()
         require_positive(lr=lr)
@@ -257,10 +334,12 @@ class AlignmentModule(TrainedHFModel):
         self.reference = None  # every batch now carries its reference log-probs
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
         # The reference is a constant that its spec reloads; a checkpoint need not carry a second copy.
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("reference.")}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
         if self.reference is not None:  # loaded for this run (e.g. the cache was cleared since)
             for key, value in self.reference.state_dict().items():
                 checkpoint["state_dict"].setdefault(f"reference.{key}", value)
@@ -295,14 +374,31 @@ class AlignmentModule(TrainedHFModel):
         self.log_metrics(stage, {"loss": loss, **metrics}, self.examples_in(batch))
         return loss
 
+    def weighted_means_across_devices(self, metrics: dict[str, tuple]) -> dict[str, tuple[torch.Tensor, int]]:
+        """(value, weight) means over the global batch. Weighted sums and weights are summed across devices,
+        whose weights differ (a mean of per-device means would be wrong). Over no example anywhere: NaN, weight 0."""
+        if not metrics:
+            return {}
+        values = torch.stack([torch.as_tensor(value).detach().float().to(self.device) for value, _ in metrics.values()])
+        weights = torch.tensor([float(weight) for _, weight in metrics.values()], device=self.device)
+        totals = torch.stack([torch.where(weights > 0, values * weights, torch.zeros_like(values)), weights])
+        if self._trainer is not None:
+            totals = self.trainer.strategy.reduce(totals, reduce_op="sum")
+        return {name: (total / weight if weight > 0 else torch.tensor(float("nan"), device=self.device), int(weight))
+                for name, total, weight in zip(metrics, *totals)}
+
     def log_metrics(self, stage: str, metrics: dict, batch_size: int, prog_bar: tuple[str, ...] = ("loss",)) -> None:
-        """Log `<stage>/<name>` per step in training and as epoch means in validation; every metric is
-        averaged across devices. A (value, weight) metric averages over `weight` examples."""
+        """Log `<stage>/<name>` per step in training and as epoch means in validation, averaged across devices.
+        A (value, weight) metric is a mean over `weight` examples of this device's batch, averaged over the
+        global batch. Every device logs the same names (each log is an all-reduce). A statistic over no
+        example is left out of validation's means, and is NaN in training, where Lightning would otherwise
+        repeat the last step's value."""
         on_step = stage == "train"
-        for name, value in metrics.items():
+        weighted = self.weighted_means_across_devices({n: v for n, v in metrics.items() if isinstance(v, tuple)})
+        for name, value in (metrics | weighted).items():
             value, weight = value if isinstance(value, tuple) else (value, batch_size)
-            if weight:  # a statistic over nothing (e.g. no ranked pairs) is not logged
-                self.log(f"{stage}/{name}", torch.as_tensor(value).detach().float(), batch_size=weight,
+            if weight or on_step:
+                self.log(f"{stage}/{name}", torch.as_tensor(value).detach().float(), batch_size=max(weight, 1),
                          on_step=on_step, on_epoch=not on_step, prog_bar=name in prog_bar, sync_dist=True)
 
     @property

@@ -51,8 +51,9 @@ class KTO(AlignmentModule):
     def kl_estimate(self, batch) -> torch.Tensor:
         """Mean log-ratio of mismatched completions over the global batch, clamped at 0."""
         policy, reference = self.policy_logps(batch, "kl_"), self.reference_logps(batch, "kl_")
-        local = (policy.total - reference.total).mean()
-        return self.mean_across_devices(local).clamp(min=0)
+        logratios = policy.total - reference.total
+        (kl, _), = self.weighted_means_across_devices({"kl": (logratios.mean(), len(logratios))}).values()
+        return kl.clamp(min=0)
 
     def loss_and_metrics(self, batch):
         hp = self.hparams
@@ -64,10 +65,11 @@ class KTO(AlignmentModule):
         rewards, logps = hp.beta * logratios.detach(), policy.total.detach()
         metrics = {"kl": kl}
         for kind, rows in (("chosen", desirable), ("rejected", ~desirable)):
-            if rows.any():  # a batch of one kind has no statistic for the other
-                count = int(rows.sum())
-                metrics[f"rewards/{kind}"] = (rewards[rows].mean(), count)
-                metrics[f"logps/{kind}"] = (logps[rows].mean(), count)
-        if desirable.any() and (~desirable).any():
-            metrics["rewards/margins"] = metrics["rewards/chosen"][0] - metrics["rewards/rejected"][0]
+            # Over this device's rows of one kind (maybe none); log_metrics averages them over the global batch.
+            metrics[f"rewards/{kind}"] = (rewards[rows].mean(), int(rows.sum()))
+            metrics[f"logps/{kind}"] = (logps[rows].mean(), int(rows.sum()))
+        means = self.weighted_means_across_devices({k: metrics[k] for k in ("rewards/chosen", "rewards/rejected")})
+        (chosen, n_chosen), (rejected, n_rejected) = means.values()
+        # The same global margin on every device; weight 0 when the global batch lacks a kind.
+        metrics["rewards/margins"] = (chosen - rejected, len(rewards) if n_chosen and n_rejected else 0)
         return loss, metrics

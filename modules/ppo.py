@@ -215,7 +215,7 @@ class PPO(AlignmentModule):
         return metrics, rewards
 
     # --- training ----------------------------------------------------------------------------------
-    def ppo_updates(self, rollout: Rollout, advantages: torch.Tensor, returns: torch.Tensor) -> dict:
+    def ppo_updates(self, rollout: Rollout, advantages: torch.Tensor, returns: torch.Tensor, batch_idx: int) -> dict:
         hp = self.hparams
         optimizer = self.optimizers()
         if len(rollout.scores) % hp.num_mini_batches:
@@ -235,6 +235,9 @@ class PPO(AlignmentModule):
                 value_loss, value_clipfrac = ppo_value_loss(values, rollout.values[rows], returns[rows], mask,
                                                             hp.cliprange_value)
                 loss = policy_loss + hp.vf_coef * value_loss
+                progress.update()
+                if not self.loss_is_finite(loss, batch_idx):
+                    continue
                 optimizer.zero_grad()
                 self.manual_backward(loss)
                 self.clip_gradients(optimizer, gradient_clip_val=hp.max_grad_norm, gradient_clip_algorithm="norm")
@@ -246,7 +249,6 @@ class PPO(AlignmentModule):
                     stats["loss/value"].append(value_loss)
                     stats["val/clipfrac"].append(value_clipfrac)
                     stats["loss"].append(loss)
-                progress.update()
         progress.close()
         self.lr_schedulers().step()
         return {name: torch.stack(values).mean() for name, values in stats.items()}
@@ -263,7 +265,7 @@ class PPO(AlignmentModule):
         metrics, rewards = self.rollout_metrics(rollout, self.kl_coef)
         advantages, returns = gae(rewards, rollout.values, rollout.mask, self.hparams.gamma, self.hparams.lam)
         advantages = masked_whiten(advantages, rollout.mask)
-        metrics.update(self.ppo_updates(rollout, advantages, returns))
+        metrics.update(self.ppo_updates(rollout, advantages, returns, batch_idx))
         self.rollout_tokens = int(rollout.sequences.attention_mask.sum()) * self.hparams.ppo_epochs
         metrics["objective/kl_coef"] = torch.tensor(self.kl_coef)
         self.adapt_kl_coef(metrics["objective/kl"], len(rollout.scores))

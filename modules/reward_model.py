@@ -12,7 +12,7 @@ from bench.models import load_reward_backbone, load_tokenizer
 from bench.models import resolve as resolve_model
 from datamodules.formatting import RewardFormatter, reward_text
 from datamodules.hh_datamodule import pad_rows
-from modules.base import TrainedHFModel, require_positive
+from modules.base import NonFiniteLossPolicy, TrainedHFModel, require_positive
 from modules.losses import bradley_terry_loss
 
 log = logging.getLogger(__name__)
@@ -31,6 +31,7 @@ class RewardModel(TrainedHFModel):
         lr, optimizer, weight_decay, warmup_steps: as for the policy modules.
         center_rewards_coefficient: c in c * mean((r+ + r-)^2), keeping rewards centred.
         max_length: transcripts are cut from the left to this many backbone tokens.
+        nonfinite_loss: as for the policy modules ("error" or "skip").
     """
 
     data_view = "reward"
@@ -47,6 +48,7 @@ class RewardModel(TrainedHFModel):
         center_rewards_coefficient: NonNegativeFloat = 0.0,
         max_length: int = 512,
         trust_remote_code: bool = False,
+        nonfinite_loss: NonFiniteLossPolicy = "error",
     ):
         super().__init__()
         require_positive(lr=lr)

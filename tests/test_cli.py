@@ -76,6 +76,11 @@ def test_print_config_shows_the_resolved_recipe(workdir, capsys):
         (["train", "dpo", "--recipe", "tiny", "--model.beta=-1"], "model.beta"),
         (["train", "dpo", "--recipe", "tiny", "--model.beta=0"], "model.beta"),
         (["train", "ipo", "--recipe", "tiny", "--model.tau=0"], "model.tau"),
+        (["train", "kto", "--recipe", "tiny", "--model.beta=-0.1"], "model.beta"),
+        (["train", "dpo", "--recipe", "tiny", "--model.lr=0"], "model.lr"),
+        (["train", "kto", "--recipe", "tiny", "--model.lr=-1e-5"], "model.lr"),
+        (["train", "dpo", "--recipe", "tiny", "--data.batch_size=0"], "data.batch_size"),
+        (["train", "dpo", "--recipe", "tiny", "--data.eval_batch_size=-2"], "data.eval_batch_size"),
     ],
 )
 def test_non_positive_config_values_fail_at_parse_time(workdir, capsys, argv, message):
@@ -83,7 +88,8 @@ def test_non_positive_config_values_fail_at_parse_time(workdir, capsys, argv, me
         run_bench(*argv)
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
-    assert message in err and "PositiveFloat" in err
+    assert message in err and ("PositiveFloat" in err or "PositiveInt" in err)
+    assert not (workdir / "runs").exists()  # rejected before any run directory, model or MLflow run
 
 
 @pytest.mark.parametrize(

@@ -52,6 +52,10 @@ def test_compare_trains_every_stage_on_one_budget_then_reuses_them_and_tables(wo
         assert client.get_run(stage_runs[algorithm].info.run_id).data.tags["eval.judge.path"] == \
             stage_runs["rm-judge"].data.tags["output_path"]
 
+    # The comparison's figures, on its parent run.
+    figures = {a.path for a in client.list_artifacts(parent.info.run_id, "figures")}
+    assert figures == {"figures/win_rates.png", "figures/reward_vs_kl.png", "figures/training_curves.png"}
+
     main(["compare", "--recipe", "tiny", "--data-path", hh_path])
     again = compare_runs(client, experiment.experiment_id)[0]
     assert again.info.run_id != parent.info.run_id
@@ -75,6 +79,9 @@ def test_compare_trains_every_stage_on_one_budget_then_reuses_them_and_tables(wo
     markdown = (workdir / "results" / "tiny.md").read_text()
     assert markdown.startswith("# tiny\n\nCommand: `bench table --experiment tiny")
     assert "Machine:" in markdown and markdown.count("\n| ") == 1 + len(ALIGNED)  # the header and one row each
+    for name in ("win_rates", "reward_vs_kl", "training_curves"):  # embedded, and beside the table
+        assert f"(tiny-{name}.png)" in markdown
+        assert (workdir / "results" / f"tiny-{name}.png").read_bytes().startswith(b"\x89PNG")
 
 
 def test_paired_bootstrap_of_win_outcomes():

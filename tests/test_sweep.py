@@ -2,8 +2,10 @@
 on a real PostgreSQL storage, and bad input before any training."""
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from collections import Counter
 
 import mlflow
@@ -54,6 +56,8 @@ def test_a_rerun_resumes_the_study_and_mlflow_nests_each_trial(workdir, hh_path,
     best = [c for c in children if c.data.tags.get("best_trial") == "true"]
     assert len(best) == 1
     assert parents[0].data.tags["best_run_id"] == best[0].info.run_id
+    figures = {a.path for a in client.list_artifacts(parents[0].info.run_id, "figures")}
+    assert figures == {"figures/win_rates.png", "figures/reward_vs_kl.png", "figures/training_curves.png"}
 
 
 def test_two_workers_on_postgres_finish_exactly_n_trials(tmp_path, hh_path, reward_models):
@@ -174,3 +178,30 @@ def test_workers_racing_to_create_a_new_optuna_database_both_connect():
                 thread.join()
             assert all(not isinstance(o, Exception) for o in outcomes), outcomes
         admin.dispose()
+
+
+def test_a_sweep_killed_mid_trial_reruns_that_trial_and_finishes_exactly_n(workdir, hh_path, reward_models):
+    """SIGKILL while trial 1 trains; the rerun marks it failed, retries its parameters, and stops at 2 finished."""
+    storage = f"sqlite:///{workdir / 'optuna.db'}"
+    argv = sweep_args(hh_path, reward_models, "--n-trials", "2", "--trainer.max_steps=3")
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{workdir / 'mlflow.db'}"}
+    worker = subprocess.Popen([sys.executable, "-m", "bench.cli", *argv], cwd=workdir, env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not (workdir / "runs" / "tiny" / "tiny-dpo-trial-1" / "run.json").exists():  # trial 1 is training
+        assert worker.poll() is None, worker.stderr.read()[-3000:]
+        assert time.monotonic() < deadline, "trial 1 never started"
+        time.sleep(0.05)
+    worker.send_signal(signal.SIGKILL)
+    worker.wait()
+    study = optuna.load_study(study_name="tiny-dpo", storage=storage)
+    assert [t.state for t in study.get_trials()] == [TrialState.COMPLETE, TrialState.RUNNING]
+
+    main(argv)  # the rerun: the dead worker's trial does not wait out the heartbeat grace period
+
+    trials = optuna.load_study(study_name="tiny-dpo", storage=storage).get_trials()
+    assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.FAIL, TrialState.COMPLETE]
+    assert trials[2].params == trials[1].params and trials[2].system_attrs["retry_history"] == [1]
+    client = mlflow.MlflowClient()
+    runs = client.search_runs([client.get_experiment_by_name("tiny").experiment_id], "tags.`optuna.trial` = '1'")
+    assert [(r.info.status, r.data.tags["optuna.state"]) for r in runs] == [("FAILED", "FAIL")]
