@@ -32,7 +32,7 @@ def check_reachable(timeout: float = 5.0) -> None:
     except (urllib.error.URLError, OSError) as err:
         reason = getattr(err, "reason", err)
         raise BenchError(f"the MLflow tracking server {uri} (MLFLOW_TRACKING_URI) is unreachable: {reason}. Start it "
-                         "(`bench ui`, or `mlflow server`), or unset MLFLOW_TRACKING_URI to log to ./mlflow.db") from err
+                         "(`mlflow server`, see the README's Scale-out), or unset MLFLOW_TRACKING_URI to log to ./mlflow.db") from err
 
 
 def artifact_location() -> str | None:

@@ -279,9 +279,11 @@ class PPO(AlignmentModule):
         self.log_metrics("val", metrics, len(rollout.scores), prog_bar=("objective/scores",))
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
         checkpoint["kl_coef"] = self.kl_coef
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
         self.kl_coef = checkpoint.get("kl_coef", self.kl_coef)
 
     def examples_in(self, batch: dict) -> int:
