@@ -46,6 +46,19 @@ def config_fingerprint(algorithm: str, config: dict) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
+def resume_checkpoint_class():
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    class ResumeCheckpoint(ModelCheckpoint):
+        """`last.ckpt` every N steps, to resume a killed run. Unlike ModelCheckpoint it writes none when
+        training ends: a finished run keeps its model in HF format, and the checkpoint is then removed."""
+
+        def on_train_end(self, trainer, pl_module) -> None:
+            pass
+
+    return ResumeCheckpoint
+
+
 RUN_RECORD = "run.json"  # in the run directory: its MLflow run and config fingerprint, read on resume
 LAST_CHECKPOINT = Path("checkpoints") / "last.ckpt"
 
@@ -106,7 +119,6 @@ def train_one(
     A run directory that holds a checkpoint is resumed from it, in the same MLflow run; `resume` names that
     directory, or is "latest" for the newest unfinished run of this algorithm and recipe.
     """
-    from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.cli import LightningCLI
 
     import modules
@@ -134,7 +146,7 @@ def train_one(
                 parser.link_arguments("model.role", "data.train_subset", compute_fn=lambda role: "all" if role == "shared" else role)
                 parser.link_arguments("model.max_length", "data.max_length")
             # Resumable runs: the last checkpoint every N steps, with optimizer, scheduler, loop and data position.
-            parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+            parser.add_lightning_class_args(resume_checkpoint_class(), "checkpoint")
             parser.set_defaults({"checkpoint.save_last": True, "checkpoint.save_top_k": 0,
                                  "checkpoint.every_n_train_steps": 50})
             parser.set_defaults({"data.view": module_class.data_view, "trainer.precision": default_precision()})
@@ -228,6 +240,9 @@ def fit(cli, output_path: Path) -> TrainResult:
     cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.resume_from)
     if cli.trainer.interrupted:
         return TrainResult(run_id=None, output_path=output_path)
+    last = Path(cli.trainer.checkpoint_callback.last_model_path or cli.run_dir / LAST_CHECKPOINT)
+    if cli.trainer.is_global_zero and last.is_file():  # only for resuming: the model is saved in HF format
+        last.unlink()
     print(f"run {cli.run_logger.run_id} finished; model saved to {cli.model.output_dir}")
     return TrainResult(run_id=cli.run_logger.run_id, output_path=output_path)
 

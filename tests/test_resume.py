@@ -65,6 +65,8 @@ def test_killed_training_resumes_to_the_same_result(workdir, hh_path, capsys):
     assert set(runs) == {"dpo-whole", "dpo-killed"}  # resumed in the same MLflow run, not a new one
     whole, resumed = runs["dpo-whole"], runs["dpo-killed"]
     assert resumed.info.status == "FINISHED" and resumed.data.tags["resumed_from"].endswith("last.ckpt")
+    # Finished: the model is saved in HF format, and the checkpoint, only there for resuming, is gone.
+    assert (killed_dir / "policy" / "model.safetensors").exists() and not (killed_dir / "checkpoints" / "last.ckpt").exists()
     for key in ("train/loss", "train/rewards/margins", "train/logps/chosen", "val/loss"):
         expected, got = last_values(client, whole.info.run_id, key), last_values(client, resumed.info.run_id, key)
         assert sorted(got) == sorted(expected), key
