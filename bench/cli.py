@@ -170,7 +170,8 @@ def compare_command(argv: list[str]) -> None:
 def table_command(argv: list[str]) -> None:
     from bench.table import RESULTS_DIR, table
 
-    parser = argparse.ArgumentParser(prog="bench table", description="results/NAME.md and .csv from an experiment")
+    parser = argparse.ArgumentParser(prog="bench table", description="results/NAME.md and .csv from an experiment",
+                                     allow_abbrev=False)  # the Command: line must say --experiment (results ownership)
     parser.add_argument("--experiment", required=True, help="MLflow experiment (a recipe's runs go to its name)")
     parser.add_argument("--output-dir", default=str(RESULTS_DIR))
     args = parser.parse_args(argv)
@@ -291,7 +292,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"bench: unknown command {argv[0]!r}\n{USAGE}", file=sys.stderr)
         sys.exit(2)
     try:
-        if argv[0] in ("train", "eval", "sweep", "compare", "table"):
+        if argv[0] in ("train", "eval", "sweep", "compare", "table") and not {"-h", "--help", "--dry-run"} & set(argv):
             from bench.tracking import check_reachable
 
             check_reachable()

@@ -301,7 +301,7 @@ def reward_kl_scatter(runs: Sequence[RunData], reward_metric: str | None = None,
 
 # --- 3. training curves ------------------------------------------------------------------------------------
 def training_curves(runs: Sequence[RunData], panels: Sequence[CurvePanel] = CURVE_PANELS) -> Figure:
-    """One panel per `CurvePanel`, one line per run (x = MLflow step, i.e. Lightning's global step), coloured by
+    """One panel per `CurvePanel`, one line per run (x = MLflow step: the count of batches trained), coloured by
     algorithm. A run draws the first of the panel's keys it has a history for; a key other than the panel's
     first is named in its legend entry. Runs with no history for a panel are named in that panel's title."""
     figure, axes = plt.subplots(len(panels), 1, figsize=(FIGSIZE[0], 3.0 * len(panels) + 0.4), dpi=DPI,

@@ -10,6 +10,7 @@ child run per trial.
 import copy
 import logging
 import os
+import shutil
 import socket
 import time
 from dataclasses import dataclass
@@ -219,7 +220,13 @@ def fail_dead_local_trials(study: optuna.Study, experiment: str) -> None:
     storage = study._storage
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         worker = trial.user_attrs.get("worker")
-        if worker and is_dead_local_worker(worker) and storage.set_trial_state_values(trial._trial_id, TrialState.FAIL):
+        if not (worker and is_dead_local_worker(worker)):
+            continue
+        try:
+            failed = storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+        except optuna.exceptions.UpdateFinishedTrialError:  # another worker failed it first
+            failed = False
+        if failed:
             log.warning("trial %d: its worker %s is gone; marked failed and queued again with the same parameters",
                         trial.number, worker)
             tag_trial_run(experiment, study.study_name, trial.number, "FAIL", "FAILED")
@@ -254,8 +261,8 @@ class Sweep:
 
     # --- one trial ----------------------------------------------------------------------------------
     def objective(self, trial: optuna.Trial):
+        trial.set_user_attr("worker", this_worker())  # first: a retried trial arrives with its dead worker's
         self.check_not_surplus(trial)
-        trial.set_user_attr("worker", this_worker())
         params = {name: suggest(trial, name, distribution) for name, distribution in self.space.distributions.items()}
         return self.run_trial(trial, params)
 
@@ -289,6 +296,8 @@ class Sweep:
             raise
         finally:
             gc.collect()
+            # A trial is never resumed (a failed one is retried from the start): its checkpoint is dead weight.
+            shutil.rmtree(Path("runs", self.recipe_name, run_name, "checkpoints"), ignore_errors=True)
         trial.set_user_attr("mlflow_run_id", result.run_id)
         if result.run_id is None:
             raise BenchError(f"trial {trial.number}: training was interrupted")

@@ -29,6 +29,8 @@ def check_reachable(timeout: float = 5.0) -> None:
     try:
         with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as response:
             response.read()
+    except urllib.error.HTTPError:
+        return  # it answered (e.g. 401 behind an auth proxy): reachable
     except (urllib.error.URLError, OSError) as err:
         reason = getattr(err, "reason", err)
         raise BenchError(f"the MLflow tracking server {uri} (MLFLOW_TRACKING_URI) is unreachable: {reason}. Start it "

@@ -4,7 +4,8 @@
 import hashlib
 import json
 import logging
-import sys
+import os
+import shutil
 import tempfile
 from dataclasses import dataclass
 from datetime import datetime
@@ -61,6 +62,9 @@ def resume_checkpoint_class():
 
 RUN_RECORD = "run.json"  # in the run directory: its MLflow run and config fingerprint, read on resume
 LAST_CHECKPOINT = Path("checkpoints") / "last.ckpt"
+# The run directory, for the processes that Lightning's DDP launcher starts: they rerun this command, and
+# must train in rank 0's directory, not one named after their own start time.
+RUN_DIR_ENV = "BENCH_RUN_DIR"
 
 
 def latest_unfinished_run_dir(recipe_name: str, algorithm: str, output_name: str) -> Path:
@@ -80,8 +84,13 @@ def earlier_run(run_dir: Path, client: mlflow.MlflowClient) -> dict | None:
             raise BenchError(f"{run_dir / LAST_CHECKPOINT} exists but {record_file} does not: not a `bench train` "
                              "run directory")
         return None
-    record = json.loads(record_file.read_text())
-    if client.get_run(record["mlflow_run_id"]).info.status == "FINISHED":
+    try:
+        record = json.loads(record_file.read_text())
+        status = client.get_run(record["mlflow_run_id"]).info.status
+    except Exception as err:  # a damaged record, or a run this tracking store does not hold
+        raise BenchError(f"{record_file}: cannot read its MLflow run from {tracking.tracking_uri()}: "
+                         f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from err
+    if status == "FINISHED":
         raise BenchError(f"{run_dir} holds MLflow run {record['mlflow_run_id']}, which already finished; "
                          "train in a new directory")
     return record
@@ -136,6 +145,14 @@ def train_one(
         if not (run_dir / LAST_CHECKPOINT).exists():
             raise BenchError(f"--resume: {run_dir / LAST_CHECKPOINT} does not exist")
         argv, run_name = [*argv, f"--trainer.default_root_dir={run_dir}"], run_dir.name
+    from lightning.pytorch.utilities import rank_zero_only
+
+    is_rank_zero = rank_zero_only.rank == 0  # from the launcher's environment (LOCAL_RANK, RANK, SLURM_PROCID)
+    if os.environ.get(RUN_DIR_ENV) and not is_rank_zero:
+        argv, run_name = [*argv, f"--trainer.default_root_dir={os.environ[RUN_DIR_ENV]}"], Path(os.environ[RUN_DIR_ENV]).name
+    elif int(os.environ.get("WORLD_SIZE", "1")) > 1 and not any(a.startswith("--trainer.default_root_dir") for a in argv):
+        raise BenchError("started as one of several processes (torchrun, SLURM): pass --trainer.default_root_dir "
+                         "so that every process trains in the same run directory")
     run_name = run_name or f"{algorithm}-{datetime.now():%Y%m%d-%H%M%S}"
     client = mlflow.MlflowClient(tracking.tracking_uri())
 
@@ -155,8 +172,14 @@ def train_one(
 
         def before_instantiate_classes(self):
             self.run_dir = Path(self.config["trainer"].get("default_root_dir") or Path("runs") / recipe_name / run_name)
-            self.config["checkpoint"]["dirpath"] = self.config["checkpoint"].get("dirpath") or str(self.run_dir / "checkpoints")
-            self.resume_from = self.run_dir / LAST_CHECKPOINT if (self.run_dir / LAST_CHECKPOINT).exists() else None
+            checkpoint = self.config["checkpoint"]
+            checkpoint["dirpath"] = checkpoint.get("dirpath") or str(self.run_dir / LAST_CHECKPOINT.parent)
+            if self.config["trainer"].get("enable_checkpointing") is False:  # the resume checkpoint is a callback
+                self.config["trainer"]["enable_checkpointing"] = True
+                checkpoint.update(every_n_train_steps=0, save_last=False)
+                log.info("trainer.enable_checkpointing=false: this run writes no checkpoint and cannot be resumed")
+            last = Path(checkpoint["dirpath"]) / LAST_CHECKPOINT.name
+            self.resume_from = last if last.exists() else None
             # PPO's model.proxy and the ranked view's data.proxy: "latest" is the experiment's newest proxy.
             for section in ("model", "data"):
                 if self.config[section].get("proxy") == "latest":
@@ -176,8 +199,7 @@ def train_one(
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", prefix=f"{recipe_name}-{algorithm}-") as recipe_file:
         yaml.safe_dump(recipe_config, recipe_file)
         recipe_file.flush()
-        # LightningCLI reads sys.argv when given no args; ours are already split off from `bench train`.
-        sys.argv = [f"bench train {algorithm}"]
+        # sys.argv stays as it is: Lightning's DDP launcher reruns it in the processes it starts.
         cli = TrainCLI(
             module_class,
             HHRLHFDataModule,
@@ -197,6 +219,8 @@ def train_one(
         log.info("%s: reusing finished run %s with the same config (fingerprint %s)", algorithm, found[0], fingerprint)
         return TrainResult(run_id=found[0], output_path=found[1], reused=True)
     output_path = (cli.run_dir / module_class.output_name).resolve()
+    if not is_rank_zero:  # rank 0 keeps the run's records; the others only train with it
+        return fit(cli, output_path)
     earlier = earlier_run(cli.run_dir, client)
     if cli.resume_from is not None:
         if earlier["config_fingerprint"] != fingerprint:
@@ -237,11 +261,17 @@ def train_one(
 
 
 def fit(cli, output_path: Path) -> TrainResult:
-    cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.resume_from)
-    if cli.trainer.interrupted:
+    os.environ[RUN_DIR_ENV] = str(cli.run_dir.resolve())
+    try:
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.resume_from)
+    finally:
+        os.environ.pop(RUN_DIR_ENV, None)
+    if cli.trainer.interrupted or not cli.trainer.is_global_zero:
         return TrainResult(run_id=None, output_path=output_path)
     last = Path(cli.trainer.checkpoint_callback.last_model_path or cli.run_dir / LAST_CHECKPOINT)
-    if cli.trainer.is_global_zero and last.is_file():  # only for resuming: the model is saved in HF format
+    if last.is_dir():  # a sharded (FSDP) checkpoint
+        shutil.rmtree(last)
+    elif last.is_file():  # it only served resuming: the model is saved in HF format
         last.unlink()
     print(f"run {cli.run_logger.run_id} finished; model saved to {cli.model.output_dir}")
     return TrainResult(run_id=cli.run_logger.run_id, output_path=output_path)

@@ -143,24 +143,29 @@ class GlobalBatchSampler(DistributedSampler):
 
 class ResumableDataLoader(DataLoader):
     """A DataLoader that Lightning checkpoints mid-epoch through its `state_dict`/`load_state_dict`
-    protocol: a resumed epoch skips the batches already trained on."""
+    protocol: a resumed epoch skips the batches already trained on. The state names its epoch: a
+    checkpoint taken on an epoch's last batch resumes at the next epoch, which must skip nothing."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.batches_taken, self.batches_to_skip = 0, 0
+        self.batches_taken, self.resume_at = 0, None
+
+    def epoch(self) -> int:
+        return getattr(self.sampler, "epoch", 0)  # GlobalBatchSampler's, which Lightning sets each epoch
 
     def __iter__(self):
-        skip, self.batches_to_skip = self.batches_to_skip, 0
+        resume_at, self.resume_at = self.resume_at, None
+        skip = resume_at["batches_taken"] if resume_at and resume_at["epoch"] == self.epoch() else 0
         for index, batch in enumerate(super().__iter__()):
             if index >= skip:
                 self.batches_taken = index + 1
                 yield batch
 
     def state_dict(self) -> dict:
-        return {"batches_taken": self.batches_taken}
+        return {"epoch": self.epoch(), "batches_taken": self.batches_taken}
 
     def load_state_dict(self, state: dict) -> None:
-        self.batches_to_skip = state["batches_taken"]
+        self.resume_at = state
 
 
 class Collator:
@@ -342,6 +347,9 @@ class HHRLHFDataModule(L.LightningDataModule):
             self.views[split],
             batch_size=batch_size,
             sampler=sampler,
+            # Its own generator for the loader's base seed, which would otherwise be drawn from the global RNG
+            # when each epoch's iterator starts: a resumed run restores that RNG and must not draw again.
+            generator=torch.Generator().manual_seed(self.hparams.seed),
             collate_fn=Collator(self.hparams.view, self.tokenizer.pad_token_id),
             num_workers=self.hparams.num_workers,
         )

@@ -168,11 +168,12 @@ class TrainedHFModel(L.LightningModule):
         if finite.item() == 1.0:
             return True
         where = f"step {self.global_step}, batch index {batch_idx} of epoch {self.current_epoch}"
+        value = loss.item() if not torch.isfinite(loss.detach()).all() else "on another process"
         if self.hparams.nonfinite_loss != "skip":
-            raise NonFiniteLoss(f"non-finite training loss ({loss.item()}) at {where}; lower model.lr, check that "
+            raise NonFiniteLoss(f"non-finite training loss ({value}) at {where}; lower model.lr, check that "
                                 f"batch's data, or pass --model.nonfinite_loss=skip to skip such batches")
         self.skipped_batches += 1
-        log.warning("skipped a batch with a non-finite loss (%s) at %s; %d skipped so far", loss.item(), where,
+        log.warning("skipped a batch with a non-finite loss (%s) at %s; %d skipped so far", value, where,
                     self.skipped_batches)
         return False
 
@@ -203,7 +204,8 @@ class TrainedHFModel(L.LightningModule):
         checkpoint["skipped_batches"] = self.skipped_batches
         # Lightning saves a step's checkpoint before it logs that step's metrics: a run killed in between
         # would lose them, and its resumption starts at the next step. Keep them to log on resume.
-        checkpoint["step_metrics"] = {"step": self.global_step - 1, "metrics": {
+        logged_step = self.trainer.fit_loop.epoch_loop._batches_that_stepped  # the step Lightning logs this batch at
+        checkpoint["step_metrics"] = {"step": logged_step, "metrics": {
             key: float(value) for key, value in self.trainer.callback_metrics.items() if key.startswith("train/")}}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
@@ -218,10 +220,28 @@ class TrainedHFModel(L.LightningModule):
             self.logger.log_metrics(pending["metrics"], step=pending["step"])
 
     def on_train_end(self) -> None:
+        state_dict = self.gathered_state_dict()  # every process: under FSDP this is a collective
         if self.trainer.is_global_zero:
-            self.trained_model.save_pretrained(self.output_dir)
+            self.trained_model.save_pretrained(self.output_dir, state_dict=state_dict)
             self.tokenizer.save_pretrained(self.output_dir)
             log.info("saved the trained %s to %s", self.output_name, self.output_dir)
+
+    def gathered_state_dict(self) -> dict | None:
+        """The trained model's full weights when FSDP shards them (on rank 0), else None: the model's own.
+        Not yet run on GPUs."""
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        if not isinstance(self.trainer.strategy, FSDPStrategy):
+            return None
+        from torch.distributed.fsdp import FullStateDictConfig, StateDictType
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        wrapped = self.trainer.strategy.model
+        with FSDP.state_dict_type(wrapped, StateDictType.FULL_STATE_DICT,
+                                  FullStateDictConfig(offload_to_cpu=True, rank0_only=True)):
+            full = wrapped.state_dict()
+        prefix = next(name for name, child in self.named_children() if child is self.trained_model) + "."
+        return {key.removeprefix(prefix): value for key, value in full.items() if key.startswith(prefix)}
 
 
 class AlignmentModule(TrainedHFModel):
@@ -335,12 +355,14 @@ class AlignmentModule(TrainedHFModel):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)
+        if "state_dict" not in checkpoint:  # a sharded (FSDP) checkpoint keeps the weights elsewhere
+            return
         # The reference is a constant that its spec reloads; a checkpoint need not carry a second copy.
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("reference.")}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         super().on_load_checkpoint(checkpoint)
-        if self.reference is not None:  # loaded for this run (e.g. the cache was cleared since)
+        if self.reference is not None and "state_dict" in checkpoint:  # loaded for this run (e.g. the cache was cleared since)
             for key, value in self.reference.state_dict().items():
                 checkpoint["state_dict"].setdefault(f"reference.{key}", value)
 

@@ -5,8 +5,8 @@ then validates once: (a) under Lightning's `strategy="ddp", accelerator="cpu", d
 `PER_DEVICE` examples per process, and (b) in one process with 2 * `PER_DEVICE` examples per step. The
 two DDP ranks are started by `torch.multiprocessing.spawn` with the environment that Lightning's `ddp`
 launcher gives the processes it starts (MASTER_ADDR/PORT, NODE_RANK, LOCAL_RANK, WORLD_SIZE), so each
-rank runs exactly what a rank of `bench train --trainer.strategy=ddp --trainer.devices=2` runs; the
-launcher itself re-runs `sys.argv`, which under pytest is pytest. One spawn trains DPO, then KTO, so the
+rank runs the Trainer a rank of `bench train --trainer.strategy=ddp --trainer.devices=2` runs (the
+launcher itself re-runs `sys.argv`, which under pytest is pytest; the last test runs `bench train` so). One spawn trains DPO, then KTO, so the
 two processes import torch and Lightning once. Every run starts with an empty reference log-prob cache,
 so the DDP runs compute it split across the ranks (`AlignmentModule.cache_reference_logps`, gathered with
 `all_gather_objects`); the cache each run wrote is compared too.
@@ -33,6 +33,8 @@ import json
 import math
 import os
 import socket
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from datetime import timedelta
@@ -40,6 +42,7 @@ from pathlib import Path
 
 import datasets
 import lightning.pytorch as L
+import mlflow
 import numpy as np
 import pytest
 import torch
@@ -281,3 +284,21 @@ def test_ddp_training_equals_one_process_on_the_global_batch(algorithm, ddp_runs
           max(abs(ddp.reference_logps[k] - single.reference_logps[k]) for k in keys))
     torch.testing.assert_close(torch.tensor([ddp.reference_logps[k] for k in keys]),
                                torch.tensor([single.reference_logps[k] for k in keys]), rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.timeout(300)
+def test_bench_train_launches_ddp_processes_that_share_one_run(tmp_path, hh_path):
+    """`bench train --trainer.devices=2 --trainer.strategy=ddp`: Lightning's launcher reruns the command in a
+    second process, which must train in rank 0's run directory and leave the run's records to rank 0."""
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    done = subprocess.run([sys.executable, "-m", "bench.cli", "train", "dpo", "--recipe", "tiny", f"--data.path={hh_path}",
+                           "--trainer.devices=2", "--trainer.strategy=ddp", "--eval", "false"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=280)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (run_dir,) = (tmp_path / "runs" / "tiny").iterdir()
+    assert (run_dir / "policy" / "model.safetensors").exists()
+    client = mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"])
+    (run,) = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
+    assert run.info.status == "FINISHED" and run.info.run_name == run_dir.name
+    assert json.loads((run_dir / "run.json").read_text())["mlflow_run_id"] == run.info.run_id
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == [0, 1, 2, 3]

@@ -48,15 +48,19 @@ def last_values(client: mlflow.MlflowClient, run_id: str, key: str) -> dict[int,
     return {m.step: m.value for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.timestamp)}
 
 
-def test_killed_training_resumes_to_the_same_result(workdir, hh_path, capsys):
+@pytest.mark.parametrize("checkpoints_before_kill, steps", [(4, (8, 9)), (3, (6, 7))],
+                         ids=["mid-epoch", "at-epoch-end"])
+def test_killed_training_resumes_to_the_same_result(workdir, hh_path, capsys, checkpoints_before_kill, steps):
+    """Killed after the step-8 checkpoint (2 batches into epoch 1), or after the step-6 one (epoch 0's last
+    batch: the resumed run must start epoch 1 at its first batch)."""
     data = f"--data.path={hh_path}"
     main([*TRAIN, data, "--trainer.default_root_dir=runs/tiny/dpo-whole"])
 
     killed_dir = workdir / "runs" / "tiny" / "dpo-killed"
     process = bench_process(workdir, *TRAIN, data, f"--trainer.default_root_dir={killed_dir}")
-    kill_after_checkpoints(process, killed_dir / "checkpoints" / "last.ckpt", count=4)
+    kill_after_checkpoints(process, killed_dir / "checkpoints" / "last.ckpt", count=checkpoints_before_kill)
     step_at_kill = torch.load(killed_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"]
-    assert 8 <= step_at_kill < 10 and not (killed_dir / "policy").exists()
+    assert step_at_kill in steps and not (killed_dir / "policy").exists()
 
     main([*TRAIN, data, "--resume"])  # the newest unfinished dpo run of the recipe: the killed one
 
