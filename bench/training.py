@@ -247,6 +247,7 @@ def train_one(
         "precision": str(config["trainer"]["precision"]),
         "output_path": str(output_path),
         "config_fingerprint": fingerprint,
+        "mlflow.source.name": f"bench train {algorithm}",  # the UI's Source column; MLflow would show sys.argv[0]
     }
     if is_reward_model:
         run_tags["role"] = config["model"]["role"]
