@@ -203,11 +203,8 @@ class Comparison:
             result = self.train(algorithm, algorithm,
                                 [*policy_args, *proxy_args.get(algorithm, []), *budgets.get(algorithm, [])])
             self.evaluate(algorithm, result.run_id, judge, proxy)
-        self.client.set_terminated(self.parent)  # first: a figure that fails must not hide the comparison
-        try:
-            figures.log_figures(self.client, self.parent, figures.comparison_run_ids(self.client, self.parent))
-        except Exception as err:
-            log.warning("the comparison's figures were not logged: %s: %s", type(err).__name__, err)
+        self.client.set_terminated(self.parent)  # first: `bench table` reads finished comparisons only
+        figures.log_figures_of_finished_run(self.client, self.parent, figures.comparison_run_ids(self.client, self.parent))
         return self.runs
 
     def evaluate(self, algorithm: str, run_id: str, judge: str | None, proxy: str | None) -> None:

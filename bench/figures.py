@@ -16,9 +16,10 @@ named in it.
 
 from __future__ import annotations
 
+import io
+import logging
 import math
 import os
-import tempfile
 import textwrap
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -31,6 +32,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
+
+log = logging.getLogger(__name__)
 
 # --- conventions ------------------------------------------------------------------------------------------
 ALGORITHM_ORDER = ("sft", "dpo", "ipo", "kto", "rrhf", "ppo")
@@ -459,30 +462,26 @@ def log_figures(client, parent_run_id: str, run_ids: Sequence[str], reward_metri
         close_figures(figures)
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+def log_figures_of_finished_run(client, parent_run_id: str, run_ids: Sequence[str]) -> None:
+    """`log_figures` on a comparison's or a study's parent run, once its runs are recorded: a figure that
+    fails is a warning, never a reason to lose the comparison or the study."""
+    try:
+        log_figures(client, parent_run_id, run_ids)
+    except Exception as err:
+        log.warning("the figures of run %s were not logged: %s: %s", parent_run_id, type(err).__name__, err)
 
 
 def save_pngs(figures: Mapping[str, Figure], directory: str | os.PathLike, stem: str) -> dict[str, Path]:
-    """Write each figure to `<directory>/<stem>-<name>.png` atomically (a temporary file in the same directory,
-    then `os.replace`); returns {name: path}. The figures stay open: close them with `close_figures`."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    """Write each figure to `<directory>/<stem>-<name>.png` atomically (`bench.table.write_atomically`);
+    returns {name: path}. The figures stay open: close them with `close_figures`."""
+    from bench.table import write_atomically
+
     paths = {}
     for name, figure in figures.items():
-        path = directory / f"{stem}-{name}.png"
-        handle, staging = tempfile.mkstemp(dir=directory, prefix=f".{path.name}.", suffix=".partial")
-        try:
-            with os.fdopen(handle, "wb") as file:
-                figure.savefig(file, format="png", dpi=DPI)
-            os.chmod(staging, 0o666 & ~_umask())  # mkstemp makes it 0600; a results file is as readable as others
-            os.replace(staging, path)
-        except BaseException:
-            Path(staging).unlink(missing_ok=True)
-            raise
-        paths[name] = path
+        png = io.BytesIO()
+        figure.savefig(png, format="png", dpi=DPI)
+        paths[name] = Path(directory) / f"{stem}-{name}.png"
+        write_atomically(paths[name], png.getvalue())
     return paths
 
 

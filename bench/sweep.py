@@ -375,9 +375,9 @@ def record_best(study: optuna.Study, objectives: list[Objective], parent_run_id:
         for name, value in trial.params.items():
             client.set_tag(parent_run_id, f"best.{name}", str(value))
     client.set_tag(parent_run_id, "finished_trials", str(sum(t.state in FINISHED for t in study.get_trials())))
-    figures.log_figures(client, parent_run_id, figures.sweep_run_ids(client, parent_run_id))
     if client.get_run(parent_run_id).info.status == "RUNNING":
         client.set_terminated(parent_run_id)
+    figures.log_figures_of_finished_run(client, parent_run_id, figures.sweep_run_ids(client, parent_run_id))
 
 
 def summary(study: optuna.Study, objectives: list[Objective]) -> str:

@@ -205,11 +205,15 @@ def markdown(experiment: str, records: list[dict], command: str, source: str, pu
     return "\n".join(lines) + "\n"
 
 
-def write_atomically(path: Path, text: str) -> None:
+def write_atomically(path: Path, content: str | bytes) -> None:
+    """A temporary file beside `path`, then a rename: readers see the old file or the new one, never half."""
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = path.with_name(f".{path.name}.partial")
-    staging.write_text(text)
-    staging.replace(path)
+    try:
+        staging.write_bytes(content if isinstance(content, bytes) else content.encode())
+        staging.replace(path)
+    finally:
+        staging.unlink(missing_ok=True)
 
 
 def result_owner(command: str) -> str:
