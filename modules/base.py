@@ -144,6 +144,7 @@ class TrainedHFModel(L.LightningModule):
 
     output_name: ClassVar[str]  # the folder, in the run directory, that the model is saved to
     skipped_batches: int = 0
+    step_metrics_to_log: dict | None = None  # from the checkpoint a run resumes from
 
     @property
     def trained_model(self) -> torch.nn.Module:
@@ -155,20 +156,24 @@ class TrainedHFModel(L.LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
         loss = self._step("train", batch)
         finite = self.loss_is_finite(loss, batch_idx)
+        self.log_skipped_batches()
+        return loss if finite else None  # None: Lightning skips the update
+
+    def log_skipped_batches(self) -> None:
         if self.hparams.nonfinite_loss == "skip":  # a running count, so that its last value is the total
             self.log("train/skipped_batches", float(self.skipped_batches), on_step=True, on_epoch=False)
-        return loss if finite else None  # None: Lightning skips the update
 
     def loss_is_finite(self, loss: torch.Tensor, batch_idx: int) -> bool:
         """False when the batch is to be skipped; raises NonFiniteLoss unless `nonfinite_loss` is "skip".
         Every process decides together: one rank skipping alone would hang the gradient all-reduce."""
-        finite = torch.isfinite(loss.detach()).all().float()
+        finite_here = torch.isfinite(loss.detach()).all()
+        finite = finite_here.float()
         if self._trainer is not None:
             finite = self.trainer.strategy.reduce(finite, reduce_op="mean")
         if finite.item() == 1.0:
             return True
         where = f"step {self.global_step}, batch index {batch_idx} of epoch {self.current_epoch}"
-        value = loss.item() if not torch.isfinite(loss.detach()).all() else "on another process"
+        value = "on another process" if finite_here else loss.item()
         if self.hparams.nonfinite_loss != "skip":
             raise NonFiniteLoss(f"non-finite training loss ({value}) at {where}; lower model.lr, check that "
                                 f"batch's data, or pass --model.nonfinite_loss=skip to skip such batches")
@@ -215,7 +220,7 @@ class TrainedHFModel(L.LightningModule):
         self.step_metrics_to_log = checkpoint.get("step_metrics")
 
     def on_train_start(self) -> None:
-        pending, self.step_metrics_to_log = getattr(self, "step_metrics_to_log", None), None
+        pending, self.step_metrics_to_log = self.step_metrics_to_log, None
         if pending and pending["metrics"] and self.logger and (pending["step"] + 1) % self.trainer.log_every_n_steps == 0:
             self.logger.log_metrics(pending["metrics"], step=pending["step"])
 

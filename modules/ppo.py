@@ -270,8 +270,7 @@ class PPO(AlignmentModule):
         metrics["objective/kl_coef"] = torch.tensor(self.kl_coef)
         self.adapt_kl_coef(metrics["objective/kl"], len(rollout.scores))
         self.log_metrics("train", metrics, len(rollout.scores), prog_bar=("objective/scores", "objective/kl"))
-        if self.hparams.nonfinite_loss == "skip":  # here a skipped batch is one PPO mini-batch update
-            self.log("train/skipped_batches", float(self.skipped_batches), on_step=True, on_epoch=False)
+        self.log_skipped_batches()  # here a skipped batch is one PPO mini-batch update
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         rollout = self.rollout(batch)
