@@ -180,6 +180,8 @@ def train_one(
                 log.info("trainer.enable_checkpointing=false: this run writes no checkpoint and cannot be resumed")
             last = Path(checkpoint["dirpath"]) / LAST_CHECKPOINT.name
             self.resume_from = last if last.exists() else None
+            # Rank 0 keeps the run's records; the other processes only train with it.
+            self.earlier = earlier_run(self.run_dir, client) if is_rank_zero else None
             # PPO's model.proxy and the ranked view's data.proxy: "latest" is the experiment's newest proxy.
             for section in ("model", "data"):
                 if self.config[section].get("proxy") == "latest":
@@ -188,9 +190,7 @@ def train_one(
                              self.config[section]["proxy"])
 
         def instantiate_trainer(self, **kwargs):
-            # A resumed run continues its MLflow run; earlier_run vets it before training starts.
-            resumed_run_id = (json.loads((self.run_dir / RUN_RECORD).read_text()).get("mlflow_run_id")
-                              if self.resume_from and (self.run_dir / RUN_RECORD).exists() else None)
+            resumed_run_id = self.earlier["mlflow_run_id"] if self.resume_from and self.earlier else None
             self.run_logger = tracking.make_logger(recipe_name, self.run_dir.name, tags, run_id=resumed_run_id)
             trainer = super().instantiate_trainer(logger=self.run_logger, default_root_dir=str(self.run_dir), **kwargs)
             trainer.callbacks.extend([TrainingThroughput(), *(callbacks or [])])
@@ -219,9 +219,9 @@ def train_one(
         log.info("%s: reusing finished run %s with the same config (fingerprint %s)", algorithm, found[0], fingerprint)
         return TrainResult(run_id=found[0], output_path=found[1], reused=True)
     output_path = (cli.run_dir / module_class.output_name).resolve()
-    if not is_rank_zero:  # rank 0 keeps the run's records; the others only train with it
+    if not is_rank_zero:
         return fit(cli, output_path)
-    earlier = earlier_run(cli.run_dir, client)
+    earlier = cli.earlier
     if cli.resume_from is not None:
         if earlier["config_fingerprint"] != fingerprint:
             raise BenchError(f"{cli.run_dir} holds a run with another config (fingerprint {earlier['config_fingerprint']}, "
