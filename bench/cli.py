@@ -215,6 +215,7 @@ def eval_command(argv: list[str]) -> None:
     parser.add_argument("--max-new-tokens", type=int)
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--seed", type=int)
+    parser.add_argument("--backend", help="sampling backend: harness (default) or hf (model.generate)")
     args = parser.parse_args(argv)
     recipe_name, recipe_config = recipes.load(args.recipe)
     eval_config = dict(recipe_config.get("eval") or {})
@@ -222,7 +223,7 @@ def eval_command(argv: list[str]) -> None:
         if getattr(args, key) is not None:
             eval_config[key] = None if getattr(args, key) == "none" else getattr(args, key)
     sampling = dict(eval_config.get("sampling", {}))
-    for key in ("temperature", "top_p", "max_new_tokens", "batch_size", "seed"):
+    for key in ("temperature", "top_p", "max_new_tokens", "batch_size", "seed", "backend"):
         if getattr(args, key) is not None:
             sampling[key] = getattr(args, key)
     eval_config["sampling"] = sampling
@@ -250,11 +251,18 @@ def perf_command(argv: list[str]) -> None:
     parser.add_argument("--policy", default=defaults.policy)
     parser.add_argument("--data-path", default=defaults.data_path)
     parser.add_argument("--precision", default=default_precision(), choices=("bf16-mixed", "32-true"))
-    parser.add_argument("--variants", nargs="+", choices=perf.VARIANTS, default=list(perf.VARIANTS))
+    parser.add_argument("--variants", nargs="+", choices=perf.VARIANTS, default=list(perf.VARIANTS),
+                        help="training variants")
+    parser.add_argument("--parts", nargs="+", choices=perf.PARTS, default=list(perf.PARTS))
+    generation = perf.GenerationSettings()
+    parser.add_argument("--gen-prompts", type=int, default=generation.n_prompts, help="generation: prompts")
+    parser.add_argument("--gen-max-new-tokens", type=int, default=generation.max_new_tokens)
+    parser.add_argument("--gen-batch-size", type=int, default=generation.batch_size)
     parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
     parser.add_argument("--output", help=f"also write the table here (e.g. {RESULTS_DIR / 'perf.md'})")
     args = parser.parse_args(argv)
-    for name in ("steps", "batch_size", "max_length", "max_prompt_length"):
+    for name in ("steps", "batch_size", "max_length", "max_prompt_length", "gen_prompts", "gen_max_new_tokens",
+                 "gen_batch_size"):
         if getattr(args, name) < 1:
             raise BenchError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     command = "bench perf " + " ".join(argv)
@@ -263,9 +271,12 @@ def perf_command(argv: list[str]) -> None:
     settings = perf.PerfSettings(data_path=args.data_path, policy=args.policy, steps=args.steps,
                                  batch_size=args.batch_size, max_length=args.max_length,
                                  max_prompt_length=args.max_prompt_length, lr=args.lr, precision=args.precision)
-    results = perf.perf(settings, tuple(args.variants))
-    table = perf.markdown(results, settings, command)
-    print(perf.dumps(results, settings) if args.json else table)
+    generation = perf.GenerationSettings(n_prompts=args.gen_prompts, max_new_tokens=args.gen_max_new_tokens,
+                                         batch_size=args.gen_batch_size)
+    report = perf.perf(settings, tuple(args.variants) if "training" in args.parts else (),
+                       generation if "generation" in args.parts else None)
+    table = perf.markdown(report, command)
+    print(perf.dumps(report) if args.json else table)
     if args.output:
         write_result(Path(args.output), table + "\n", command)
         print(f"wrote {args.output}")

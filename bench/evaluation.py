@@ -25,7 +25,7 @@ from bench.judges import DPO_HELPFULNESS_PROMPT, ChatCompletionsJudge, RewardMod
 from bench.models import BUILTIN_SPECS, load_causal_lm, load_tokenizer, resolve
 from datamodules.formatting import Formatter
 from datamodules.hh_datamodule import Collator
-from datamodules.hh_rlhf import load_splits
+from datamodules.hh_rlhf import Pair, load_splits
 from modules.base import SequenceLogps, head_computes_logits, sequence_logps
 from modules.metrics import BootstrapMean, WinRate
 
@@ -196,21 +196,25 @@ def batched_logps(model, rows: list[dict], collate, batch_size: int, desc: str) 
     return SequenceLogps(torch.cat(totals), torch.cat(tokens))
 
 
+def eval_pairs(data: dict, split: str, n_prompts: int, seed: int) -> list[Pair]:
+    """The `n_prompts` pairs of `split` that evaluation uses: a seeded sample, in the split's order."""
+    splits, _ = load_splits(data["path"], data.get("subsets"), data.get("val_fraction", 0.1),
+                            data.get("test_fraction", 0.1))
+    prompt_pairs = splits[split]
+    if n_prompts > len(prompt_pairs):
+        raise ConfigError(f"eval.n_prompts {n_prompts} is larger than the {split} split "
+                          f"({len(prompt_pairs)} pairs in {data['path']})")
+    return [prompt_pairs[i] for i in sorted(random.Random(seed).sample(range(len(prompt_pairs)), n_prompts))]
+
+
 def evaluate(target: Target, settings: EvalSettings) -> dict:
     """Measure, log to MLflow, and return the `eval/` metrics."""
     data = target.data
-    splits, _ = load_splits(data["path"], data.get("subsets"), data.get("val_fraction", 0.1),
-                            data.get("test_fraction", 0.1))
-    prompt_pairs = splits[settings.split]
-    if settings.n_prompts > len(prompt_pairs):
-        raise ConfigError(f"eval.n_prompts {settings.n_prompts} is larger than the {settings.split} split "
-                          f"({len(prompt_pairs)} pairs in {data['path']})")
+    pairs = eval_pairs(data, settings.split, settings.n_prompts, settings.sampling.seed)
     judge = make_judge(settings, target.experiment)
     judge.check_reachable()
     proxy = make_proxy(settings, target.experiment, judge)
 
-    chosen_indices = sorted(random.Random(settings.sampling.seed).sample(range(len(prompt_pairs)), settings.n_prompts))
-    pairs = [prompt_pairs[i] for i in chosen_indices]
     tokenizer = load_tokenizer(target.policy)
     formatter = Formatter(tokenizer, data.get("chat_template", True), data.get("max_length", 512),
                           data.get("max_prompt_length", 256))

@@ -1,15 +1,34 @@
-"""Batched sampling from a policy, and the on-disk cache of the reference policy's samples."""
+"""Sampling from a policy: the `Sampling` settings, the sampler backends behind `sample()`, and the on-disk
+cache of sampled token ids.
 
+Every caller samples through `sample()`: evaluation (policy and reference samples), RRHF's candidates, PPO's
+rollouts and best-of-N. `sampling.backend` chooses the class that does the work:
+
+- ``harness`` (the default, `KVCacheSampler`): a decode loop over the model's own forward, with a key/value
+  cache written in place, the matmul weights cast to bf16 once instead of at every step under autocast, and
+  finished rows dropped from the batch. Each prompt draws from its own random stream, seeded from
+  `sampling.seed` and its position, so a row's sample does not depend on which other rows finish first.
+- ``hf`` (`HFGenerateSampler`): plain `model.generate`, as an HF or TRL user calls it.
+
+A backend is a subclass of `Sampler` with one method; a GPU user adds vLLM as one more class.
+"""
+
+import copy
 import hashlib
 import json
 import logging
 import os
 import re
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import ClassVar
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
+from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, get_layer_types_and_kwargs
 
 from bench.errors import ConfigError
 from bench.models import cache_dir, resolve
@@ -18,20 +37,35 @@ log = logging.getLogger(__name__)
 
 # A response ends where the model starts the next human turn, in raw HH or chat form.
 NEW_TURN = re.compile(r"(\n\s*)?(Human:|<\|im_start\|>user)")
+DEFAULT_BACKEND = "harness"
 
 
 @dataclass(frozen=True)
 class Sampling:
+    """How to sample: `temperature` 0 is greedy; `top_p` < 1 is nucleus sampling; a response ends at EOS /
+    end of turn (kept) or after `max_new_tokens`. `batch_size` prompts of similar length decode together."""
+
     temperature: float = 0.7
     top_p: float = 1.0
     max_new_tokens: int = 128
     batch_size: int = 16
     seed: int = 0
+    backend: str = DEFAULT_BACKEND
 
     def __post_init__(self):
         if self.temperature < 0 or not 0 < self.top_p <= 1 or self.max_new_tokens < 1 or self.batch_size < 1:
             raise ConfigError(f"invalid sampling settings {self}: need temperature >= 0, 0 < top_p <= 1, "
                               "max_new_tokens >= 1, batch_size >= 1")
+        check_backend(self.backend)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def check_backend(backend: str, field: str = "sampling.backend") -> None:
+    if backend not in SAMPLERS:
+        raise ConfigError(f"{field} {backend!r} is unknown; choose one of {', '.join(SAMPLERS)}")
 
 
 def cut_at_new_turn(text: str) -> str:
@@ -39,46 +73,291 @@ def cut_at_new_turn(text: str) -> str:
     return (text[: match.start()] if match else text).strip()
 
 
+def decode_responses(tokenizer, generated: list[list[int]]) -> list[str]:
+    return [cut_at_new_turn(tokenizer.decode(ids, skip_special_tokens=True)) for ids in generated]
+
+
+def length_sorted_batches(prompt_ids: list[list[int]], batch_size: int) -> list[list[int]]:
+    """Prompt indices in batches of similar length: less left-padding to compute on."""
+    order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
+    return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+
+
+def left_padded(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(p) for p in prompts)
+    input_ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts], device=device)
+    attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    return input_ids, attention_mask
+
+
+def cut_after_eos(ids: list[int], eos_ids: set[int]) -> list[int]:
+    for position, token in enumerate(ids):
+        if token in eos_ids:
+            return ids[: position + 1]
+    return ids
+
+
+def row_seeds(seed: int, rows: int) -> list[int]:
+    """One seed per prompt position, derived from `seed` (numpy's SeedSequence: independent streams)."""
+    return [int(s) for s in np.random.SeedSequence(seed).generate_state(rows, dtype=np.uint64) % (2**63 - 1)]
+
+
+class Sampler:
+    """A sampling backend. Subclasses set `name` (the value of `sampling.backend`) and implement `generate`."""
+
+    name: ClassVar[str]
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        SAMPLERS[cls.name] = cls
+
+    def generate(self, model, prompt_ids: list[list[int]], sampling: Sampling, eos_ids: set[int], pad_id: int,
+                 progress: tqdm) -> list[list[int]]:
+        """Generated token ids per prompt, in the prompts' order, each ending at its first EOS (kept) or after
+        `sampling.max_new_tokens`. `progress` counts prompts."""
+        raise NotImplementedError
+
+
+SAMPLERS: dict[str, type[Sampler]] = {}
+
+
+class HFGenerateSampler(Sampler):
+    """`model.generate` with the dynamic KV cache, under whatever autocast the caller set: the way HF and TRL
+    sample. Seeds the global RNG with `sampling.seed`."""
+
+    name = "hf"
+
+    def generate(self, model, prompt_ids, sampling, eos_ids, pad_id, progress):
+        torch.manual_seed(sampling.seed)
+        outputs: list[list[int] | None] = [None] * len(prompt_ids)
+        for batch in length_sorted_batches(prompt_ids, sampling.batch_size):
+            input_ids, attention_mask = left_padded([prompt_ids[i] for i in batch], pad_id, model.device)
+            generated = model.generate(
+                input_ids=input_ids, attention_mask=attention_mask, do_sample=not sampling.greedy,
+                temperature=None if sampling.greedy else sampling.temperature,
+                top_p=None if sampling.greedy else sampling.top_p, top_k=None,
+                max_new_tokens=sampling.max_new_tokens, eos_token_id=sorted(eos_ids), pad_token_id=pad_id,
+                use_cache=True,
+            )[:, input_ids.shape[1]:].tolist()
+            for index, ids in zip(batch, generated):
+                outputs[index] = cut_after_eos(ids, eos_ids)
+            progress.update(len(batch))
+        return outputs
+
+
+# --- the harness's own decode loop --------------------------------------------------------------------------
+# generation_config fields that change which tokens are drawn, with the value that leaves them off. The
+# harness's loop applies temperature and top_p only; a model that asks for more is refused, not half-honoured.
+UNHONOURED_GENERATION_FIELDS = {
+    "top_k": (None, 0), "typical_p": (None, 1.0), "min_p": (None,), "epsilon_cutoff": (None, 0.0),
+    "eta_cutoff": (None, 0.0), "repetition_penalty": (None, 1.0), "encoder_repetition_penalty": (None, 1.0),
+    "no_repeat_ngram_size": (None, 0), "bad_words_ids": (None,), "min_length": (None, 0),
+    "min_new_tokens": (None, 0), "suppress_tokens": (None,), "begin_suppress_tokens": (None,),
+    "forced_bos_token_id": (None,), "forced_eos_token_id": (None,), "sequence_bias": (None,),
+    "exponential_decay_length_penalty": (None,), "renormalize_logits": (None, False),
+}
+
+
+class PreallocatedLayer(DynamicLayer):
+    """One full-attention layer's keys and values in buffers sized once for the whole generation. A step
+    writes its token in place and attention reads a view of the filled part; HF's DynamicLayer instead
+    concatenates, copying every row's whole cache at every step."""
+
+    def __init__(self, capacity: int):
+        super().__init__()
+        self.capacity, self.length = capacity, 0
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        super().lazy_initialization(key_states, value_states)
+        self.key_buffer = key_states.new_empty((*key_states.shape[:2], self.capacity, key_states.shape[-1]))
+        self.value_buffer = value_states.new_empty((*value_states.shape[:2], self.capacity, value_states.shape[-1]))
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        end = self.length + key_states.shape[-2]
+        self.key_buffer[:, :, self.length:end] = key_states
+        self.value_buffer[:, :, self.length:end] = value_states
+        self.length = end
+        self.keys, self.values = self.key_buffer[:, :, :end], self.value_buffer[:, :, :end]
+        return self.keys, self.values
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.is_initialized:
+            self.key_buffer, self.value_buffer = self.key_buffer[indices], self.value_buffer[indices]
+            self.keys, self.values = self.key_buffer[:, :, :self.length], self.value_buffer[:, :, :self.length]
+
+
+def decode_cache(model, capacity: int):
+    """A cache of `PreallocatedLayer`s when every layer attends to the whole context; otherwise (sliding
+    windows, linear attention, shared KV) the model's own dynamic cache."""
+    config = model.config.get_text_config(decoder=True)
+    layer_types, _ = get_layer_types_and_kwargs(config)
+    if any(kind != "full_attention" for kind in layer_types):
+        return DynamicCache(config=model.config)
+    return Cache(layers=[PreallocatedLayer(capacity) for _ in layer_types])
+
+
+def autocast_dtype(device_type: str) -> torch.dtype | None:
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+
+
+def matmul_weights_cast_once(model, dtype: torch.dtype):
+    """A copy of `model` whose linear layers hold `dtype` weights, for sampling under autocast to `dtype`.
+    Autocast casts every fp32 weight at every decode step; with the copy it finds them cast already. Only the
+    matmul weights change, so the result is what autocast computes: norms, embeddings and the residual
+    stream stay fp32. A tied output head is untied in the copy, so the embedding lookup stays fp32.
+    None when the copy is not worth it or not possible (sharded parameters, or too little GPU memory)."""
+    parameters = list(model.parameters())
+    if not parameters or any(p.dtype != torch.float32 for p in parameters):
+        return None
+    if any(type(p).__name__ == "DTensor" or hasattr(p, "_is_sharded") for p in parameters):
+        return None
+    device = parameters[0].device
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        if free < 1.5 * sum(p.numel() for p in parameters) * dtype.itemsize:
+            return None
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    clone = copy.deepcopy(model).requires_grad_(False).eval()
+    clone_head = clone.get_output_embeddings() if head is not None else None
+    for module in clone.modules():
+        if isinstance(module, torch.nn.Linear) and module is not clone_head:
+            module.weight.data = module.weight.data.to(dtype)
+    if clone_head is not None and isinstance(clone_head, torch.nn.Linear):
+        clone_head.weight = torch.nn.Parameter(clone_head.weight.detach().to(dtype), requires_grad=False)
+    return clone
+
+
+class KVCacheSampler(Sampler):
+    """The harness's decode loop. Same semantics as `model.generate` (temperature, then top_p, through HF's
+    own logits warpers; greedy at temperature 0; a row ends at EOS or after `max_new_tokens`), with:
+
+    - a preallocated KV cache written in place (`PreallocatedLayer`);
+    - under bf16 autocast, a copy of the model with bf16 matmul weights (`matmul_weights_cast_once`);
+    - finished rows dropped from the batch once they are an eighth of it;
+    - one random stream per prompt (`row_seeds`).
+    """
+
+    name = "harness"
+    compact_fraction = 1 / 8  # drop finished rows once they are this share of the batch
+
+    @staticmethod
+    def check(model) -> None:
+        config = getattr(model, "generation_config", None)
+        for field, neutral in UNHONOURED_GENERATION_FIELDS.items():
+            value = getattr(config, field, None)
+            if value not in neutral:
+                raise ConfigError(f"the model's generation_config.{field}={value!r} is not honoured by "
+                                  f"sampling.backend={KVCacheSampler.name!r}; set sampling.backend=hf to sample "
+                                  "with model.generate")
+
+    def generate(self, model, prompt_ids, sampling, eos_ids, pad_id, progress):
+        self.check(model)
+        warpers = self.warpers(sampling)
+        dtype = autocast_dtype(model.device.type)
+        fast_model = matmul_weights_cast_once(model, dtype) if dtype in (torch.bfloat16, torch.float16) else None
+        seeds = row_seeds(sampling.seed, len(prompt_ids))
+        outputs: list[list[int] | None] = [None] * len(prompt_ids)
+        for batch in length_sorted_batches(prompt_ids, sampling.batch_size):
+            generators = [torch.Generator(model.device).manual_seed(seeds[i]) for i in batch]
+            generated = self.decode(fast_model or model, [prompt_ids[i] for i in batch], sampling, warpers,
+                                    generators, eos_ids, pad_id)
+            for index, ids in zip(batch, generated):
+                outputs[index] = ids
+            progress.update(len(batch))
+        return outputs
+
+    def decode(self, model, prompts, sampling, warpers, generators, eos_ids, pad_id) -> list[list[int]]:
+        input_ids, attention_mask = left_padded(prompts, pad_id, model.device)
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # as generate: real tokens count from 0
+        cache = decode_cache(model, input_ids.shape[1] + sampling.max_new_tokens)
+        eos = torch.tensor(sorted(eos_ids), device=model.device)
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                       past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+        rows = torch.arange(len(prompts), device=model.device)  # the prompt behind each row of the batch
+        next_position = position_ids[:, -1] + 1
+        outputs: list[list[int]] = [[] for _ in prompts]
+        finished_rows = torch.zeros(len(prompts), dtype=torch.bool, device=model.device)
+        for step in range(sampling.max_new_tokens):
+            tokens = self.choose(logits.float(), sampling, warpers, [generators[r] for r in rows.tolist()])
+            for row, token, done in zip(rows.tolist(), tokens.tolist(), finished_rows[rows].tolist()):
+                if not done:  # a finished row decodes on until it is dropped; its tokens are not kept
+                    outputs[row].append(token)
+            finished_rows[rows] |= torch.isin(tokens, eos)
+            if step == sampling.max_new_tokens - 1 or bool(finished_rows.all()):
+                break
+            finished = finished_rows[rows]
+            if finished.sum() >= max(1, self.compact_fraction * len(rows)):
+                keep = (~finished).nonzero().squeeze(1)
+                cache.batch_select_indices(keep)
+                rows, tokens, attention_mask, next_position = (rows[keep], tokens[keep], attention_mask[keep],
+                                                               next_position[keep])
+            attention_mask = torch.cat([attention_mask, attention_mask.new_ones((len(rows), 1))], dim=1)
+            logits = model(input_ids=tokens[:, None], attention_mask=attention_mask,
+                           position_ids=next_position[:, None], past_key_values=cache, use_cache=True).logits[:, -1]
+            next_position = next_position + 1
+        return outputs
+
+    @staticmethod
+    def warpers(sampling: Sampling) -> LogitsProcessorList:
+        """HF's own warpers, in generate's order: temperature, then top_p (only when it cuts anything)."""
+        warpers = LogitsProcessorList()
+        if not sampling.greedy:
+            warpers.append(TemperatureLogitsWarper(sampling.temperature))
+            if sampling.top_p < 1.0:
+                warpers.append(TopPLogitsWarper(sampling.top_p))
+        return warpers
+
+    @staticmethod
+    def choose(logits: torch.Tensor, sampling: Sampling, warpers, generators: list[torch.Generator]) -> torch.Tensor:
+        """The next token of each row: the argmax at temperature 0, else a draw from the warped distribution
+        (what `generate` does), each row from its own stream."""
+        if sampling.greedy:
+            return logits.argmax(-1)
+        probs = torch.softmax(warpers(None, logits), dim=-1)
+        return torch.cat([torch.multinomial(p, 1, generator=g) for p, g in zip(probs, generators)])
+
+
+@dataclass
+class SamplingStats:
+    """What sampling has cost in this process: `bench compare` and `bench eval` report it."""
+
+    seconds: float = 0.0
+    tokens: int = 0
+    prompts: int = 0
+
+
+SAMPLING_STATS = SamplingStats()
+
+
 @torch.no_grad()
 def sample(
     model, tokenizer, prompt_ids: list[list[int]], sampling: Sampling, desc: str, leave: bool = True
 ) -> list[list[int]]:
-    """Generated token ids per prompt, ending at EOS / end of turn (included) or at max_new_tokens.
-    Batched by prompt length (less left-padding), with the KV cache. Seeds the global RNG with `sampling.seed`."""
+    """Generated token ids per prompt, ending at EOS / end of turn (included) or at `max_new_tokens`, from
+    `sampling.backend`. The model is in eval mode (no dropout) while it samples."""
+    if not prompt_ids:
+        return []
     was_training = model.training
     model.eval()
-    torch.manual_seed(sampling.seed)
-    pad_id, eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
-    order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
-    outputs = []
-    for start in tqdm(range(0, len(order), sampling.batch_size), desc=desc, unit="batch", leave=leave):
-        chunk = [prompt_ids[i] for i in order[start : start + sampling.batch_size]]
-        width = max(len(p) for p in chunk)
-        input_ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in chunk], device=model.device)
-        attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=model.device)
-        generated = model.generate(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            do_sample=sampling.temperature > 0,
-            temperature=sampling.temperature if sampling.temperature > 0 else None,
-            top_p=sampling.top_p if sampling.temperature > 0 else None,
-            top_k=None,
-            max_new_tokens=sampling.max_new_tokens,
-            eos_token_id=eos_id,
-            pad_token_id=pad_id,
-            use_cache=True,
-        )[:, width:].tolist()
-        for ids in generated:
-            outputs.append(ids[: ids.index(eos_id) + 1] if eos_id in ids else ids)
-    model.train(was_training)
-    by_prompt = [None] * len(order)
-    for position, index in enumerate(order):
-        by_prompt[index] = outputs[position]
-    return by_prompt
-
-
-def decode_responses(tokenizer, generated: list[list[int]]) -> list[str]:
-    return [cut_at_new_turn(tokenizer.decode(ids, skip_special_tokens=True)) for ids in generated]
+    eos_ids = {tokenizer.eos_token_id}
+    started = time.perf_counter()
+    try:
+        with tqdm(total=len(prompt_ids), desc=desc, unit="prompt", leave=leave) as progress:
+            generated = SAMPLERS[sampling.backend]().generate(model, prompt_ids, sampling, eos_ids,
+                                                              tokenizer.pad_token_id, progress)
+            tokens = sum(map(len, generated))
+            seconds = time.perf_counter() - started
+            progress.set_postfix_str(f"{tokens / seconds:.0f} tokens/s", refresh=True)
+    finally:
+        model.train(was_training)
+    SAMPLING_STATS.seconds += seconds
+    SAMPLING_STATS.tokens += tokens
+    SAMPLING_STATS.prompts += len(prompt_ids)
+    log.info("%s: %d tokens for %d prompts in %.1f s (%.0f tokens/s, backend %s)", desc, tokens, len(prompt_ids),
+             seconds, tokens / seconds, sampling.backend)
+    return generated
 
 
 def model_fingerprint(spec: str) -> str:

@@ -1,5 +1,6 @@
-"""`bench perf`: DPO in this harness against TRL's `DPOTrainer`, on the same model, pairs, batches and settings.
+"""`bench perf`: this harness's speed against the tools researchers use otherwise, in two parts.
 
+**training**: DPO in this harness against TRL's `DPOTrainer`, on the same model, pairs, batches and settings.
 Four variants, each in its own process so that peak memory is its own:
 
 - harness-cold: this harness with an empty reference log-prob cache (it scores the pairs once, then trains);
@@ -14,9 +15,19 @@ warmup, gradient clipping at 1.0, beta, seed. Each variant is timed from loading
 training: reference set-up and any precompute included.
 
 MFU = (6 * params * training tokens + 2 * params * reference tokens) / seconds / peak, where the peak is
-the best bf16 (or fp32) matmul rate measured when the variant's process starts.
+the best bf16 (or fp32) matmul rate, measured once per invocation after a warm-up and used for every variant.
+
+**generation**: sampling tokens/s on the same prompts and settings (by default `bench eval`'s: 64 HH test
+prompts, temperature 0.7, 128 new tokens, batches of 16) for plain `model.generate` as an HF or TRL user
+calls it (dynamic KV cache, autocast), for this harness's sampler (`bench.generation`), and the bound that
+one weight-bound decode step sets: a decode step at batch 1 reads every weight once, so batches of B
+cannot decode faster than B tokens per such step.
+
+Every run records how busy the machine was: the CPU time that other processes used while it ran, from
+/proc/stat, and the load average. A contended run says so in its table.
 """
 
+import contextlib
 import json
 import multiprocessing
 import os
@@ -25,10 +36,14 @@ import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 
 VARIANTS = ("harness-cold", "harness-warm", "trl", "trl-precompute")
+GENERATION_VARIANTS = ("generate", "harness")
+PARTS = ("training", "generation")
+BUSY_CORES = 0.1  # other processes using more than this many cores on average: the run was contended
 
 
 @dataclass(frozen=True)
@@ -50,7 +65,18 @@ class PerfSettings:
         return self.steps * self.batch_size
 
 
-def matmul_peak_flops(bf16: bool, size: int = 2048, repeats: int = 8, trials: int = 8, warmup_s: float = 2.0) -> float:
+@dataclass(frozen=True)
+class GenerationSettings:
+    """What the generation part samples: `bench eval`'s defaults."""
+
+    n_prompts: int = 64
+    temperature: float = 0.7
+    max_new_tokens: int = 128
+    batch_size: int = 16
+    seed: int = 0
+
+
+def matmul_peak_flops(bf16: bool, size: int = 2048, repeats: int = 8, trials: int = 16, warmup_s: float = 5.0) -> float:
     """The best FLOP/s of square matmuls in the training dtype: the denominator of MFU."""
     dtype = torch.bfloat16 if bf16 else torch.float32
     a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
@@ -144,11 +170,10 @@ def run_trl(settings: PerfSettings, dm, precompute: bool) -> dict:
     return {"seconds": seconds, "losses": losses, "model": trainer.model}
 
 
-def run_variant(variant: str, settings: PerfSettings, reference_cache: str) -> dict:
-    """One variant, in a fresh process: the peak, the run, and that process's peak RSS."""
+def run_variant(variant: str, settings: PerfSettings, reference_cache: str, peak: float) -> dict:
+    """One training variant, in a fresh process: the run, and that process's peak RSS."""
     os.environ["BENCH_REFERENCE_CACHE"] = reference_cache
     torch.manual_seed(settings.seed)
-    peak = matmul_peak_flops(settings.precision == "bf16-mixed")
     dm = harness_datamodule(settings)
     tokens = pair_tokens(dm.views["train"])
     if variant.startswith("harness"):
@@ -165,7 +190,7 @@ def run_variant(variant: str, settings: PerfSettings, reference_cache: str) -> d
         "tokens_per_s": tokens / seconds,
         "mfu": (6 * params * tokens + 2 * params * reference_tokens) / seconds / peak,
         "peak_flops": peak,
-        "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+        "peak_rss_gb": peak_rss_gb(),
         "final_loss": result["losses"][-1] if result["losses"] else float("nan"),
         "losses": result["losses"],
         "params": params,
@@ -173,35 +198,152 @@ def run_variant(variant: str, settings: PerfSettings, reference_cache: str) -> d
     }
 
 
-def _child(variant: str, settings: PerfSettings, reference_cache: str, queue) -> None:
+def peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def generation_prompts(settings: PerfSettings, generation: GenerationSettings, tokenizer) -> list[list[int]]:
+    """`bench eval`'s prompts: a seeded sample of the test split, formatted as the policy samples them."""
+    from bench.evaluation import eval_pairs
+    from datamodules.formatting import Formatter
+
+    pairs = eval_pairs({"path": settings.data_path}, "test", generation.n_prompts, generation.seed)
+    formatter = Formatter(tokenizer, True, settings.max_length, settings.max_prompt_length)
+    return [formatter.generation_prompt_ids(pair.prompt) for pair in pairs]
+
+
+def precision_context(settings: PerfSettings, device: torch.device):
+    if settings.precision == "bf16-mixed":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@torch.no_grad()
+def weight_bound_step_seconds(model, repeats: int = 20) -> float:
+    """The median time of one decode step at batch 1 over an 8-token cache, with the matmul weights cast as
+    the harness's sampler casts them: the time to read every weight once, which no decode step beats."""
+    from transformers import DynamicCache
+
+    from bench.generation import autocast_dtype, matmul_weights_cast_once
+
+    dtype = autocast_dtype(model.device.type)
+    model = (matmul_weights_cast_once(model, dtype) if dtype else None) or model
+    cache = DynamicCache(config=model.config)
+    model(input_ids=torch.arange(1, 9, device=model.device)[None], past_key_values=cache, use_cache=True)
+    token = torch.ones((1, 1), dtype=torch.long, device=model.device)
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        model(input_ids=token, past_key_values=cache, use_cache=True)
+        times.append(time.perf_counter() - started)
+        cache.crop(-1)  # the same 8-token cache every time
+    return sorted(times)[len(times) // 2]
+
+
+def run_generation_variant(variant: str, settings: PerfSettings, generation: GenerationSettings) -> dict:
+    """Sample `generation.n_prompts` prompts with one backend, after a short untimed warm-up."""
+    from bench.generation import Sampling, sample
+    from bench.models import load_causal_lm, load_tokenizer
+
+    model, tokenizer = load_causal_lm(settings.policy).eval(), load_tokenizer(settings.policy)
+    prompts = generation_prompts(settings, generation, tokenizer)
+    backend = {"generate": "hf", "harness": "harness"}[variant]
+    sampling = Sampling(temperature=generation.temperature, max_new_tokens=generation.max_new_tokens,
+                        batch_size=generation.batch_size, seed=generation.seed, backend=backend)
+    with precision_context(settings, model.device):
+        sample(model, tokenizer, prompts[:2], Sampling(max_new_tokens=8, backend=backend), desc="warm-up", leave=False)
+        started = time.perf_counter()
+        generated = sample(model, tokenizer, prompts, sampling, desc=f"{variant}: sample")
+        seconds = time.perf_counter() - started
+        step = weight_bound_step_seconds(model) if variant == "harness" else None
+    tokens = sum(map(len, generated))
+    result = {"variant": variant, "seconds": seconds, "tokens": tokens, "tokens_per_s": tokens / seconds,
+              "prompts": len(prompts), "mean_prompt_tokens": sum(map(len, prompts)) / len(prompts),
+              "peak_rss_gb": peak_rss_gb()}
+    if step is not None:
+        result.update(weight_bound_step_s=step, bound_tokens_per_s=generation.batch_size / step)
+    return result
+
+
+def _child(function, args: tuple, queue) -> None:
     os.dup2(2, 1)  # trainers print progress and logs to stdout; keep it for the report (and --json)
     sys.stdout = sys.stderr
     try:
-        queue.put(run_variant(variant, settings, reference_cache))
+        queue.put(function(*args))
     except BaseException as err:  # report it to the parent, which names the variant
-        queue.put({"variant": variant, "error": f"{type(err).__name__}: {err}"})
+        queue.put({"variant": args[0], "error": f"{type(err).__name__}: {err}"})
         raise
 
 
-def perf(settings: PerfSettings, variants: tuple[str, ...] = VARIANTS) -> list[dict]:
-    """Each variant in order, each in a spawned process; the warm variant reuses the cold one's cache."""
+def in_own_process(function, *args) -> dict:
+    """`function(*args)` in a spawned process, so that its peak memory and warm-up are its own."""
     from bench.errors import BenchError
 
     context = multiprocessing.get_context("spawn")
-    results = []
-    with tempfile.TemporaryDirectory(prefix="bench-perf-reference-cache-") as reference_cache:
-        for variant in variants:
-            queue = context.Queue()
-            process = context.Process(target=_child, args=(variant, settings, reference_cache, queue))
-            process.start()
-            result = queue.get()
-            process.join()
-            if "error" in result:
-                raise BenchError(f"bench perf: variant {variant} failed: {result['error']}")
-            results.append(result)
-            print(f"{variant}: {result['pairs_per_s']:.3f} pairs/s, final loss {result['final_loss']:.4f}",
-                  file=sys.stderr, flush=True)
-    return results
+    queue = context.Queue()
+    process = context.Process(target=_child, args=(function, args, queue))
+    process.start()
+    result = queue.get()
+    process.join()
+    if "error" in result:
+        raise BenchError(f"bench perf: variant {args[0]} failed: {result['error']}")
+    return result
+
+
+def busy_cpu_seconds() -> float:
+    """CPU time every process on the machine has spent, from /proc/stat (user, nice, system, irq, softirq, steal)."""
+    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in fields[:8])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def own_cpu_seconds() -> float:
+    """CPU time of this process and its finished children (the variants)."""
+    return sum(r.ru_utime + r.ru_stime for r in (resource.getrusage(resource.RUSAGE_SELF),
+                                                   resource.getrusage(resource.RUSAGE_CHILDREN)))
+
+
+class MachineLoad:
+    """How much of the machine other processes took while `bench perf` ran: their CPU time per second of
+    wall time (in cores), and the 1-minute load average before and after."""
+
+    def __enter__(self):
+        self.load_before, self.started = os.getloadavg()[0], time.perf_counter()
+        self.busy_before, self.own_before = busy_cpu_seconds(), own_cpu_seconds()
+        return self
+
+    def __exit__(self, *exc):
+        wall = time.perf_counter() - self.started
+        others = (busy_cpu_seconds() - self.busy_before) - (own_cpu_seconds() - self.own_before)
+        self.report = {"other_processes_cores": max(others, 0.0) / wall, "load_average_before": self.load_before,
+                       "load_average_after": os.getloadavg()[0], "wall_seconds": wall}
+        self.report["busy"] = self.report["other_processes_cores"] > BUSY_CORES
+        return False
+
+
+def perf(settings: PerfSettings, variants: tuple[str, ...] = VARIANTS,
+         generation: GenerationSettings | None = GenerationSettings(),
+         generation_variants: tuple[str, ...] = GENERATION_VARIANTS) -> dict:
+    """Both parts, each variant in its own spawned process; the warm variant reuses the cold one's cache.
+    The matmul peak is measured once, here, for every variant."""
+    with MachineLoad() as load:
+        peak = matmul_peak_flops(settings.precision == "bf16-mixed")
+        training = []
+        with tempfile.TemporaryDirectory(prefix="bench-perf-reference-cache-") as reference_cache:
+            for variant in variants:
+                result = in_own_process(run_variant, variant, settings, reference_cache, peak)
+                training.append(result)
+                print(f"{variant}: {result['pairs_per_s']:.3f} pairs/s, final loss {result['final_loss']:.4f}",
+                      file=sys.stderr, flush=True)
+        sampling = []
+        for variant in generation_variants if generation else ():
+            result = in_own_process(run_generation_variant, variant, settings, generation)
+            sampling.append(result)
+            print(f"{variant}: {result['tokens_per_s']:.1f} tokens/s", file=sys.stderr, flush=True)
+    return {"settings": asdict(settings), "generation_settings": asdict(generation) if generation else None,
+            "peak_flops": peak, "machine_load": load.report, "results": training, "generation": sampling,
+            "ratios": ratios(training), "generation_ratios": generation_ratios(sampling),
+            "final_loss_gap": loss_gap(training)}
 
 
 def ratios(results: list[dict]) -> dict[str, float]:
@@ -218,6 +360,17 @@ def ratios(results: list[dict]) -> dict[str, float]:
     }
 
 
+def generation_ratios(results: list[dict]) -> dict[str, float]:
+    by_variant = {r["variant"]: r for r in results}
+    found = {}
+    if "harness" in by_variant and "generate" in by_variant:
+        found["harness / generate"] = by_variant["harness"]["tokens_per_s"] / by_variant["generate"]["tokens_per_s"]
+    if "harness" in by_variant:
+        harness = by_variant["harness"]
+        found["harness / weight-bound"] = harness["tokens_per_s"] / harness["bound_tokens_per_s"]
+    return found
+
+
 def loss_gap(results: list[dict]) -> float | None:
     """Relative gap of final losses, harness (cold) against TRL (default)."""
     by_variant = {r["variant"]: r for r in results}
@@ -227,42 +380,74 @@ def loss_gap(results: list[dict]) -> float | None:
     return abs(ours - theirs) / abs(theirs)
 
 
-def markdown(results: list[dict], settings: PerfSettings, command: str) -> str:
+def markdown(report: dict, command: str) -> str:
     from bench import tracking
     from bench.table import machine
 
+    settings, load = PerfSettings(**report["settings"]), report["machine_load"]
+    contended = (f"**busy**: other processes used {load['other_processes_cores']:.2f} cores on average; these "
+                 "numbers are not an idle machine's" if load["busy"] else
+                 f"idle: other processes used {load['other_processes_cores']:.2f} cores on average")
     lines = [
-        "# DPO speed: this harness against TRL's DPOTrainer",
+        "# Speed: this harness against TRL's DPOTrainer and plain `model.generate`",
         "",
         f"Command: `{command}`  ",
         f"Date: {time.strftime('%Y-%m-%d %H:%M %Z')}  ",
         f"Machine: {machine()}  ",
         f"Commit: {tracking.git_commit()}  ",
-        f"Settings: {settings.policy}, {settings.steps} steps of {settings.batch_size} pairs, lengths "
-        f"{settings.max_length}/{settings.max_prompt_length}, {settings.precision}, AdamW lr {settings.lr}, "
-        f"beta {settings.beta}, seed {settings.seed}",
-        "",
-        "| variant | seconds | pairs/s | training tokens/s | MFU | matmul peak (TFLOP/s) | peak RSS (GiB) | final loss |",
-        "|---|---|---|---|---|---|---|---|",
+        f"Load: {contended}; 1-minute load average {load['load_average_before']:.2f} before, "
+        f"{load['load_average_after']:.2f} after; {load['wall_seconds'] / 60:.1f} min in all  ",
+        f"Matmul peak: {report['peak_flops'] / 1e12:.2f} TFLOP/s ({'bf16' if settings.precision == 'bf16-mixed' else 'fp32'}"
+        ", 2048² matrices, measured once after a 5 s warm-up), the denominator of every MFU below",
     ]
-    for r in results:
-        lines.append(f"| {r['variant']} | {r['seconds']:.1f} | {r['pairs_per_s']:.3f} | {r['tokens_per_s']:.0f} | "
-                     f"{100 * r['mfu']:.1f} % | {r['peak_flops'] / 1e12:.2f} | {r['peak_rss_gb']:.1f} | "
-                     f"{r['final_loss']:.5f} |")
-    lines.append("")
-    for name, value in ratios(results).items():
-        if value is not None:
-            lines.append(f"- pairs/s {name}: **{value:.2f}x**")
-    gap = loss_gap(results)
-    if gap is not None:
-        lines.append(f"- final loss, harness vs TRL after {settings.steps} steps: {100 * gap:.2f} % apart")
+    if report["results"]:
+        lines += [
+            "",
+            "## Training: DPO",
+            "",
+            f"Settings: {settings.policy}, {settings.steps} steps of {settings.batch_size} pairs, lengths "
+            f"{settings.max_length}/{settings.max_prompt_length}, {settings.precision}, AdamW lr {settings.lr}, "
+            f"beta {settings.beta}, seed {settings.seed}",
+            "",
+            "| variant | seconds | pairs/s | training tokens/s | MFU | peak RSS (GiB) | final loss |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for r in report["results"]:
+            lines.append(f"| {r['variant']} | {r['seconds']:.1f} | {r['pairs_per_s']:.3f} | {r['tokens_per_s']:.0f} | "
+                         f"{100 * r['mfu']:.1f} % | {r['peak_rss_gb']:.1f} | {r['final_loss']:.5f} |")
+        lines.append("")
+        for name, value in report["ratios"].items():
+            if value is not None:
+                lines.append(f"- pairs/s {name}: **{value:.2f}x**")
+        if report["final_loss_gap"] is not None:
+            lines.append(f"- final loss, harness vs TRL after {settings.steps} steps: "
+                         f"{100 * report['final_loss_gap']:.2f} % apart")
+    if report["generation"]:
+        generation = GenerationSettings(**report["generation_settings"])
+        first = report["generation"][0]
+        lines += [
+            "",
+            "## Generation",
+            "",
+            f"Settings: {settings.policy}, {first['prompts']} HH test prompts (mean {first['mean_prompt_tokens']:.0f} "
+            f"prompt tokens), temperature {generation.temperature}, up to {generation.max_new_tokens} new tokens, "
+            f"batches of {generation.batch_size}, {settings.precision}, seed {generation.seed}",
+            "",
+            "| variant | seconds | tokens | tokens/s | peak RSS (GiB) |",
+            "|---|---|---|---|---|",
+        ]
+        for r in report["generation"]:
+            lines.append(f"| {r['variant']} | {r['seconds']:.1f} | {r['tokens']:,} | {r['tokens_per_s']:.1f} | "
+                         f"{r['peak_rss_gb']:.1f} |")
+        harness = next((r for r in report["generation"] if "bound_tokens_per_s" in r), None)
+        if harness:
+            lines.append(f"| weight-bound (one decode step at batch 1: {1000 * harness['weight_bound_step_s']:.1f} ms) "
+                         f"| | | {harness['bound_tokens_per_s']:.1f} | |")
+        lines.append("")
+        for name, value in report["generation_ratios"].items():
+            lines.append(f"- tokens/s {name}: **{value:.2f}x**")
     return "\n".join(lines)
 
 
-def report(results: list[dict], settings: PerfSettings) -> dict:
-    return {"settings": asdict(settings), "results": results, "ratios": ratios(results),
-            "final_loss_gap": loss_gap(results)}
-
-
-def dumps(results: list[dict], settings: PerfSettings) -> str:
-    return json.dumps(report(results, settings), indent=1)
+def dumps(report: dict) -> str:
+    return json.dumps(report, indent=1)

@@ -13,7 +13,7 @@ from jsonargparse.typing import NonNegativeFloat, PositiveFloat, PositiveInt
 from tqdm.auto import tqdm
 
 from bench.errors import ConfigError
-from bench.generation import Sampling, decode_responses, sample
+from bench.generation import Sampling, check_backend, decode_responses, sample
 from bench.judges import check_proxy, load_proxy
 from modules.base import AlignmentModule, require_positive
 from modules.losses import gae, masked_mean, masked_whiten, ppo_policy_loss, ppo_value_loss
@@ -77,6 +77,7 @@ class PPO(AlignmentModule):
         kl_target: with a value, adapt kl_coef towards this KL per response (Ziegler et al.'s controller).
         kl_horizon: the adaptive controller's horizon, in prompts.
         temperature, max_new_tokens: rollout sampling; log-probs are taken at the same temperature.
+        sampling_backend: the sampler of rollouts (`bench.generation`): harness or hf.
         missing_eos_penalty: subtracted from the score of a response that never ended (no EOS).
         ppo_epochs: passes over each rollout.
         num_mini_batches: optimizer steps per pass; the rollout batch must divide into them.
@@ -98,6 +99,7 @@ class PPO(AlignmentModule):
         kl_horizon: PositiveInt = 10000,
         temperature: PositiveFloat = 0.7,
         max_new_tokens: PositiveInt = 128,
+        sampling_backend: str = "harness",
         missing_eos_penalty: float | None = None,
         ppo_epochs: int = 4,
         num_mini_batches: PositiveInt = 1,
@@ -118,6 +120,7 @@ class PPO(AlignmentModule):
         if not 0 <= gamma <= 1 or not 0 <= lam <= 1:
             raise ConfigError(f"need gamma and lam in [0, 1]; got {gamma}, {lam}")
         check_proxy(proxy, allow_judge_as_proxy)
+        check_backend(sampling_backend, "model.sampling_backend")
         self.save_hyperparameters(logger=False)
         self.automatic_optimization = False
         self.kl_coef = kl_coef
@@ -177,7 +180,7 @@ class PPO(AlignmentModule):
         # Seeded from the global RNG, so a run is reproducible from seed_everything and each rollout differs.
         seed = int(torch.randint(0, 2**31 - 1, ()))
         sampling = Sampling(temperature=hp.temperature, max_new_tokens=hp.max_new_tokens,
-                            batch_size=len(prompt_ids), seed=seed)
+                            batch_size=len(prompt_ids), seed=seed, backend=hp.sampling_backend)
         generated = sample(self.policy, tokenizer, prompt_ids, sampling, desc="rollout: generate", leave=False)
         width, length = max(map(len, prompt_ids)), max(map(len, generated))
         pad = tokenizer.pad_token_id

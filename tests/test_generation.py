@@ -1,0 +1,124 @@
+"""The sampler backends: the harness's decode loop gives plain `model.generate`'s greedy outputs token for
+token (tiny model and SmolLM2), with EOS, `max_new_tokens` and left-padded batches of mixed lengths; it is
+deterministic for a seed; bad settings are one line naming the field."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import bench.generation
+from bench.cli import main
+from bench.errors import ConfigError
+from bench.generation import KVCacheSampler, Sampling, sample
+
+PROMPTS = [list(range(5, 5 + n)) for n in (9, 3, 14, 6, 11, 20, 2)]  # mixed lengths: left padding in every batch
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    from bench.models import load_causal_lm, load_tokenizer
+
+    return load_causal_lm("tiny"), load_tokenizer("tiny")
+
+
+def tokens_as_eos(tokenizer, eos_id: int):
+    """The tokenizer's ids with another EOS: the random tiny model never samples its real EOS."""
+    return SimpleNamespace(eos_token_id=eos_id, pad_token_id=tokenizer.pad_token_id)
+
+
+def both_backends(model, tokenizer, prompts, **settings):
+    return [sample(model, tokenizer, prompts, Sampling(backend=backend, **settings), desc=backend)
+            for backend in ("hf", "harness")]
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16-autocast"])
+def test_greedy_equals_model_generate_with_eos_and_max_new_tokens(tiny, precision):
+    model, tokenizer = tiny
+    context = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16-autocast" else torch.no_grad()
+    with context:
+        free_running = sample(model, tokenizer, PROMPTS, Sampling(temperature=0, max_new_tokens=12, batch_size=3),
+                              desc="no eos")
+        # An EOS that some rows reach early and others never: rows finish at different steps.
+        eos_id = free_running[0][3]
+        stopping = tokens_as_eos(tokenizer, eos_id)
+        hf, harness = both_backends(model, stopping, PROMPTS, temperature=0, max_new_tokens=12, batch_size=3)
+    assert hf == harness
+    ended = [ids for ids in harness if ids[-1] == eos_id]
+    assert ended and len(ended) < len(PROMPTS)  # both kinds of row, or the test proves nothing
+    for ids in harness:
+        assert len(ids) <= 12 and eos_id not in ids[:-1]
+        assert ids[-1] == eos_id or len(ids) == 12
+
+
+def test_dropping_finished_rows_changes_no_output(tiny, monkeypatch):
+    model, tokenizer = tiny
+    greedy = Sampling(temperature=0, max_new_tokens=10, batch_size=7)
+    eos_id = sample(model, tokenizer, PROMPTS, greedy, desc="no eos")[2][1]
+    stopping = tokens_as_eos(tokenizer, eos_id)
+    dropped = sample(model, stopping, PROMPTS, greedy, desc="dropping")
+    monkeypatch.setattr(KVCacheSampler, "compact_fraction", float("inf"))  # never drop a row
+    kept = sample(model, stopping, PROMPTS, greedy, desc="keeping")
+    assert dropped == kept
+
+
+def test_sampling_is_deterministic_for_a_seed(tiny):
+    model, tokenizer = tiny
+    settings = Sampling(temperature=1.0, top_p=0.9, max_new_tokens=8, batch_size=3, seed=7)
+    first = sample(model, tokenizer, PROMPTS, settings, desc="first")
+    assert sample(model, tokenizer, PROMPTS, settings, desc="again") == first
+    other = sample(model, tokenizer, PROMPTS, Sampling(**{**settings.__dict__, "seed": 8}), desc="other seed")
+    assert other != first
+    # Repeated prompts draw from their own streams: RRHF's candidates and best-of-N need distinct samples.
+    repeated = sample(model, tokenizer, [PROMPTS[0]] * 4, settings, desc="repeated")
+    assert len({tuple(ids) for ids in repeated}) > 1
+
+
+def test_top_p_and_temperature_go_through_hf_warpers():
+    logits = torch.tensor([[4.0, 3.0, 0.0, -1.0]] * 2)
+    generators = [torch.Generator().manual_seed(s) for s in (0, 1)]
+    warpers_for = lambda s: KVCacheSampler.warpers(s)  # noqa: E731
+    nucleus = Sampling(temperature=1.0, top_p=0.5)
+    for _ in range(20):  # top_p 0.5 keeps the argmax alone
+        assert KVCacheSampler.choose(logits, nucleus, warpers_for(nucleus), generators).tolist() == [0, 0]
+    greedy = Sampling(temperature=0)
+    assert KVCacheSampler.choose(logits, greedy, warpers_for(greedy), generators).tolist() == [0, 0]
+    hot = Sampling(temperature=100.0)
+    draws = {KVCacheSampler.choose(logits, hot, warpers_for(hot), generators)[0].item() for _ in range(50)}
+    assert draws == {0, 1, 2, 3}
+
+
+def test_unknown_backend_and_unhonoured_settings_are_named(tiny, capsys, workdir):
+    with pytest.raises(ConfigError, match="sampling.backend 'vllm' is unknown; choose one of hf, harness"):
+        Sampling(backend="vllm")
+    model, tokenizer = tiny
+    model.generation_config.repetition_penalty = 1.3
+    try:
+        with pytest.raises(ConfigError, match=r"generation_config.repetition_penalty=1.3 is not honoured by "
+                                              r"sampling.backend='harness'"):
+            sample(model, tokenizer, PROMPTS[:1], Sampling(max_new_tokens=2), desc="refused")
+        assert sample(model, tokenizer, PROMPTS[:1], Sampling(max_new_tokens=2, backend="hf"), desc="hf")
+    finally:
+        model.generation_config.repetition_penalty = None
+    with pytest.raises(SystemExit) as exit_info:
+        main(["eval", "tiny", "--recipe", "tiny", "--backend", "vllm"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "sampling.backend 'vllm' is unknown" in err and "Traceback" not in err
+
+
+@pytest.mark.e2e
+def test_greedy_equals_model_generate_on_smollm2(hh_path):
+    from bench.models import load_causal_lm, load_tokenizer
+    from datamodules.formatting import Formatter
+    from datamodules.hh_rlhf import load_splits
+
+    model, tokenizer = load_causal_lm("smollm2-135m-instruct"), load_tokenizer("smollm2-135m-instruct")
+    formatter = Formatter(tokenizer)
+    pairs = load_splits(hh_path)[0]["test"][:6]
+    prompts = [formatter.generation_prompt_ids(p.prompt) for p in pairs]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        hf, harness = both_backends(model, tokenizer, prompts, temperature=0, max_new_tokens=48, batch_size=3)
+    assert hf == harness
+    assert any(ids[-1] == tokenizer.eos_token_id for ids in harness)  # some answers end before the cap
+    assert bench.generation.SAMPLING_STATS.tokens > 0
