@@ -20,6 +20,7 @@ import logging
 import os
 import re
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -28,7 +29,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
+from transformers import AttentionInterface
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, get_layer_types_and_kwargs
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from bench.errors import ConfigError
 from bench.models import cache_dir, resolve
@@ -48,7 +52,7 @@ class Sampling:
     temperature: float = 0.7
     top_p: float = 1.0
     max_new_tokens: int = 128
-    batch_size: int = 16
+    batch_size: int = 64  # the harness's sampler gains up to here on 2 CPU cores (bench perf)
     seed: int = 0
     backend: str = DEFAULT_BACKEND
 
@@ -163,14 +167,21 @@ class PreallocatedLayer(DynamicLayer):
     writes its token in place and attention reads a view of the filled part; HF's DynamicLayer instead
     concatenates, copying every row's whole cache at every step."""
 
-    def __init__(self, capacity: int):
+    def __init__(self, capacity: int, dtype: torch.dtype | None = None):
         super().__init__()
-        self.capacity, self.length = capacity, 0
+        self.capacity, self.length, self.storage_dtype = capacity, 0, dtype
+
+    def allocate(self, rows: int, like_keys: torch.Tensor, like_values: torch.Tensor) -> None:
+        """Zeroed, not empty: a prompt placed right-aligned leaves padding slots that attention masks out, and
+        a masked slot must still hold a finite value (a zero weight times NaN is NaN)."""
+        super().lazy_initialization(like_keys, like_values)
+        dtype = self.storage_dtype or like_keys.dtype
+        self.key_buffer = like_keys.new_zeros((rows, like_keys.shape[1], self.capacity, like_keys.shape[-1]), dtype=dtype)
+        self.value_buffer = like_values.new_zeros((rows, like_values.shape[1], self.capacity, like_values.shape[-1]),
+                                                  dtype=dtype)
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        super().lazy_initialization(key_states, value_states)
-        self.key_buffer = key_states.new_empty((*key_states.shape[:2], self.capacity, key_states.shape[-1]))
-        self.value_buffer = value_states.new_empty((*value_states.shape[:2], self.capacity, value_states.shape[-1]))
+        self.allocate(key_states.shape[0], key_states, value_states)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
@@ -182,65 +193,95 @@ class PreallocatedLayer(DynamicLayer):
         self.keys, self.values = self.key_buffer[:, :, :end], self.value_buffer[:, :, :end]
         return self.keys, self.values
 
+    def place(self, rows: slice, keys: torch.Tensor, values: torch.Tensor, end: int, total_rows: int) -> None:
+        """Keys and values of prompts prefilled on their own, right-aligned to end at `end`."""
+        if not self.is_initialized:
+            self.allocate(total_rows, keys, values)
+        self.key_buffer[rows, :, end - keys.shape[-2]:end] = keys
+        self.value_buffer[rows, :, end - values.shape[-2]:end] = values
+        self.length = end
+        self.keys, self.values = self.key_buffer[:, :, :end], self.value_buffer[:, :, :end]
+
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         if self.is_initialized:
             self.key_buffer, self.value_buffer = self.key_buffer[indices], self.value_buffer[indices]
             self.keys, self.values = self.key_buffer[:, :, :self.length], self.value_buffer[:, :, :self.length]
 
 
+DECODE_ATTENTION = "harness-decode"
+
+
+def decode_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """Attention for the decode loop. One new token per row: its heads grouped by the key/value head they
+    share, and two matmuls over the cache, instead of SDPA's CPU flash kernel, which handles a single query
+    row several times slower than reading the cache takes (`bench perf`'s profile). Prompts (more than one
+    query per row) go to SDPA as usual."""
+    if query.shape[2] != 1:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    batch, heads, _, dim = query.shape
+    grouped = query.reshape(batch, key.shape[1], heads // key.shape[1], dim)  # (B, KV heads, group, d)
+    scores = torch.matmul(grouped, key.transpose(-1, -2).to(grouped.dtype)).float() * scaling
+    if attention_mask is not None:  # (B, 1, 1, L): True (or 0) where a row may attend
+        scores = (scores.masked_fill(~attention_mask, float("-inf")) if attention_mask.dtype == torch.bool
+                  else scores + attention_mask)
+    output = torch.matmul(scores.softmax(-1).to(value.dtype), value)
+    return output.reshape(batch, heads, 1, dim).transpose(1, 2), None
+
+
+AttentionInterface.register(DECODE_ATTENTION, decode_attention)
+AttentionMaskInterface.register(DECODE_ATTENTION, sdpa_mask)
+
+
+@contextmanager
+def attention_for_decoding(model):
+    """`decode_attention` for the duration of a decode loop, on models that use SDPA over full attention with
+    no logit soft-capping (which `decode_attention` does not apply); other models keep their own."""
+    config = model.config
+    text_config = config.get_text_config(decoder=True)
+    usable = (config._attn_implementation == "sdpa" and getattr(text_config, "attn_logit_softcapping", None) is None
+              and all(kind == "full_attention" for kind in get_layer_types_and_kwargs(text_config)[0]))
+    if not usable:
+        yield
+        return
+    config._attn_implementation = DECODE_ATTENTION
+    try:
+        yield
+    finally:
+        config._attn_implementation = "sdpa"
+
+
 def decode_cache(model, capacity: int):
     """A cache of `PreallocatedLayer`s when every layer attends to the whole context; otherwise (sliding
-    windows, linear attention, shared KV) the model's own dynamic cache."""
+    windows, linear attention, shared KV) the model's own dynamic cache. Under autocast the layers store keys
+    and values in its dtype: attention casts them to it at every step anyway (keys leave the rotary embedding
+    in fp32), so the stored values are the ones attention reads, at half the bytes."""
     config = model.config.get_text_config(decoder=True)
     layer_types, _ = get_layer_types_and_kwargs(config)
     if any(kind != "full_attention" for kind in layer_types):
         return DynamicCache(config=model.config)
-    return Cache(layers=[PreallocatedLayer(capacity) for _ in layer_types])
+    dtype = autocast_dtype(model.device.type)
+    return Cache(layers=[PreallocatedLayer(capacity, dtype) for _ in layer_types])
 
 
 def autocast_dtype(device_type: str) -> torch.dtype | None:
     return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
 
 
-def matmul_weights_cast_once(model, dtype: torch.dtype):
-    """A copy of `model` whose linear layers hold `dtype` weights, for sampling under autocast to `dtype`.
-    Autocast casts every fp32 weight at every decode step; with the copy it finds them cast already. Only the
-    matmul weights change, so the result is what autocast computes: norms, embeddings and the residual
-    stream stay fp32. A tied output head is untied in the copy, so the embedding lookup stays fp32.
-    None when the copy is not worth it or not possible (sharded parameters, or too little GPU memory)."""
-    parameters = list(model.parameters())
-    if not parameters or any(p.dtype != torch.float32 for p in parameters):
-        return None
-    if any(type(p).__name__ == "DTensor" or hasattr(p, "_is_sharded") for p in parameters):
-        return None
-    device = parameters[0].device
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        if free < 1.5 * sum(p.numel() for p in parameters) * dtype.itemsize:
-            return None
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    clone = copy.deepcopy(model).requires_grad_(False).eval()
-    clone_head = clone.get_output_embeddings() if head is not None else None
-    for module in clone.modules():
-        if isinstance(module, torch.nn.Linear) and module is not clone_head:
-            module.weight.data = module.weight.data.to(dtype)
-    if clone_head is not None and isinstance(clone_head, torch.nn.Linear):
-        clone_head.weight = torch.nn.Parameter(clone_head.weight.detach().to(dtype), requires_grad=False)
-    return clone
-
-
 class KVCacheSampler(Sampler):
     """The harness's decode loop. Same semantics as `model.generate` (temperature, then top_p, through HF's
     own logits warpers; greedy at temperature 0; a row ends at EOS or after `max_new_tokens`), with:
 
-    - a preallocated KV cache written in place (`PreallocatedLayer`);
-    - under bf16 autocast, a copy of the model with bf16 matmul weights (`matmul_weights_cast_once`);
+    - a preallocated KV cache written in place, in the autocast dtype (`PreallocatedLayer`);
+    - attention of the new token on the key/value heads by two matmuls (`decode_attention`);
+    - prompts run through the model in groups of similar length, and each distinct prompt once;
     - finished rows dropped from the batch once they are an eighth of it;
-    - one random stream per prompt (`row_seeds`).
+    - one random stream per prompt (`row_seeds`), and a draw by inverting the cumulative distribution.
     """
 
     name = "harness"
     compact_fraction = 1 / 8  # drop finished rows once they are this share of the batch
+    prefill_rows = 16  # prompts run through the model together before decoding
 
     @staticmethod
     def check(model) -> None:
@@ -255,28 +296,59 @@ class KVCacheSampler(Sampler):
     def generate(self, model, prompt_ids, sampling, eos_ids, pad_id, progress):
         self.check(model)
         warpers = self.warpers(sampling)
-        dtype = autocast_dtype(model.device.type)
-        fast_model = matmul_weights_cast_once(model, dtype) if dtype in (torch.bfloat16, torch.float16) else None
         seeds = row_seeds(sampling.seed, len(prompt_ids))
         outputs: list[list[int] | None] = [None] * len(prompt_ids)
         for batch in length_sorted_batches(prompt_ids, sampling.batch_size):
             generators = [torch.Generator(model.device).manual_seed(seeds[i]) for i in batch]
-            generated = self.decode(fast_model or model, [prompt_ids[i] for i in batch], sampling, warpers,
-                                    generators, eos_ids, pad_id)
+            with attention_for_decoding(model):
+                generated = self.decode(model, [prompt_ids[i] for i in batch], sampling, warpers, generators, eos_ids,
+                                        pad_id)
             for index, ids in zip(batch, generated):
                 outputs[index] = ids
             progress.update(len(batch))
         return outputs
 
-    def decode(self, model, prompts, sampling, warpers, generators, eos_ids, pad_id) -> list[list[int]]:
-        input_ids, attention_mask = left_padded(prompts, pad_id, model.device)
+    def prefill(self, model, prompts: list[list[int]], capacity: int, pad_id: int):
+        """The cache of the prompts and the logits of their next token. Each distinct prompt runs through the
+        model once (RRHF's candidates, best-of-N and group rollouts repeat prompts), and its cache rows are
+        then repeated. Prompts come sorted by length; with a preallocated cache they run in groups of
+        `prefill_rows`, each padded only to its own longest prompt and placed right-aligned in the cache (one
+        batch of 64 padded to its longest prompt would compute on about twice the tokens it holds)."""
+        position = {}
+        for prompt in map(tuple, prompts):
+            position.setdefault(prompt, len(position))
+        copies = torch.tensor([position[tuple(p)] for p in prompts], device=model.device)
+        distinct = [list(p) for p in position]
+        input_ids, attention_mask = left_padded(distinct, pad_id, model.device)
+        cache = decode_cache(model, capacity)
+        if not isinstance(cache.layers[0], PreallocatedLayer):
+            logits = self.forward_prompts(model, input_ids, attention_mask, cache)
+        else:
+            groups = []
+            for start in range(0, len(distinct), self.prefill_rows):
+                group_ids, group_mask = left_padded(distinct[start:start + self.prefill_rows], pad_id, model.device)
+                group_cache = DynamicCache(config=model.config)
+                groups.append(self.forward_prompts(model, group_ids, group_mask, group_cache))
+                for layer, group_layer in zip(cache.layers, group_cache.layers):
+                    layer.place(slice(start, start + len(group_ids)), group_layer.keys, group_layer.values,
+                                input_ids.shape[1], len(distinct))
+            logits = torch.cat(groups)
+        if len(distinct) < len(prompts):
+            cache.batch_select_indices(copies)
+        return logits[copies], attention_mask[copies], cache
+
+    @staticmethod
+    def forward_prompts(model, input_ids, attention_mask, cache) -> torch.Tensor:
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # as generate: real tokens count from 0
-        cache = decode_cache(model, input_ids.shape[1] + sampling.max_new_tokens)
+        return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                     past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+
+    def decode(self, model, prompts, sampling, warpers, generators, eos_ids, pad_id) -> list[list[int]]:
+        width = max(map(len, prompts))
+        logits, attention_mask, cache = self.prefill(model, prompts, width + sampling.max_new_tokens, pad_id)
+        next_position = attention_mask.sum(-1)
         eos = torch.tensor(sorted(eos_ids), device=model.device)
-        logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                       past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
         rows = torch.arange(len(prompts), device=model.device)  # the prompt behind each row of the batch
-        next_position = position_ids[:, -1] + 1
         outputs: list[list[int]] = [[] for _ in prompts]
         finished_rows = torch.zeros(len(prompts), dtype=torch.bool, device=model.device)
         for step in range(sampling.max_new_tokens):
@@ -312,11 +384,14 @@ class KVCacheSampler(Sampler):
     @staticmethod
     def choose(logits: torch.Tensor, sampling: Sampling, warpers, generators: list[torch.Generator]) -> torch.Tensor:
         """The next token of each row: the argmax at temperature 0, else a draw from the warped distribution
-        (what `generate` does), each row from its own stream."""
+        (what `generate` does), each row from its own stream. A draw inverts the cumulative distribution at
+        one uniform number; `torch.multinomial` would spend an exponential variate on every vocabulary entry."""
         if sampling.greedy:
             return logits.argmax(-1)
-        probs = torch.softmax(warpers(None, logits), dim=-1)
-        return torch.cat([torch.multinomial(p, 1, generator=g) for p, g in zip(probs, generators)])
+        cumulative = torch.softmax(warpers(None, logits), dim=-1).cumsum(-1, dtype=torch.float64)
+        uniform = torch.cat([torch.rand(1, generator=g, dtype=torch.float64, device=logits.device) for g in generators])
+        tokens = torch.searchsorted(cumulative, (uniform * cumulative[:, -1])[:, None], right=True).squeeze(1)
+        return tokens.clamp(max=logits.shape[-1] - 1)  # u * total can round onto the last edge
 
 
 @dataclass

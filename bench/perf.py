@@ -18,7 +18,7 @@ MFU = (6 * params * training tokens + 2 * params * reference tokens) / seconds /
 the best bf16 (or fp32) matmul rate, measured once per invocation after a warm-up and used for every variant.
 
 **generation**: sampling tokens/s on the same prompts and settings (by default `bench eval`'s: 64 HH test
-prompts, temperature 0.7, 128 new tokens, batches of 16) for plain `model.generate` as an HF or TRL user
+prompts, temperature 0.7, 128 new tokens, batches of 64) for plain `model.generate` as an HF or TRL user
 calls it (dynamic KV cache, autocast), for this harness's sampler (`bench.generation`), and the bound that
 one weight-bound decode step sets: a decode step at batch 1 reads every weight once, so batches of B
 cannot decode faster than B tokens per such step.
@@ -59,6 +59,7 @@ class PerfSettings:
     max_grad_norm: float = 1.0
     seed: int = 0
     precision: str = "bf16-mixed"
+    rows_per_forward: int | None = 4  # as the smol-hh recipe trains
 
     @property
     def pairs(self) -> int:
@@ -72,7 +73,7 @@ class GenerationSettings:
     n_prompts: int = 64
     temperature: float = 0.7
     max_new_tokens: int = 128
-    batch_size: int = 16
+    batch_size: int = 64
     seed: int = 0
 
 
@@ -124,7 +125,8 @@ def run_harness(settings: PerfSettings, dm) -> dict:
     recorder = LossRecorder()
     with tempfile.TemporaryDirectory() as run_dir:
         started = time.perf_counter()
-        module = DPO(policy=settings.policy, beta=settings.beta, lr=settings.lr, optimizer="adamw", warmup_steps=0)
+        module = DPO(policy=settings.policy, beta=settings.beta, lr=settings.lr, optimizer="adamw", warmup_steps=0,
+                     rows_per_forward=settings.rows_per_forward)
         trainer = L.Trainer(accelerator="auto", devices=1, precision=settings.precision, max_steps=settings.steps,
                             limit_val_batches=0, num_sanity_val_steps=0, logger=False, enable_checkpointing=False,
                             enable_model_summary=False, gradient_clip_val=settings.max_grad_norm,
@@ -220,14 +222,11 @@ def precision_context(settings: PerfSettings, device: torch.device):
 
 @torch.no_grad()
 def weight_bound_step_seconds(model, repeats: int = 20) -> float:
-    """The median time of one decode step at batch 1 over an 8-token cache, with the matmul weights cast as
-    the harness's sampler casts them: the time to read every weight once, which no decode step beats."""
+    """The median time of one decode step at batch 1 over an 8-token cache, in the caller's precision (autocast
+    casts each weight once, at the first step, and reuses the cast): the time to read every weight once, which
+    no decode step beats."""
     from transformers import DynamicCache
 
-    from bench.generation import autocast_dtype, matmul_weights_cast_once
-
-    dtype = autocast_dtype(model.device.type)
-    model = (matmul_weights_cast_once(model, dtype) if dtype else None) or model
     cache = DynamicCache(config=model.config)
     model(input_ids=torch.arange(1, 9, device=model.device)[None], past_key_values=cache, use_cache=True)
     token = torch.ones((1, 1), dtype=torch.long, device=model.device)
