@@ -213,9 +213,9 @@ DECODE_ATTENTION = "harness-decode"
 
 def decode_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """Attention for the decode loop. One new token per row: its heads grouped by the key/value head they
-    share, and two matmuls over the cache, instead of SDPA's CPU flash kernel, which handles a single query
-    row several times slower than reading the cache takes (`bench perf`'s profile). Prompts (more than one
-    query per row) go to SDPA as usual."""
+    share, and two matmuls over the cache, instead of SDPA's CPU kernels, which spend several times longer on
+    a single query row than reading the cache takes (`bench perf`'s profile). Prompts (more than one query per
+    row) go to SDPA: measured, its kernels beat the two matmuls there."""
     if query.shape[2] != 1:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
@@ -344,14 +344,18 @@ class KVCacheSampler(Sampler):
                      past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
 
     def decode(self, model, prompts, sampling, warpers, generators, eos_ids, pad_id) -> list[list[int]]:
-        width = max(map(len, prompts))
+        width, started = max(map(len, prompts)), time.perf_counter()
         logits, attention_mask, cache = self.prefill(model, prompts, width + sampling.max_new_tokens, pad_id)
+        prefilled = time.perf_counter()
+        SAMPLING_STATS.prefill_seconds += prefilled - started
         next_position = attention_mask.sum(-1)
         eos = torch.tensor(sorted(eos_ids), device=model.device)
         rows = torch.arange(len(prompts), device=model.device)  # the prompt behind each row of the batch
         outputs: list[list[int]] = [[] for _ in prompts]
         finished_rows = torch.zeros(len(prompts), dtype=torch.bool, device=model.device)
         for step in range(sampling.max_new_tokens):
+            SAMPLING_STATS.decode_steps += 1
+            SAMPLING_STATS.decode_rows += len(rows)
             tokens = self.choose(logits.float(), sampling, warpers, [generators[r] for r in rows.tolist()])
             for row, token, done in zip(rows.tolist(), tokens.tolist(), finished_rows[rows].tolist()):
                 if not done:  # a finished row decodes on until it is dropped; its tokens are not kept
@@ -369,6 +373,7 @@ class KVCacheSampler(Sampler):
             logits = model(input_ids=tokens[:, None], attention_mask=attention_mask,
                            position_ids=next_position[:, None], past_key_values=cache, use_cache=True).logits[:, -1]
             next_position = next_position + 1
+        SAMPLING_STATS.decode_seconds += time.perf_counter() - prefilled
         return outputs
 
     @staticmethod
@@ -396,11 +401,19 @@ class KVCacheSampler(Sampler):
 
 @dataclass
 class SamplingStats:
-    """What sampling has cost in this process: `bench compare` and `bench eval` report it."""
+    """What sampling has cost in this process (`bench perf` and `bench eval` report it): in all, and, for the
+    harness's loop, where: prompts (prefill) and decode steps, with the rows those steps decoded."""
 
     seconds: float = 0.0
     tokens: int = 0
     prompts: int = 0
+    prefill_seconds: float = 0.0
+    decode_steps: int = 0
+    decode_rows: int = 0
+    decode_seconds: float = 0.0
+
+    def since(self, earlier: "SamplingStats") -> "SamplingStats":
+        return SamplingStats(**{name: getattr(self, name) - getattr(earlier, name) for name in asdict(self)})
 
 
 SAMPLING_STATS = SamplingStats()

@@ -35,7 +35,7 @@ import resource
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -241,7 +241,7 @@ def weight_bound_step_seconds(model, repeats: int = 20) -> float:
 
 def run_generation_variant(variant: str, settings: PerfSettings, generation: GenerationSettings) -> dict:
     """Sample `generation.n_prompts` prompts with one backend, after a short untimed warm-up."""
-    from bench.generation import Sampling, sample
+    from bench.generation import SAMPLING_STATS, Sampling, sample
     from bench.models import load_causal_lm, load_tokenizer
 
     model, tokenizer = load_causal_lm(settings.policy).eval(), load_tokenizer(settings.policy)
@@ -251,16 +251,21 @@ def run_generation_variant(variant: str, settings: PerfSettings, generation: Gen
                         batch_size=generation.batch_size, seed=generation.seed, backend=backend)
     with precision_context(settings, model.device):
         sample(model, tokenizer, prompts[:2], Sampling(max_new_tokens=8, backend=backend), desc="warm-up", leave=False)
+        before = replace(SAMPLING_STATS)
         started = time.perf_counter()
         generated = sample(model, tokenizer, prompts, sampling, desc=f"{variant}: sample")
         seconds = time.perf_counter() - started
+        spent = SAMPLING_STATS.since(before)
         step = weight_bound_step_seconds(model) if variant == "harness" else None
     tokens = sum(map(len, generated))
     result = {"variant": variant, "seconds": seconds, "tokens": tokens, "tokens_per_s": tokens / seconds,
               "prompts": len(prompts), "mean_prompt_tokens": sum(map(len, prompts)) / len(prompts),
               "peak_rss_gb": peak_rss_gb()}
-    if step is not None:
-        result.update(weight_bound_step_s=step, bound_tokens_per_s=generation.batch_size / step)
+    if step is not None:  # where the harness's time went: prompts, then decode steps
+        result.update(weight_bound_step_s=step, bound_tokens_per_s=generation.batch_size / step,
+                      prefill_s=spent.prefill_seconds, decode_s=spent.decode_seconds, decode_steps=spent.decode_steps,
+                      mean_step_ms=1000 * spent.decode_seconds / max(spent.decode_steps, 1),
+                      mean_rows_per_step=spent.decode_rows / max(spent.decode_steps, 1))
     return result
 
 
@@ -445,6 +450,11 @@ def markdown(report: dict, command: str) -> str:
         lines.append("")
         for name, value in report["generation_ratios"].items():
             lines.append(f"- tokens/s {name}: **{value:.2f}x**")
+        if harness:
+            lines.append(f"- where the harness's {harness['seconds']:.1f} s went: {harness['prefill_s']:.1f} s running "
+                         f"the prompts through the model (prefill), {harness['decode_s']:.1f} s in "
+                         f"{harness['decode_steps']} decode steps of {harness['mean_step_ms']:.0f} ms on average, "
+                         f"over {harness['mean_rows_per_step']:.1f} rows per step")
     return "\n".join(lines)
 
 

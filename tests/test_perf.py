@@ -42,6 +42,10 @@ def test_generation_part_compares_the_sampler_with_generate_and_the_weight_bound
         assert r["tokens_per_s"] == pytest.approx(r["tokens"] / r["seconds"])
     harness = by_variant["harness"]
     assert harness["bound_tokens_per_s"] == pytest.approx(3 / harness["weight_bound_step_s"])
+    # Where the time went: prompts and decode steps account for the whole sampling time.
+    assert 0 < harness["prefill_s"] and 0 < harness["decode_s"]
+    assert harness["prefill_s"] + harness["decode_s"] == pytest.approx(harness["seconds"], rel=0.2)
+    assert 1 <= harness["mean_rows_per_step"] <= 3 and harness["decode_steps"] >= 8
     ratios = found["generation_ratios"]
     assert ratios["harness / generate"] == pytest.approx(harness["tokens_per_s"] / by_variant["generate"]["tokens_per_s"])
     assert ratios["harness / weight-bound"] == pytest.approx(harness["tokens_per_s"] / harness["bound_tokens_per_s"])

@@ -1,0 +1,209 @@
+"""A simulated gold labeller (Gao, Schulman & Hilton 2023; AlpacaFarm, Dubois et al. 2023): a gold reward model
+scores both responses of every pair, and a label rule decides which is chosen.
+
+- ``deterministic``: the response the gold model scores higher is chosen (a tie keeps the human label);
+- ``bradley-terry``: the first response is chosen with probability sigma((r_a - r_b) / T), drawn with a seed:
+  annotator noise, as AlpacaFarm's simulated annotators.
+
+`relabel` writes a copy of the source in the dataset's own layout (`<subset>/<split>.jsonl.gz`, each record's
+`chosen` and `rejected` swapped where the gold label disagrees with the human one, plus the two gold scores),
+and a `manifest.json` with the gold model's fingerprint, the rule, its temperature and seed, and the counts. The
+copy is cached under `cache_dir()/gold_labels/<key>`, keyed by all of these; everything downstream reads it as
+any HH source. A copy whose manifest does not match the settings asked for is refused.
+"""
+
+import gzip
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+
+from bench.errors import ConfigError, DataError
+from bench.generation import model_fingerprint
+from bench.models import cache_dir
+from datamodules.hh_rlhf import (SPLITS, _check_keys, _local_split_files, _read_jsonl_gz, assign_splits, is_local,
+                                 parse_record)
+
+log = logging.getLogger(__name__)
+
+LabelRule = Literal["deterministic", "bradley-terry"]
+RULES = ("deterministic", "bradley-terry")
+MANIFEST = "manifest.json"
+
+
+@dataclass(frozen=True)
+class GoldSettings:
+    """Which gold model labels the pairs, and how. `model` is a reward-model spec (folder or hub id)."""
+
+    model: str
+    rule: LabelRule = "bradley-terry"
+    temperature: float = 1.0
+    seed: int = 0
+    input_format: str = "auto"
+    batch_size: int = 32
+
+    def __post_init__(self):
+        if self.rule not in RULES:
+            raise ConfigError(f"gold.rule {self.rule!r} is unknown; choose one of {', '.join(RULES)}")
+        if self.rule == "bradley-terry" and not self.temperature > 0:
+            raise ConfigError(f"gold.temperature must be > 0 for the bradley-terry rule, got {self.temperature}")
+        if self.batch_size < 1:
+            raise ConfigError(f"gold.batch_size must be >= 1, got {self.batch_size}")
+
+
+def label_pairs(chosen_scores: np.ndarray, rejected_scores: np.ndarray, rule: LabelRule, temperature: float = 1.0,
+                seed: int = 0) -> np.ndarray:
+    """True where the human-chosen response stays chosen. Deterministic: where its gold score is not below the
+    rejected one's. Bradley-Terry: with probability sigma((r_chosen - r_rejected) / T), one uniform draw per pair
+    from `seed`, in pair order."""
+    margin = np.asarray(chosen_scores, dtype=np.float64) - np.asarray(rejected_scores, dtype=np.float64)
+    if rule == "deterministic":
+        return margin >= 0
+    keep_probability = torch.sigmoid(torch.from_numpy(margin / temperature)).numpy()
+    return np.random.default_rng(seed).random(len(margin)) < keep_probability
+
+
+def source_files(path: str, subsets: list[str] | None) -> list[Path]:
+    if not is_local(path):
+        raise ConfigError(f"gold labels are written for a local HH-RLHF folder; {path!r} is not one (download it "
+                          "first, e.g. with `huggingface-cli download Anthropic/hh-rlhf --repo-type dataset`)")
+    return [file for files in _local_split_files(Path(path).expanduser(), subsets).values() for file in files]
+
+
+def source_fingerprint(files: list[Path]) -> list[dict]:
+    return [{"file": str(f.resolve()), "sha256": hashlib.sha256(f.read_bytes()).hexdigest()} for f in files]
+
+
+def labels_key(settings: GoldSettings, gold_fingerprint: str, sources: list[dict]) -> str:
+    payload = {"gold": gold_fingerprint, "rule": settings.rule, "seed": settings.seed,
+               "temperature": settings.temperature if settings.rule == "bradley-terry" else None,
+               "input_format": settings.input_format, "sources": sources}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def expected_manifest(settings: GoldSettings, gold_fingerprint: str) -> dict:
+    """The manifest fields a copy must carry to be reused for `settings`."""
+    return {"gold_fingerprint": gold_fingerprint, "rule": settings.rule, "seed": settings.seed,
+            "temperature": settings.temperature if settings.rule == "bradley-terry" else None,
+            "input_format": settings.input_format}
+
+
+def check_manifest(folder: Path, expected: dict) -> dict:
+    """The manifest of a relabelled copy, refused (ConfigError naming the field) when it does not match."""
+    path = folder / MANIFEST
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise DataError(f"{path}: not a readable gold-label manifest ({err})") from err
+    for field, value in expected.items():
+        if manifest.get(field) != value:
+            raise ConfigError(f"{path}: {field} is {manifest.get(field)!r}, but these settings ask for {value!r}; "
+                              "relabel with `bench label` instead of reusing this copy")
+    return manifest
+
+
+def relabelled_source(settings: GoldSettings, data: dict, scorer_factory, root: Path | None = None) -> tuple[Path, dict]:
+    """The cached relabelled copy of the HH source `data["path"]` for `settings` (made now if missing) and its
+    manifest. `data` holds the recipe's data settings (path, subsets, val_fraction, test_fraction).
+    `scorer_factory()` returns the gold reward model, with `score(prompts, responses, batch_size)`; it is
+    only called when the copy has to be made."""
+    path = data["path"]
+    files = source_files(path, data.get("subsets"))
+    gold_fingerprint = model_fingerprint(settings.model)
+    sources = source_fingerprint(files)
+    folder = (root or cache_dir() / "gold_labels") / labels_key(settings, gold_fingerprint, sources)
+    expected = expected_manifest(settings, gold_fingerprint)
+    if (folder / MANIFEST).exists():
+        manifest = check_manifest(folder, expected)
+        log.info("gold labels: reusing %s (%s)", folder, manifest["counts"])
+        return folder, manifest
+    fractions = (data.get("val_fraction", 0.1), data.get("test_fraction", 0.1))
+    manifest = relabel(files, Path(path).expanduser(), folder, settings, scorer_factory(), expected, fractions)
+    return folder, manifest
+
+
+def relabel(files: list[Path], root: Path, folder: Path, settings: GoldSettings, scorer, expected: dict,
+            fractions: tuple[float, float] = (0.1, 0.1)) -> dict:
+    """Score every pair of every file, write the relabelled files beside a manifest, atomically (a folder
+    renamed into place: a reader sees the whole copy or none of it)."""
+    records_by_file: dict[Path, list[tuple[dict, object]]] = {}
+    dropped: dict[str, int] = {}
+    for file in files:
+        kept = []
+        for where, record in _read_jsonl_gz(file):
+            parsed = parse_record(_check_keys(where, record))
+            if isinstance(parsed, str):  # unscorable: counted and dropped, as the loader drops them
+                dropped[parsed] = dropped.get(parsed, 0) + 1
+            else:
+                kept.append((record, parsed))
+        records_by_file[file] = kept
+    pairs = [pair for kept in records_by_file.values() for _, pair in kept]
+    if not pairs:
+        raise DataError(f"{root}: no pair can be scored (dropped: {dropped})")
+    started = time.perf_counter()
+    prompts = [p.prompt for p in pairs]
+    chosen_scores = scorer.score(prompts, [p.chosen for p in pairs], batch_size=settings.batch_size).double().numpy()
+    rejected_scores = scorer.score(prompts, [p.rejected for p in pairs], batch_size=settings.batch_size).double().numpy()
+    keep = label_pairs(chosen_scores, rejected_scores, settings.rule, settings.temperature, settings.seed)
+    seconds = time.perf_counter() - started
+    held_out = held_out_mask(records_by_file, *fractions)
+    gold_prefers_human = chosen_scores > rejected_scores
+    ties = chosen_scores == rejected_scores
+    counts = {"pairs": len(pairs), "dropped": dropped, "flipped": int((~keep).sum()), "ties": int(ties.sum()),
+              "held_out_pairs": int(held_out.sum())}
+    agreement = {  # the gold model's own preference (ties excluded) against the human label
+        "all": float(gold_prefers_human[~ties].mean()),
+        "held_out": float(gold_prefers_human[held_out & ~ties].mean()) if (held_out & ~ties).any() else None,
+        "labels_vs_human": float(keep.mean()),
+    }
+    partial = folder.with_name(f".{folder.name}.{os.getpid()}.partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    index = 0
+    for file, kept in records_by_file.items():
+        target = partial / file.relative_to(root)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with gzip.open(target, "wt", encoding="utf-8") as out:
+            for record, _ in kept:
+                stays = bool(keep[index])
+                relabelled = dict(record)
+                relabelled["chosen"], relabelled["rejected"] = ((record["chosen"], record["rejected"]) if stays
+                                                                else (record["rejected"], record["chosen"]))
+                relabelled["gold_chosen"] = float(chosen_scores[index] if stays else rejected_scores[index])
+                relabelled["gold_rejected"] = float(rejected_scores[index] if stays else chosen_scores[index])
+                out.write(json.dumps(relabelled) + "\n")
+                index += 1
+    manifest = {**expected, "gold_model": settings.model, "source": str(root), "files": [str(f) for f in files],
+                "counts": counts, "agreement_with_human": agreement, "scoring_seconds": round(seconds, 1),
+                "settings": asdict(settings), "created": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+    (partial / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    if folder.exists():  # another process made it meanwhile: the same key, the same content
+        shutil.rmtree(partial)
+    else:
+        partial.rename(folder)
+    log.info("gold labels: %d pairs scored in %.0f s, %d flipped against the human labels, %d ties; written to %s",
+             len(pairs), seconds, counts["flipped"], counts["ties"], folder)
+    return manifest
+
+
+def held_out_mask(records_by_file: dict[Path, list], val_fraction: float, test_fraction: float) -> np.ndarray:
+    """Which pairs the harness holds out of training (its validation and test splits, carved as the loader
+    carves them), in the order the pairs are scored."""
+    by_split: dict[str, list] = {}
+    order = []
+    for file, kept in records_by_file.items():
+        split = file.name.split(".")[0]
+        for _, pair in kept:
+            by_split.setdefault(split, []).append(pair)
+            order.append(pair)
+    carved = assign_splits(by_split, val_fraction, test_fraction)
+    held = {id(pair) for name in SPLITS if name != "train" for pair in carved[name]}
+    return np.array([id(pair) in held for pair in order])
