@@ -8,7 +8,7 @@ import json
 import logging
 import random
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import mlflow
@@ -20,7 +20,7 @@ from transformers import AutoConfig
 
 from bench import tracking
 from bench.errors import BenchError, ConfigError
-from bench.generation import JsonCache, Sampling, decode_responses, reference_samples_key, sample
+from bench.generation import SAMPLING_STATS, JsonCache, Sampling, decode_responses, reference_samples_key, sample
 from bench.judges import DPO_HELPFULNESS_PROMPT, ChatCompletionsJudge, RewardModelJudge, load_reward_model
 from bench.models import BUILTIN_SPECS, load_causal_lm, load_tokenizer, resolve
 from datamodules.formatting import Formatter
@@ -45,6 +45,7 @@ class EvalSettings:
     bf16: bool = True  # autocast on CPU/GPU for generation and scoring
     confidence: float = 0.95
     split: str = "test"  # "validation" for sweeps: a study must not select on the prompts the tables report
+    prompt_seed: int = 0  # which prompts: fixed while sampling.seed varies, so that seeds share their prompts
 
     @classmethod
     def from_dict(cls, values: dict | None) -> "EvalSettings":
@@ -210,34 +211,23 @@ def eval_pairs(data: dict, split: str, n_prompts: int, seed: int) -> list[Pair]:
 def evaluate(target: Target, settings: EvalSettings) -> dict:
     """Measure, log to MLflow, and return the `eval/` metrics."""
     data = target.data
-    pairs = eval_pairs(data, settings.split, settings.n_prompts, settings.sampling.seed)
+    pairs = eval_pairs(data, settings.split, settings.n_prompts, settings.prompt_seed)
     judge = make_judge(settings, target.experiment)
     judge.check_reachable()
     proxy = make_proxy(settings, target.experiment, judge)
 
     tokenizer = load_tokenizer(target.policy)
-    formatter = Formatter(tokenizer, data.get("chat_template", True), data.get("max_length", 512),
-                          data.get("max_prompt_length", 256))
+    formatter = eval_formatter(tokenizer, data)
     prompt_ids = [formatter.generation_prompt_ids(p.prompt) for p in pairs]
 
     policy = load_causal_lm(target.policy)
     reference = policy if target.reference == target.policy else load_causal_lm(target.reference)
     device = policy.device
+    before = replace(SAMPLING_STATS)
     with _autocast(settings.bf16, device):
         policy_ids = sample(policy, tokenizer, prompt_ids, settings.sampling, desc="policy samples")
-        cache = JsonCache("reference_samples")
-        # The reference draws with another seed: evaluating the reference itself then compares two
-        # independent samples, not one sample with itself.
-        reference_sampling = Sampling(**{**asdict(settings.sampling), "seed": settings.sampling.seed + 1})
-        key = reference_samples_key(target.reference, prompt_ids, reference_sampling)
-        cached = cache.load(key)
-        if cached is None:
-            log.info("generating reference samples (%s, %d prompts); cache key %s", target.reference, len(pairs), key)
-            reference_ids = sample(reference, tokenizer, prompt_ids, reference_sampling, desc="reference samples")
-            log.info("stored reference samples at %s", cache.store(key, {"generated": reference_ids}))
-        else:
-            reference_ids = cached["generated"]
-            log.info("reusing cached reference samples %s (%d prompts)", key, len(reference_ids))
+        reference_ids = reference_samples(target.reference, lambda: reference, tokenizer, prompt_ids, settings.sampling)
+        sampling_seconds = SAMPLING_STATS.since(before).seconds
 
         # KL(policy || reference) on the policy's own samples, summed over generated tokens.
         sample_rows = [{"prompt_ids": p, "completion_ids": g} for p, g in zip(prompt_ids, policy_ids)]
@@ -261,16 +251,50 @@ def evaluate(target: Target, settings: EvalSettings) -> dict:
     untrained_normalised = reference_pairs.mean
     pref_accuracy_untrained = (untrained_normalised[:n] > untrained_normalised[n:]).float().mean().item()
 
-    prompts = [p.prompt for p in pairs]
     policy_text = decode_responses(tokenizer, policy_ids)
-    reference_text = decode_responses(tokenizer, reference_ids)
-    chosen_text = [p.chosen.strip() for p in pairs]
-    metrics: dict[str, float] = {
+    metrics, table = judge_responses(judge, proxy, pairs, policy_text, decode_responses(tokenizer, reference_ids),
+                                     settings.confidence)
+    metrics.update({
         "eval/kl": kl,
         "eval/response_len": sum(len(g) for g in policy_ids) / len(policy_ids),
         "eval/pref_accuracy": pref_accuracy,
         "eval/pref_accuracy_untrained": pref_accuracy_untrained,
-    }
+        "eval/sampling_seconds": sampling_seconds,
+    })
+    record_eval(target, settings, judge, proxy, metrics, table)
+    return metrics
+
+
+def eval_formatter(tokenizer, data: dict) -> Formatter:
+    return Formatter(tokenizer, data.get("chat_template", True), data.get("max_length", 512),
+                     data.get("max_prompt_length", 256))
+
+
+def reference_samples(reference_spec: str, load_reference, tokenizer, prompt_ids: list[list[int]],
+                      sampling: Sampling) -> list[list[int]]:
+    """The reference policy's samples of the prompts, cached on disk and shared by every policy evaluated
+    against the same reference. They draw with seed + 1: evaluating the reference itself then compares two
+    independent samples, not one sample with itself. `load_reference()` gives the model on a cache miss."""
+    cache = JsonCache("reference_samples")
+    reference_sampling = Sampling(**{**asdict(sampling), "seed": sampling.seed + 1})
+    key = reference_samples_key(reference_spec, prompt_ids, reference_sampling)
+    cached = cache.load(key)
+    if cached is not None:
+        log.info("reusing cached reference samples %s (%d prompts)", key, len(cached["generated"]))
+        return cached["generated"]
+    log.info("generating reference samples (%s, %d prompts); cache key %s", reference_spec, len(prompt_ids), key)
+    generated = sample(load_reference(), tokenizer, prompt_ids, reference_sampling, desc="reference samples")
+    log.info("stored reference samples at %s", cache.store(key, {"generated": generated}))
+    return generated
+
+
+def judge_responses(judge, proxy, pairs: list[Pair], policy_text: list[str], reference_text: list[str],
+                    confidence: float) -> tuple[dict[str, float], dict[str, list]]:
+    """Win rates against the dataset's chosen responses and the reference's samples, with bootstrap CIs; the
+    judge's and the proxy's mean scores; and the per-prompt table that `bench table` pairs runs on."""
+    prompts = [p.prompt for p in pairs]
+    chosen_text = [p.chosen.strip() for p in pairs]
+    metrics: dict[str, float] = {}
     table = {"prompt": prompts, "policy": policy_text, "chosen": chosen_text, "reference": reference_text}
 
     def add_with_ci(name: str, metric) -> None:
@@ -279,7 +303,7 @@ def evaluate(target: Target, settings: EvalSettings) -> dict:
         metrics[f"eval/{name}_ci_low"], metrics[f"eval/{name}_ci_high"] = result["ci_low"], result["ci_high"]
 
     for name, baseline in (("win_rate_vs_chosen", chosen_text), ("win_rate_vs_ref", reference_text)):
-        win_rate = WinRate(confidence=settings.confidence)
+        win_rate = WinRate(confidence=confidence)
         outcomes = judge.compare(prompts, policy_text, baseline)
         table[name] = outcomes.tolist()  # per prompt, for paired comparisons between runs (`bench table`)
         win_rate.update(outcomes=outcomes)
@@ -289,17 +313,16 @@ def evaluate(target: Target, settings: EvalSettings) -> dict:
         table["judge_policy"] = judge_policy.tolist()
         table["judge_chosen"] = judge.scores(prompts, chosen_text).tolist()
         table["judge_reference"] = judge.scores(prompts, reference_text).tolist()
-        score = BootstrapMean(confidence=settings.confidence)
+        score = BootstrapMean(confidence=confidence)
         score.update(judge_policy)
         add_with_ci("judge_score", score)
     if proxy is not None:
         proxy_scores = proxy.score(prompts, policy_text)
         table["proxy_policy"] = proxy_scores.tolist()
-        score = BootstrapMean(confidence=settings.confidence)
+        score = BootstrapMean(confidence=confidence)
         score.update(proxy_scores)
         add_with_ci("proxy_score", score)
-    record_eval(target, settings, judge, proxy, metrics, table)
-    return metrics
+    return metrics, table
 
 
 def win_rate_figure(metrics: dict):
@@ -338,6 +361,7 @@ def record_eval(target: Target, settings: EvalSettings, judge, proxy, metrics: d
     for key, value in tags.items():
         client.set_tag(run_id, key, str(value))
     params = {"eval.n_prompts": settings.n_prompts, "eval.confidence": settings.confidence, "eval.split": settings.split,
+              "eval.prompt_seed": settings.prompt_seed,
               **{f"eval.sampling.{k}": v for k, v in asdict(settings.sampling).items()}}
     existing = client.get_run(run_id).data.params
     for key, value in params.items():

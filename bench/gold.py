@@ -117,10 +117,8 @@ def relabelled_source(settings: GoldSettings, data: dict, scorer_factory, root: 
     only called when the copy has to be made."""
     path = data["path"]
     files = source_files(path, data.get("subsets"))
-    gold_fingerprint = model_fingerprint(settings.model)
-    sources = source_fingerprint(files)
-    folder = (root or cache_dir() / "gold_labels") / labels_key(settings, gold_fingerprint, sources)
-    expected = expected_manifest(settings, gold_fingerprint)
+    folder = labelled_folder(settings, data, root)
+    expected = expected_manifest(settings, model_fingerprint(settings.model))
     if (folder / MANIFEST).exists():
         manifest = check_manifest(folder, expected)
         log.info("gold labels: reusing %s (%s)", folder, manifest["counts"])
@@ -207,3 +205,100 @@ def held_out_mask(records_by_file: dict[Path, list], val_fraction: float, test_f
     carved = assign_splits(by_split, val_fraction, test_fraction)
     held = {id(pair) for name in SPLITS if name != "train" for pair in carved[name]}
     return np.array([id(pair) in held for pair in order])
+
+
+# --- recipes with a gold world ------------------------------------------------------------------------------
+def gold_settings(recipe: dict) -> GoldSettings | None:
+    """The recipe's `gold:` section as settings, or None when the recipe has no gold world. `model: train`
+    names the gold model that `gold.train` describes (trained once and cached)."""
+    section = recipe.get("gold")
+    if not section:
+        return None
+    if not isinstance(section, dict) or "model" not in section:
+        raise ConfigError("recipe section gold: needs `model:` (a reward-model folder or hub id, or `train`)")
+    values = {key: value for key, value in section.items() if key != "train"}
+    unknown = set(values) - set(GoldSettings.__dataclass_fields__)
+    if unknown:
+        raise ConfigError(f"unknown gold settings {sorted(unknown)}; known: {sorted(GoldSettings.__dataclass_fields__)} "
+                          "and train")
+    return GoldSettings(**values)
+
+
+def gold_model_dir(recipe_name: str, recipe: dict) -> Path:
+    """Where the recipe's trained gold model is cached: keyed by its training section and the human source."""
+    from bench import recipes
+
+    train = (recipe.get("gold") or {}).get("train") or {}
+    config = recipes.deep_merge(recipes.for_algorithm(recipe, "rm"), train)
+    sources = source_fingerprint(source_files(config["data"]["path"], config["data"].get("subsets")))
+    key = hashlib.sha256(json.dumps({"config": config, "sources": sources}, sort_keys=True, default=str)
+                         .encode()).hexdigest()[:24]
+    return cache_dir() / "gold_models" / key
+
+
+def ensure_gold_model(recipe_name: str, recipe: dict, train: bool) -> str:
+    """The gold reward model's folder. `model: train`: the cached one, trained now (on the human labels of the
+    whole train split, role `gold`) when missing and `train` allows; otherwise the spec as given."""
+    settings = gold_settings(recipe)
+    if settings.model != "train":
+        return settings.model
+    run_dir = gold_model_dir(recipe_name, recipe)
+    model_dir = run_dir / "reward_model"
+    if (model_dir / "config.json").exists():
+        return str(model_dir)
+    if not train:
+        raise ConfigError(f"recipe {recipe_name}'s gold model is not trained yet: run `bench label --recipe "
+                          f"{recipe_name}`, which trains it once (cached in {run_dir}) and labels the data")
+    from bench import recipes
+    from bench.training import train_one
+
+    train_section = (recipe.get("gold") or {}).get("train") or {}
+    gold_recipe = recipes.deep_merge(recipe, {"algorithms": {"rm": train_section}})
+    log.info("training the gold reward model of recipe %s into %s (once)", recipe_name, run_dir)
+    result = train_one("rm", recipe_name, gold_recipe, ["--model.role=gold", f"--trainer.default_root_dir={run_dir}"],
+                       run_name=f"rm-gold-{time.strftime('%Y%m%d-%H%M%S')}", tags={"gold_model": "true"})
+    if result.run_id is None:
+        raise ConfigError("the gold reward model's training was interrupted")
+    return str(model_dir)
+
+
+def gold_world(recipe_name: str, recipe: dict, create: bool = False) -> dict:
+    """The recipe as its stages read it: `data.path` the gold-labelled copy of its source, and `eval.judge`
+    the gold model where the recipe says `judge: gold`. With `create`, a missing gold model is trained and a
+    missing copy labelled (`bench label`, `bench compare`); otherwise their absence is an error that says so."""
+    settings = gold_settings(recipe)
+    if settings is None:
+        return recipe
+    from bench import recipes
+
+    model = ensure_gold_model(recipe_name, recipe, train=create)
+    settings = GoldSettings(**{**asdict(settings), "model": model})
+    data = recipe.get("data") or {}
+
+    def scorer():
+        from bench.judges import load_reward_model
+
+        return load_reward_model(model, role="gold")
+
+    if not create:
+        folder = labelled_folder(settings, data)
+        if not (folder / MANIFEST).exists():
+            raise ConfigError(f"recipe {recipe_name}'s data is not gold-labelled yet: run `bench label --recipe "
+                              f"{recipe_name}`")
+    folder, _ = relabelled_source(settings, data, scorer)
+    world = recipes.deep_merge(recipe, {"data": {"path": str(folder)}})
+    eval_section = dict(world.get("eval") or {})
+    if eval_section.get("judge") == "gold":
+        eval_section["judge"] = model
+        world["eval"] = eval_section
+    compare_eval = ((world.get("compare") or {}).get("eval") or {})
+    if compare_eval.get("judge") == "gold":
+        world["compare"]["eval"]["judge"] = model
+    world["gold_model"] = model
+    return world
+
+
+def labelled_folder(settings: GoldSettings, data: dict, root: Path | None = None) -> Path:
+    files = source_files(data["path"], data.get("subsets"))
+    key = labels_key(settings, model_fingerprint(settings.model), source_fingerprint(files))
+    return (root or cache_dir() / "gold_labels") / key

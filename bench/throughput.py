@@ -31,7 +31,9 @@ class TrainingThroughput(L.Callback):
         self.examples += pl_module.examples_in(batch)
 
     def on_train_end(self, trainer, pl_module) -> None:
-        wall_time = self.earlier_seconds + time.perf_counter() - self.started
+        # Measurements taken during training (`ScoresAlongTraining`) are not training time.
+        measuring = sum(getattr(callback, "seconds_outside_training", 0.0) for callback in trainer.callbacks)
+        wall_time = self.earlier_seconds + time.perf_counter() - self.started - measuring
         counts = torch.tensor([self.tokens, self.examples], dtype=torch.float64, device=pl_module.device)
         totals = trainer.strategy.reduce(counts, reduce_op="sum")
         tokens, examples = (float(v) for v in totals)

@@ -74,17 +74,42 @@ class Formatter:
 
 
 def reward_text(prompt: str, response: str) -> str:
-    """What a reward model reads: the raw HH transcript, whatever the policy's chat format, so that one
-    reward model scores policies with any tokenizer."""
+    """What a reward model reads in the `transcript` format: the raw HH transcript, whatever the policy's chat
+    format, so that one reward model scores policies with any tokenizer."""
     return f"{prompt} {response.strip()}"
+
+
+def pair_question(prompt: str) -> str:
+    """The first text of the `pair` format: the HH dialogue up to the last human turn, without the empty
+    Assistant tag that the response would follow."""
+    return prompt.strip().removesuffix("Assistant:").strip()
+
+
+REWARD_INPUT_FORMATS = ("transcript", "pair", "chat")
 
 
 @dataclass(frozen=True)
 class RewardFormatter:
-    """Tokenizes transcripts for a reward model, cutting from the left so the response survives."""
+    """Tokenizes (prompt, response) for a reward model in one of three input formats, cutting from the left
+    so that the response survives truncation:
+
+    - ``transcript``: the raw HH transcript, prompt and response as one text (how this harness trains its own);
+    - ``pair``: the dialogue and the response as a text pair, as OpenAssistant's DeBERTa reward models read
+      them (`tokenizer(question, answer)`, with its token types);
+    - ``chat``: the dialogue and the response as chat messages, through the reward model's own chat template.
+    """
 
     tokenizer: PreTrainedTokenizerBase
     max_length: int = 512
+    input_format: str = "transcript"
+
+    def __post_init__(self):
+        if self.input_format not in REWARD_INPUT_FORMATS:
+            raise ConfigError(f"reward-model input format {self.input_format!r} is unknown; choose one of "
+                              f"{', '.join(REWARD_INPUT_FORMATS)}")
+        if self.input_format == "chat" and self.tokenizer.chat_template is None:
+            raise ConfigError("reward-model input format 'chat' needs a tokenizer with a chat template; this one "
+                              "has none (use 'pair' or 'transcript')")
 
     def encode(self, texts: list[str]) -> list[list[int]]:
         side, self.tokenizer.truncation_side = self.tokenizer.truncation_side, "left"
@@ -92,6 +117,26 @@ class RewardFormatter:
             return self.tokenizer(texts, truncation=True, max_length=self.max_length).input_ids
         finally:
             self.tokenizer.truncation_side = side
+
+    def encode_responses(self, prompts: list[str], responses: list[str]) -> list[dict[str, list[int]]]:
+        """One encoding per (prompt, response): input_ids, and token_type_ids where the format has them."""
+        side, self.tokenizer.truncation_side = self.tokenizer.truncation_side, "left"
+        try:
+            if self.input_format == "transcript":
+                texts = [reward_text(p, r) for p, r in zip(prompts, responses)]
+                encoded = self.tokenizer(texts, truncation=True, max_length=self.max_length)
+            elif self.input_format == "pair":
+                encoded = self.tokenizer([pair_question(p) for p in prompts], [r.strip() for r in responses],
+                                         truncation="longest_first", max_length=self.max_length)
+            else:
+                texts = [self.tokenizer.apply_chat_template(
+                    hh_to_messages(p) + [{"role": "assistant", "content": r.strip()}], tokenize=False)
+                    for p, r in zip(prompts, responses)]
+                encoded = self.tokenizer(texts, add_special_tokens=False, truncation=True, max_length=self.max_length)
+        finally:
+            self.tokenizer.truncation_side = side
+        keys = [key for key in ("input_ids", "token_type_ids") if key in encoded]
+        return [{key: encoded[key][i] for key in keys} for i in range(len(prompts))]
 
     def pair(self, pair: Pair) -> dict[str, list[int]]:
         chosen, rejected = self.encode([reward_text(pair.prompt, pair.chosen), reward_text(pair.prompt, pair.rejected)])

@@ -1,0 +1,106 @@
+"""Gold labels: the two label rules, the relabelled copy in the dataset's own layout (read back by the normal
+loader), its manifest, the cache, and copies that do not match their settings."""
+
+import gzip
+import json
+
+import numpy as np
+import pytest
+
+from bench.errors import ConfigError
+from bench.gold import GoldSettings, check_manifest, label_pairs, relabelled_source
+from bench.judges import load_reward_model
+from datamodules.hh_rlhf import load_splits
+
+
+def test_bradley_terry_at_low_temperature_is_the_deterministic_rule():
+    rng = np.random.default_rng(0)
+    chosen, rejected = rng.normal(size=2000), rng.normal(size=2000)  # no exact ties
+    deterministic = label_pairs(chosen, rejected, "deterministic")
+    assert 0.4 < deterministic.mean() < 0.6
+    for seed in range(3):
+        assert (label_pairs(chosen, rejected, "bradley-terry", temperature=1e-6, seed=seed) == deterministic).all()
+
+
+def test_bradley_terry_keeps_each_label_with_its_probability():
+    margins = np.array([0.0, 1.0, -2.0, 3.0])
+    chosen, rejected = np.repeat(margins, 20000), np.zeros(4 * 20000)
+    kept = label_pairs(chosen, rejected, "bradley-terry", temperature=1.0, seed=1).reshape(4, -1).mean(axis=1)
+    np.testing.assert_allclose(kept, 1 / (1 + np.exp(-margins)), atol=0.01)
+    doubled = label_pairs(chosen, rejected, "bradley-terry", temperature=2.0, seed=1).reshape(4, -1).mean(axis=1)
+    np.testing.assert_allclose(doubled, 1 / (1 + np.exp(-margins / 2)), atol=0.01)
+    again = label_pairs(chosen, rejected, "bradley-terry", temperature=1.0, seed=1)
+    assert (again == label_pairs(chosen, rejected, "bradley-terry", temperature=1.0, seed=1)).all()
+
+
+@pytest.fixture
+def source(tmp_path):
+    """A small HH folder in the dataset's layout, with one unscorable record (an empty response)."""
+    folder = tmp_path / "hh" / "harmless-base"
+    folder.mkdir(parents=True)
+    records = []
+    for i in range(30):
+        prompt = f"\n\nHuman: Question number {i} about the weather?\n\nAssistant:"
+        records.append({"chosen": prompt + f" A short answer {i}.", "rejected": prompt + " " + "A much longer and "
+                        f"more elaborate answer about clouds, rain and wind, number {i}." * (1 + i % 3)})
+    records.append({"chosen": "\n\nHuman: Hi\n\nAssistant:", "rejected": "\n\nHuman: Hi\n\nAssistant: Hello."})
+    with gzip.open(folder / "test.jsonl.gz", "wt") as out:
+        for record in records:
+            out.write(json.dumps(record) + "\n")
+    return tmp_path / "hh"
+
+
+def test_relabelled_copy_reads_back_through_the_loader(source, tmp_path, reward_models):
+    gold = load_reward_model(reward_models["judge"], role="gold")
+    settings = GoldSettings(model=reward_models["judge"], rule="deterministic")
+    data = {"path": str(source)}
+    folder, manifest = relabelled_source(settings, data, lambda: gold, root=tmp_path / "cache")
+    assert (folder / "harmless-base" / "test.jsonl.gz").exists()  # the dataset's own layout
+    counts = manifest["counts"]
+    assert counts["pairs"] == 30 and counts["dropped"] == {"empty_response": 1}
+    human, _ = load_splits(str(source))
+    relabelled, report = load_splits(str(folder))
+    assert report.pairs_read == 30 and sum(map(len, relabelled.values())) == 30
+    assert {s: len(p) for s, p in relabelled.items()} == {s: len(p) for s, p in human.items()}
+    # Each pair is the human pair, swapped exactly where the gold model scores the rejected response higher.
+    lines = [json.loads(line) for line in gzip.open(folder / "harmless-base" / "test.jsonl.gz", "rt")]
+    flipped = 0
+    for line in lines:
+        assert line["gold_chosen"] >= line["gold_rejected"]
+        prompt = line["chosen"][: line["chosen"].rfind("Assistant:") + len("Assistant:")]
+        direct = gold.score([prompt, prompt], [line["chosen"][len(prompt):], line["rejected"][len(prompt):]])
+        assert direct.tolist() == pytest.approx([line["gold_chosen"], line["gold_rejected"]], abs=1e-4)
+        flipped += "A short answer" in line["rejected"]
+    assert flipped == counts["flipped"] and 0 < flipped < 30  # an untrained model prefers some of each
+    assert manifest["rule"] == "deterministic" and manifest["gold_fingerprint"]
+    assert manifest["agreement_with_human"]["labels_vs_human"] == pytest.approx(1 - flipped / 30)
+
+
+def test_the_copy_is_cached_and_a_mismatching_manifest_is_refused(source, tmp_path, reward_models):
+    gold = load_reward_model(reward_models["judge"], role="gold")
+    settings = GoldSettings(model=reward_models["judge"], rule="bradley-terry", temperature=0.5, seed=3)
+    data = {"path": str(source)}
+    folder, _ = relabelled_source(settings, data, lambda: gold, root=tmp_path / "cache")
+
+    def never():
+        raise AssertionError("a cached copy must not be scored again")
+
+    again, _ = relabelled_source(settings, data, never, root=tmp_path / "cache")
+    assert again == folder
+    other_seed = GoldSettings(model=reward_models["judge"], rule="bradley-terry", temperature=0.5, seed=4)
+    assert relabelled_source(other_seed, data, lambda: gold, root=tmp_path / "cache")[0] != folder
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["rule"] = "deterministic"  # a copy whose manifest says another rule
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ConfigError, match=r"manifest.json: rule is 'deterministic', but these settings ask for "
+                                          r"'bradley-terry'"):
+        relabelled_source(settings, data, never, root=tmp_path / "cache")
+    with pytest.raises(ConfigError, match="gold_fingerprint"):
+        check_manifest(folder, {"gold_fingerprint": "another model"})
+
+
+def test_bad_gold_settings_name_the_field():
+    with pytest.raises(ConfigError, match="gold.rule 'majority' is unknown"):
+        GoldSettings(model="x", rule="majority")
+    with pytest.raises(ConfigError, match="gold.temperature must be > 0"):
+        GoldSettings(model="x", temperature=0)
