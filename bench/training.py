@@ -160,7 +160,7 @@ def train_one(
         def add_arguments_to_parser(self, parser):
             parser.link_arguments(f"model.{model_spec_key}", "data.tokenizer")
             if is_reward_model:
-                parser.link_arguments("model.role", "data.train_subset", compute_fn=lambda role: "all" if role == "shared" else role)
+                parser.link_arguments("model.role", "data.train_subset", compute_fn=lambda role: "all" if role in ("shared", "gold") else role)
                 parser.link_arguments("model.max_length", "data.max_length")
             # Resumable runs: the last checkpoint every N steps, with optimizer, scheduler, loop and data position.
             parser.add_lightning_class_args(resume_checkpoint_class(), "checkpoint")

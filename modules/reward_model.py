@@ -10,15 +10,15 @@ from jsonargparse.typing import NonNegativeFloat, NonNegativeInt, PositiveFloat
 
 from bench.models import load_reward_backbone, load_tokenizer
 from bench.models import resolve as resolve_model
-from datamodules.formatting import RewardFormatter, reward_text
-from datamodules.hh_datamodule import pad_rows
+from datamodules.formatting import RewardFormatter
 from modules.base import NonFiniteLossPolicy, TrainedHFModel, require_positive
 from modules.losses import bradley_terry_loss
 
 log = logging.getLogger(__name__)
 
-Role = Literal["proxy", "judge", "shared"]
+Role = Literal["proxy", "judge", "shared", "gold"]
 ROLE_KEY = "bench_reward_role"  # written into the saved config.json, so a loader can check the role
+FORMAT_KEY = "bench_reward_format"  # the input format it was trained on, likewise
 
 
 class RewardModel(TrainedHFModel):
@@ -27,7 +27,8 @@ class RewardModel(TrainedHFModel):
     Args:
         backbone: model spec of the backbone (``all-minilm-l6-v2``, a hub id or a folder).
         role: proxy or judge, each trained on its own half of the train split; shared (one model for
-            both roles, trained on the whole split) must be chosen explicitly, and is recorded.
+            both roles, trained on the whole split) must be chosen explicitly, and is recorded; gold (the
+            simulated labeller of `bench label`, trained on the whole split, never optimised against).
         lr, optimizer, weight_decay, warmup_steps: as for the policy modules.
         center_rewards_coefficient: c in c * mean((r+ + r-)^2), keeping rewards centred.
         max_length: transcripts are cut from the left to this many backbone tokens.
@@ -84,22 +85,27 @@ class RewardModel(TrainedHFModel):
     def trained_model(self) -> torch.nn.Module:
         return self.model
 
+    input_format = "transcript"  # what this harness trains on; a loaded off-the-shelf model may read another
+
     def on_train_end(self) -> None:
         setattr(self.model.config, ROLE_KEY, self.hparams.role)  # saved in config.json
+        setattr(self.model.config, FORMAT_KEY, self.input_format)
         super().on_train_end()
 
     @torch.no_grad()
     def score(self, prompts: list[str], responses: list[str], batch_size: int = 32) -> torch.Tensor:
-        """Rewards of HH prompts with responses in any format; the model must be configured."""
-        formatter = RewardFormatter(self.tokenizer, self.hparams.max_length)
+        """Rewards of HH prompts with responses, read in `input_format` (`datamodules.formatting.RewardFormatter`:
+        this harness's own reward models read transcripts). Batches of similar length; the model must be
+        configured."""
+        formatter = RewardFormatter(self.tokenizer, self.hparams.max_length, self.input_format)
+        encoded = formatter.encode_responses(prompts, responses)
+        order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]["input_ids"]))
         was_training = self.model.training
         self.model.eval()  # no dropout when scoring
-        scores = []
-        for start in range(0, len(prompts), batch_size):
-            texts = [reward_text(p, r) for p, r in zip(prompts[start : start + batch_size],
-                                                      responses[start : start + batch_size])]
-            ids = formatter.encode(texts)
-            batch = pad_rows([[]] * len(ids), ids, self.tokenizer.pad_token_id)
-            scores.append(self(batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)))
+        scores = torch.empty(len(encoded))
+        for start in range(0, len(order), batch_size):
+            rows = order[start : start + batch_size]
+            batch = self.tokenizer.pad([encoded[i] for i in rows], return_tensors="pt")
+            scores[rows] = self.model(**{k: v.to(self.device) for k, v in batch.items()}).logits.squeeze(-1).float().cpu()
         self.model.train(was_training)
-        return torch.cat(scores).cpu()
+        return scores

@@ -50,9 +50,10 @@ def source(tmp_path):
     return tmp_path / "hh"
 
 
-def test_relabelled_copy_reads_back_through_the_loader(source, tmp_path, reward_models):
+@pytest.mark.parametrize("rule, temperature", [("deterministic", 1.0), ("bradley-terry", 100.0)])
+def test_relabelled_copy_reads_back_through_the_loader(source, tmp_path, reward_models, rule, temperature):
     gold = load_reward_model(reward_models["judge"], role="gold")
-    settings = GoldSettings(model=reward_models["judge"], rule="deterministic")
+    settings = GoldSettings(model=reward_models["judge"], rule=rule, temperature=temperature)
     data = {"path": str(source)}
     folder, manifest = relabelled_source(settings, data, lambda: gold, root=tmp_path / "cache")
     assert (folder / "harmless-base" / "test.jsonl.gz").exists()  # the dataset's own layout
@@ -62,17 +63,23 @@ def test_relabelled_copy_reads_back_through_the_loader(source, tmp_path, reward_
     relabelled, report = load_splits(str(folder))
     assert report.pairs_read == 30 and sum(map(len, relabelled.values())) == 30
     assert {s: len(p) for s, p in relabelled.items()} == {s: len(p) for s, p in human.items()}
-    # Each pair is the human pair, swapped exactly where the gold model scores the rejected response higher.
+    # Each record is the human pair, kept or swapped, with the gold model's scores of what it now holds.
+    originals = [json.loads(line) for line in gzip.open(source / "harmless-base" / "test.jsonl.gz", "rt")][:30]
     lines = [json.loads(line) for line in gzip.open(folder / "harmless-base" / "test.jsonl.gz", "rt")]
     flipped = 0
-    for line in lines:
-        assert line["gold_chosen"] >= line["gold_rejected"]
+    for original, line in zip(originals, lines):
+        swapped = (line["chosen"], line["rejected"]) == (original["rejected"], original["chosen"])
+        assert swapped or (line["chosen"], line["rejected"]) == (original["chosen"], original["rejected"])
+        flipped += swapped
         prompt = line["chosen"][: line["chosen"].rfind("Assistant:") + len("Assistant:")]
         direct = gold.score([prompt, prompt], [line["chosen"][len(prompt):], line["rejected"][len(prompt):]])
         assert direct.tolist() == pytest.approx([line["gold_chosen"], line["gold_rejected"]], abs=1e-4)
-        flipped += "A short answer" in line["rejected"]
-    assert flipped == counts["flipped"] and 0 < flipped < 30  # an untrained model prefers some of each
-    assert manifest["rule"] == "deterministic" and manifest["gold_fingerprint"]
+        if rule == "deterministic":
+            assert line["gold_chosen"] >= line["gold_rejected"]
+    assert flipped == counts["flipped"]
+    if rule == "bradley-terry":  # at T = 100 each label is nearly a coin toss: both kinds, surely
+        assert 0 < flipped < 30
+    assert manifest["rule"] == rule and manifest["gold_fingerprint"]
     assert manifest["agreement_with_human"]["labels_vs_human"] == pytest.approx(1 - flipped / 30)
 
 
