@@ -148,6 +148,13 @@ def sweep_command(argv: list[str]) -> None:
           args.objective or ["eval/win_rate_vs_chosen"], args.seed, overrides, args.prune, args.space)
 
 
+def seed_list(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 0,1,2, got {text!r}") from None
+
+
 def compare_command(argv: list[str]) -> None:
     from bench import recipes
     from bench.compare import compare
@@ -159,10 +166,12 @@ def compare_command(argv: list[str]) -> None:
     parser.add_argument("--dry-run", action="store_true", help="tiny stand-in models, one step per stage, "
                         "a throwaway MLflow store")
     parser.add_argument("--data-path", help="HH-RLHF source (default: the recipe's; a dry run also reads HH_RLHF_PATH)")
+    parser.add_argument("--seeds", type=seed_list, help="comma-separated seeds, each stage under each "
+                        "(default: the recipe's compare.seeds, else its seed_everything)")
     args, rest = parser.parse_known_args(argv)
     recipe_name, recipe = recipes.load(args.recipe)
     recipe, overrides = split_eval_overrides(recipe, rest)
-    runs = compare(recipe_name, recipe, overrides, dry_run=args.dry_run, data_path=args.data_path)
+    runs = compare(recipe_name, recipe, overrides, dry_run=args.dry_run, data_path=args.data_path, seeds=args.seeds)
     if not args.dry_run:
         print(f"comparison finished: {json.dumps(runs)}; `bench table --experiment {recipe_name}` writes the table")
 

@@ -20,8 +20,10 @@ from pathlib import Path
 
 import mlflow
 
-from bench import figures, recipes, tracking
+from bench import figures, gold, recipes, tracking
+from bench.best_of_n import check_ns, evaluate_best_of_n
 from bench.errors import BenchError, ConfigError
+from bench.overoptimisation import ScoresAlongTraining
 from bench.strategies import check_strategies
 
 log = logging.getLogger(__name__)
@@ -107,7 +109,17 @@ def dry_run_recipe(recipe: dict, data_path: str) -> dict:
         small["algorithms"][name] = section
     compare = small.setdefault("compare", {})
     compare["budget_prompts"] = 2
-    small["eval"] = {**(small.get("eval") or {}), "n_prompts": 2, "judge": "latest", "proxy": "latest",
+    if compare.get("best_of_n"):
+        compare["best_of_n"] = [1, 2]
+    if compare.get("overoptimisation"):
+        compare["overoptimisation"] = {**compare["overoptimisation"], "n_prompts": 2, "every_n_steps": 1,
+                                       "sampling": {"max_new_tokens": 4, "batch_size": 2}}
+    if small.get("gold"):  # a one-step MiniLM gold model labels the slice
+        small["gold"] = {**small["gold"], "train": {"trainer": {"max_steps": 1, "max_epochs": -1, "limit_val_batches": 1},
+                                                   "data": {"batch_size": 2, "max_train_pairs": 8},
+                                                   "model": {"backbone": "all-minilm-l6-v2", "max_length": 64}}}
+    judge = "gold" if small.get("gold") and (small.get("eval") or {}).get("judge") == "gold" else "latest"
+    small["eval"] = {**(small.get("eval") or {}), "n_prompts": 2, "judge": judge, "proxy": "latest",
                      "sampling": {**((small.get("eval") or {}).get("sampling") or {}), "max_new_tokens": 4, "batch_size": 2}}
     return small
 
@@ -129,9 +141,12 @@ def throwaway_workspace():
                 os.environ["MLFLOW_TRACKING_URI"] = previous_uri
 
 
-def compare(recipe_name: str, recipe: dict, argv: list[str], dry_run: bool = False, data_path: str | None = None) -> dict:
-    """Run the comparison; returns {stage: run id}. `argv` holds LightningCLI overrides for every stage."""
+def compare(recipe_name: str, recipe: dict, argv: list[str], dry_run: bool = False, data_path: str | None = None,
+            seeds: list[int] | None = None) -> dict:
+    """Run the comparison; returns {stage: run id}. `argv` holds LightningCLI overrides for every stage. A
+    recipe with a gold world (`gold:`) first gets its gold model and gold labels (`bench label`), cached."""
     stages = stages_of(recipe_name, recipe)
+    seeds_of(recipe_name, recipe, seeds)  # checked before anything runs
     if dry_run:
         data_path = data_path or os.environ.get("HH_RLHF_PATH") or recipe.get("data", {}).get("path")
         if not data_path or not Path(data_path).is_dir():
@@ -142,21 +157,47 @@ def compare(recipe_name: str, recipe: dict, argv: list[str], dry_run: bool = Fal
         if "rm" not in stages:  # a local judge stands in for the recipe's (often a remote API)
             stages = sorted([*stages, "rm"], key=STAGES.index)
         with throwaway_workspace():
-            runs = Comparison(recipe_name, recipe, stages, argv).run()
+            recipe = gold.gold_world(recipe_name, recipe, create=True)
+            runs = Comparison(recipe_name, recipe, stages, argv, seeds=(seeds or seeds_of(recipe_name, recipe, None))[:1]).run()
         print(f"dry run of recipe {recipe_name}: {len(runs)} stages ran one step each: {', '.join(runs)}")
         return runs
     if data_path:
         recipe = recipes.deep_merge(recipe, {"data": {"path": data_path}})
-    return Comparison(recipe_name, recipe, stages, argv).run()
+    recipe = gold.gold_world(recipe_name, recipe, create=True)
+    return Comparison(recipe_name, recipe, stages, argv, seeds).run()
+
+
+def seeds_of(recipe_name: str, recipe: dict, seeds: list[int] | None) -> list[int]:
+    """`--seeds`, else `compare.seeds`, else the recipe's one `seed_everything`."""
+    seeds = seeds if seeds is not None else (recipe.get("compare") or {}).get("seeds")
+    if seeds is None:
+        return [int(recipe.get("seed_everything", 0) or 0)]
+    if not isinstance(seeds, list) or not seeds or any(not isinstance(s, int) or s < 0 for s in seeds):
+        raise ConfigError(f"recipe {recipe_name}: compare.seeds must be a non-empty list of integers >= 0, got {seeds!r}")
+    if len(set(seeds)) != len(seeds):
+        raise ConfigError(f"recipe {recipe_name}: compare.seeds repeats a seed: {seeds}")
+    return seeds
 
 
 class Comparison:
-    def __init__(self, recipe_name: str, recipe: dict, stages: list[str], argv: list[str]):
+    """Every stage under every seed: `stage.<name>` tags on the parent run name each stage's run (with one
+    seed), or `stage.<name>.seed<S>` (with several). Per seed: SFT, the proxy, the aligned algorithms, their
+    evaluation and best-of-N; the judge is one for the whole comparison (the recipe's, for example a gold
+    model, or the one the first seed trains), so that every row is judged by the same judge."""
+
+    def __init__(self, recipe_name: str, recipe: dict, stages: list[str], argv: list[str],
+                 seeds: list[int] | None = None):
         self.recipe = comparison_recipe(recipe)
         self.recipe_name, self.stages, self.argv = recipe_name, stages, argv
-        self.budget = self.recipe["compare"].get("budget_prompts")
+        self.seeds = seeds_of(recipe_name, self.recipe, seeds)
+        settings = self.recipe["compare"]
+        self.budget = settings.get("budget_prompts")
         if self.budget is not None and (not isinstance(self.budget, int) or self.budget < 1):
             raise ConfigError(f"recipe {recipe_name}: compare.budget_prompts must be a positive integer, got {self.budget!r}")
+        self.best_of_n = check_ns(settings["best_of_n"]) if settings.get("best_of_n") else []
+        tracking_settings = settings.get("overoptimisation") or {}
+        self.tracked = set(tracking_settings.get("stages") or [])
+        self.tracking = {k: v for k, v in tracking_settings.items() if k != "stages"}
         self.client = mlflow.MlflowClient(tracking.tracking_uri())
         self.runs: dict[str, str] = {}
 
@@ -166,19 +207,30 @@ class Comparison:
                                            "git_commit": tracking.git_commit()})
         self.client.log_param(run.info.run_id, "stages", ",".join(self.stages))
         self.client.log_param(run.info.run_id, "budget_prompts", str(self.budget))
+        self.client.log_param(run.info.run_id, "seeds", ",".join(map(str, self.seeds)))
+        if self.best_of_n:
+            self.client.log_param(run.info.run_id, "best_of_n", ",".join(map(str, self.best_of_n)))
         return run.info.run_id
 
-    def train(self, stage: str, algorithm: str, argv: list[str]):
+    def stage_key(self, stage: str, seed: int) -> str:
+        return stage if len(self.seeds) == 1 else f"{stage}.seed{seed}"
+
+    def seed_args(self, seed: int) -> list[str]:
+        return [f"--seed_everything={seed}", f"--data.seed={seed}"]
+
+    def train(self, stage: str, algorithm: str, argv: list[str], seed: int, callbacks: list | None = None):
         from bench.training import train_one
 
-        tags = {"mlflow.parentRunId": self.parent, "compare_stage": stage}
-        result = train_one(algorithm, self.recipe_name, self.recipe, [*argv, *self.argv],
-                           run_name=f"{stage}-{datetime.now():%Y%m%d-%H%M%S}", tags=tags, reuse=True)
+        tags = {"mlflow.parentRunId": self.parent, "compare_stage": stage, "seed": str(seed)}
+        result = train_one(algorithm, self.recipe_name, self.recipe, [*argv, *self.seed_args(seed), *self.argv],
+                           run_name=f"{stage}-s{seed}-{datetime.now():%Y%m%d-%H%M%S}", tags=tags, reuse=True,
+                           callbacks=callbacks)
         gc.collect()  # free the trainer and its models before the next stage loads its own
         if result.run_id is None:
-            raise BenchError(f"stage {stage} was interrupted")
-        self.runs[stage] = result.run_id
-        self.client.set_tag(self.parent, f"stage.{stage}", result.run_id + (" (reused)" if result.reused else ""))
+            raise BenchError(f"stage {stage} (seed {seed}) was interrupted")
+        key = self.stage_key(stage, seed)
+        self.runs[key] = result.run_id
+        self.client.set_tag(self.parent, f"stage.{key}", result.run_id + (" (reused)" if result.reused else ""))
         return result
 
     def run(self) -> dict:
@@ -186,38 +238,71 @@ class Comparison:
         budgets = {algorithm: budget_overrides(algorithm, recipes.for_algorithm(self.recipe, algorithm), self.budget)
                    for algorithm in self.stages if algorithm in ALIGNED and self.budget}
         self.parent = self.parent_run()
-        log.info("comparison of %s under MLflow parent run %s", ", ".join(self.stages), self.parent)
-        policy_args: list[str] = []
-        if "sft" in self.stages:
-            sft = self.train("sft", "sft", [])
-            policy_args = [f"--model.policy={sft.output_path}"]  # the aligned policies' start and reference
-        proxy_args: dict[str, list[str]] = {}
-        judge = proxy = None
-        if "rm" in self.stages:
-            proxy = str(self.train("rm-proxy", "rm", ["--model.role=proxy"]).output_path)
-            judge = str(self.train("rm-judge", "rm", ["--model.role=judge"]).output_path)
-            proxy_args = {"ppo": [f"--model.proxy={proxy}"], "rrhf": [f"--data.proxy={proxy}"]}
-        if "sft" in self.stages:
-            self.evaluate("sft", sft.run_id, judge, proxy)
-        for algorithm in (s for s in self.stages if s in ALIGNED):
-            result = self.train(algorithm, algorithm,
-                                [*policy_args, *proxy_args.get(algorithm, []), *budgets.get(algorithm, [])])
-            self.evaluate(algorithm, result.run_id, judge, proxy)
+        log.info("comparison of %s over seeds %s under MLflow parent run %s", ", ".join(self.stages), self.seeds,
+                 self.parent)
+        judge = (self.recipe.get("eval") or {}).get("judge")
+        self.judge = judge if judge not in (None, "latest") and not str(judge).startswith("http") else None
+        for seed in self.seeds:
+            self.run_seed(seed, budgets)
         self.client.set_terminated(self.parent)  # first: `bench table` reads finished comparisons only
         figures.log_figures_of_finished_run(self.client, self.parent, figures.comparison_run_ids(self.client, self.parent))
         return self.runs
 
-    def evaluate(self, algorithm: str, run_id: str, judge: str | None, proxy: str | None) -> None:
-        from bench.evaluation import EvalSettings, evaluate, resolve_target
+    def run_seed(self, seed: int, budgets: dict[str, list[str]]) -> None:
+        policy_args: list[str] = []
+        if "sft" in self.stages:
+            sft = self.train("sft", "sft", [], seed)
+            policy_args = [f"--model.policy={sft.output_path}"]  # the aligned policies' start and reference
+        proxy_args: dict[str, list[str]] = {}
+        proxy = None
+        if "rm" in self.stages:
+            proxy = str(self.train("rm-proxy", "rm", ["--model.role=proxy"], seed).output_path)
+            if self.judge is None:  # the first seed's judge judges every seed
+                self.judge = str(self.train("rm-judge", "rm", ["--model.role=judge"], seed).output_path)
+            proxy_args = {"ppo": [f"--model.proxy={proxy}"], "rrhf": [f"--data.proxy={proxy}"]}
+        if "sft" in self.stages:
+            self.evaluate("sft", sft.run_id, seed, proxy)
+        for algorithm in (s for s in self.stages if s in ALIGNED):
+            callbacks = None
+            if algorithm in self.tracked and self.judge and proxy:
+                callbacks = [ScoresAlongTraining(self.judge, proxy, **self.tracking)]
+            result = self.train(algorithm, algorithm,
+                                [*policy_args, *proxy_args.get(algorithm, []), *budgets.get(algorithm, [])], seed,
+                                callbacks)
+            self.evaluate(algorithm, result.run_id, seed, proxy)
+        if self.best_of_n and proxy:
+            self.best_of_n_stage(seed, proxy, policy_args)
+
+    def eval_settings(self, seed: int, proxy: str | None):
+        from bench.evaluation import EvalSettings
+
+        settings = dict(self.recipe.get("eval") or {})
+        # "latest" means this comparison's own reward models, not whichever is newest in the experiment.
+        if self.judge and settings.get("judge", "latest") == "latest":
+            settings["judge"] = self.judge
+        if proxy and settings.get("proxy", "latest") == "latest":
+            settings["proxy"] = proxy
+        settings["sampling"] = {**(settings.get("sampling") or {}), "seed": seed}
+        return EvalSettings.from_dict(settings)
+
+    def evaluate(self, algorithm: str, run_id: str, seed: int, proxy: str | None) -> None:
+        from bench.evaluation import evaluate, resolve_target
 
         if "eval/win_rate_vs_chosen" in self.client.get_run(run_id).data.metrics:
             log.info("%s: run %s is already evaluated", algorithm, run_id)
             return
-        settings = dict(self.recipe.get("eval") or {})
-        # "latest" means this comparison's own reward models, not whichever is newest in the experiment.
-        if judge and settings.get("judge", "latest") == "latest":
-            settings["judge"] = judge
-        if proxy and settings.get("proxy", "latest") == "latest":
-            settings["proxy"] = proxy
-        evaluate(resolve_target(run_id, None, {}, self.recipe_name), EvalSettings.from_dict(settings))
+        evaluate(resolve_target(run_id, None, {}, self.recipe_name), self.eval_settings(seed, proxy))
         gc.collect()
+
+    def best_of_n_stage(self, seed: int, proxy: str, policy_args: list[str]) -> None:
+        """Best-of-N of the reference policy (the aligned stages' starting point) for every N, judged on the
+        same test prompts as the stages."""
+        config = recipes.for_algorithm(self.recipe, "dpo")
+        reference = policy_args[0].split("=", 1)[1] if policy_args else config["model"]["policy"]
+        runs = evaluate_best_of_n(reference, config["data"], self.eval_settings(seed, proxy), self.best_of_n,
+                                  self.recipe_name, tags={"mlflow.parentRunId": self.parent, "seed": str(seed)})
+        for n, run_id in runs.items():
+            self.client.set_tag(run_id, "compare_stage", f"best-of-{n}")
+            key = self.stage_key(f"best-of-{n}", seed)
+            self.runs[key] = run_id
+            self.client.set_tag(self.parent, f"stage.{key}", run_id)

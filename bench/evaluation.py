@@ -42,6 +42,8 @@ class EvalSettings:
     judge_model: str = "gpt-4"  # for an http(s) judge
     judge_prompt: str | None = None  # a template file with {query}, {response_a}, {response_b}; default DPO's
     proxy: str | None = "latest"  # a reward-model folder, "latest", or None for no proxy score
+    judge_format: str = "auto"  # how a reward-model judge reads: transcript, pair, chat, or auto (see bench.judges)
+    proxy_format: str = "auto"
     bf16: bool = True  # autocast on CPU/GPU for generation and scoring
     confidence: float = 0.95
     split: str = "test"  # "validation" for sweeps: a study must not select on the prompts the tables report
@@ -159,7 +161,7 @@ def make_judge(settings: EvalSettings, experiment: str):
                 raise ConfigError(f"eval.judge_prompt {settings.judge_prompt} lacks the fields {missing}")
         return ChatCompletionsJudge(settings.judge, settings.judge_model, template, seed=settings.sampling.seed)
     path = find_reward_model(experiment, "judge") if settings.judge == "latest" else settings.judge
-    judge = RewardModelJudge(path, role="judge")
+    judge = RewardModelJudge(path, role="judge", input_format=settings.judge_format)
     if judge.trained_role == "proxy":
         raise ConfigError(f"judge {path} was trained as the proxy; train a judge, or a `shared` model on purpose")
     return judge
@@ -178,7 +180,7 @@ def make_proxy(settings: EvalSettings, experiment: str, judge):
         path = settings.proxy
     if isinstance(judge, RewardModelJudge) and Path(path).resolve() == Path(judge.path).resolve():
         return judge.module
-    return load_reward_model(path, role="proxy")
+    return load_reward_model(path, role="proxy", input_format=settings.proxy_format)
 
 
 def _autocast(enabled: bool, device: torch.device):

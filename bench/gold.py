@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from bench.errors import ConfigError, DataError
-from bench.generation import model_fingerprint
+from bench.generation import JsonCache, model_fingerprint
 from bench.models import cache_dir
 from datamodules.hh_rlhf import (SPLITS, _check_keys, _local_split_files, _read_jsonl_gz, assign_splits, is_local,
                                  parse_record)
@@ -124,8 +124,13 @@ def relabelled_source(settings: GoldSettings, data: dict, scorer_factory, root: 
         log.info("gold labels: reusing %s (%s)", folder, manifest["counts"])
         return folder, manifest
     fractions = (data.get("val_fraction", 0.1), data.get("test_fraction", 0.1))
-    manifest = relabel(files, Path(path).expanduser(), folder, settings, scorer_factory(), expected, fractions)
+    manifest = relabel(files, Path(path).expanduser(), folder, settings, memoised(scorer_factory), expected, fractions)
     return folder, manifest
+
+
+def memoised(factory):
+    made = []
+    return lambda: made[0] if made else made.append(factory()) or made[0]
 
 
 def relabel(files: list[Path], root: Path, folder: Path, settings: GoldSettings, scorer, expected: dict,
@@ -147,9 +152,7 @@ def relabel(files: list[Path], root: Path, folder: Path, settings: GoldSettings,
     if not pairs:
         raise DataError(f"{root}: no pair can be scored (dropped: {dropped})")
     started = time.perf_counter()
-    prompts = [p.prompt for p in pairs]
-    chosen_scores = scorer.score(prompts, [p.chosen for p in pairs], batch_size=settings.batch_size).double().numpy()
-    rejected_scores = scorer.score(prompts, [p.rejected for p in pairs], batch_size=settings.batch_size).double().numpy()
+    chosen_scores, rejected_scores = gold_scores(pairs, settings, scorer)
     keep = label_pairs(chosen_scores, rejected_scores, settings.rule, settings.temperature, settings.seed)
     seconds = time.perf_counter() - started
     held_out = held_out_mask(records_by_file, *fractions)
@@ -190,6 +193,25 @@ def relabel(files: list[Path], root: Path, folder: Path, settings: GoldSettings,
     log.info("gold labels: %d pairs scored in %.0f s, %d flipped against the human labels, %d ties; written to %s",
              len(pairs), seconds, counts["flipped"], counts["ties"], folder)
     return manifest
+
+
+def gold_scores(pairs: list, settings: GoldSettings, scorer) -> tuple[np.ndarray, np.ndarray]:
+    """The gold model's scores of every pair's chosen and rejected response. Cached apart from the label rule
+    (keyed by the gold model, the pairs and the input format), so that another rule, temperature or seed
+    relabels without scoring again."""
+    cache = JsonCache("gold_scores")
+    key = JsonCache.key({"gold": model_fingerprint(settings.model), "input_format": settings.input_format,
+                         "pairs": hashlib.sha256(json.dumps([[p.prompt, p.chosen, p.rejected] for p in pairs])
+                                                 .encode()).hexdigest()})
+    cached = cache.load(key)
+    if cached is None:
+        prompts = [p.prompt for p in pairs]
+        cached = {"chosen": scorer().score(prompts, [p.chosen for p in pairs], batch_size=settings.batch_size).tolist()}
+        cached["rejected"] = scorer().score(prompts, [p.rejected for p in pairs], batch_size=settings.batch_size).tolist()
+        log.info("gold labels: stored the gold model's scores at %s", cache.store(key, cached))
+    else:
+        log.info("gold labels: reusing the gold model's scores %s", cache.path(key))
+    return np.array(cached["chosen"], dtype=np.float64), np.array(cached["rejected"], dtype=np.float64)
 
 
 def held_out_mask(records_by_file: dict[Path, list], val_fraction: float, test_fraction: float) -> np.ndarray:
@@ -278,7 +300,7 @@ def gold_world(recipe_name: str, recipe: dict, create: bool = False) -> dict:
     def scorer():
         from bench.judges import load_reward_model
 
-        return load_reward_model(model, role="gold")
+        return load_reward_model(model, role="gold", input_format=settings.input_format)
 
     if not create:
         folder = labelled_folder(settings, data)
