@@ -5,7 +5,9 @@
         [--resume [RUN_DIR]]                         continue a killed run from its last checkpoint
   bench eval RUN_ID|CHECKPOINT [--recipe NAME]       win rates, reward-model scores and KL
   bench sweep ALGO [--recipe NAME] [--n-trials N]    Optuna study over sweeps/ALGO.yaml (validation prompts)
+  bench label [--recipe NAME] [--gold SPEC]          gold-label a recipe's pairs with a gold reward model
   bench compare [--recipe NAME] [--dry-run]          every stage of a recipe, one MLflow parent run
+        [--seeds 0,1,2]                              every stage under each seed
   bench table --experiment NAME                      results/NAME.md and .csv from the experiment's runs
   bench perf [--steps S] [--json] [--output FILE]    DPO speed against TRL's DPOTrainer (cold/warm cache)
   bench ui [--host H] [--port P]                     the MLflow UI over the store runs log to
@@ -68,7 +70,7 @@ def _pop_option(argv: list[str], name: str, default: str | None, bare: str | Non
 
 
 def train_command(argv: list[str]) -> None:
-    from bench import recipes
+    from bench import gold, recipes
     from bench.training import evaluate_after_training, train_one
     from modules import TRAINABLE
 
@@ -81,6 +83,7 @@ def train_command(argv: list[str]) -> None:
     # `--resume` alone: this algorithm's newest unfinished run in the recipe.
     resume, argv = _pop_option(argv, "--resume", None, bare="latest")
     recipe_name, recipe = recipes.load(recipe_arg)
+    recipe = gold.gold_world(recipe_name, recipe)  # a gold-labelled recipe trains on its labels
     if algorithm == "rm" and not any(a.startswith("--model.role") for a in argv):
         if resume:
             raise BenchError("--resume trains one reward model: add --model.role=proxy or --model.role=judge")
@@ -140,9 +143,10 @@ def sweep_command(argv: list[str]) -> None:
     parser.add_argument("--space", help="search-space file (default: sweeps/ALGO.yaml)")
     parser.add_argument("--no-prune", dest="prune", action="store_false", help="turn off median pruning")
     args, rest = parser.parse_known_args(argv)
-    from bench import recipes
+    from bench import gold, recipes
 
     recipe_name, recipe = recipes.load(args.recipe)
+    recipe = gold.gold_world(recipe_name, recipe)
     recipe, overrides = split_eval_overrides(recipe, rest)
     sweep(args.algorithm, recipe_name, recipe, args.n_trials, args.study_name, args.storage, args.sampler,
           args.objective or ["eval/win_rate_vs_chosen"], args.seed, overrides, args.prune, args.space)
@@ -153,6 +157,32 @@ def seed_list(text: str) -> list[int]:
         return [int(part) for part in text.split(",")]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 0,1,2, got {text!r}") from None
+
+
+def label_command(argv: list[str]) -> None:
+    from bench import gold, recipes
+
+    parser = argparse.ArgumentParser(prog="bench label", description="Label every pair of a recipe's HH source "
+                                     "with a gold reward model: a relabelled copy in the dataset's own layout, cached.")
+    parser.add_argument("--recipe", default="smol-gold")
+    parser.add_argument("--gold", help="gold reward model: a folder or hub id of a one-output sequence classifier, "
+                        "or `train` (the recipe's gold.train; default: the recipe's gold.model)")
+    parser.add_argument("--rule", choices=gold.RULES)
+    parser.add_argument("--temperature", type=float, help="the bradley-terry rule's T")
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--input-format", choices=("auto", "transcript", "pair", "chat"))
+    parser.add_argument("--data-path", help="HH-RLHF source (default: the recipe's)")
+    args = parser.parse_args(argv)
+    recipe_name, recipe = recipes.load(args.recipe)
+    given = {key: value for key, value in (("model", args.gold), ("rule", args.rule), ("temperature", args.temperature),
+                                           ("seed", args.seed), ("input_format", args.input_format)) if value is not None}
+    recipe = recipes.deep_merge(recipe, {"gold": given})
+    if args.data_path:
+        recipe = recipes.deep_merge(recipe, {"data": {"path": args.data_path}})
+    if not (recipe.get("gold") or {}).get("model"):
+        raise BenchError(f"recipe {recipe_name} has no gold model: pass --gold SPEC")
+    world = gold.gold_world(recipe_name, recipe, create=True)
+    print(gold.describe(world["gold_manifest"], world["data"]["path"]))
 
 
 def compare_command(argv: list[str]) -> None:
@@ -206,7 +236,7 @@ def configure_logging() -> None:
 
 
 def eval_command(argv: list[str]) -> None:
-    from bench import recipes
+    from bench import gold, recipes
     from bench.evaluation import EvalSettings, evaluate, resolve_target
 
     parser = argparse.ArgumentParser(prog="bench eval", description="Evaluate a policy: win rates, scores, KL.")
@@ -227,6 +257,7 @@ def eval_command(argv: list[str]) -> None:
     parser.add_argument("--backend", help="sampling backend: harness (default) or hf (model.generate)")
     args = parser.parse_args(argv)
     recipe_name, recipe_config = recipes.load(args.recipe)
+    recipe_config = gold.gold_world(recipe_name, recipe_config)
     eval_config = dict(recipe_config.get("eval") or {})
     for key in ("n_prompts", "judge", "judge_model", "judge_prompt", "proxy"):
         if getattr(args, key) is not None:
@@ -298,7 +329,7 @@ def ui_command(argv: list[str]) -> None:
 
 
 COMMANDS = {"ui": ui_command, "data": data_command, "train": train_command, "eval": eval_command, "sweep": sweep_command,
-            "compare": compare_command, "table": table_command, "perf": perf_command}
+            "compare": compare_command, "table": table_command, "perf": perf_command, "label": label_command}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -312,7 +343,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"bench: unknown command {argv[0]!r}\n{USAGE}", file=sys.stderr)
         sys.exit(2)
     try:
-        if argv[0] in ("train", "eval", "sweep", "compare", "table") and not {"-h", "--help", "--dry-run"} & set(argv):
+        if argv[0] in ("train", "eval", "sweep", "compare", "table", "label") and not {"-h", "--help", "--dry-run"} & set(argv):
             from bench.tracking import check_reachable
 
             check_reachable()

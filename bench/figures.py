@@ -103,6 +103,9 @@ class RunData:
     histories: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
     kind: str = "run"  # "stage" (a `bench compare` stage), "trial" (a sweep trial) or "run"
     split: str | None = None  # the eval split (`eval.split` param): test for comparisons, validation for sweeps
+    seed: str | None = None  # the `seed` tag of a comparison's stage run
+    proxy: str | None = None  # the proxy that scored its `eval/proxy_score` (`eval.proxy` tag)
+    judge: str | None = None  # the judge that scored its `eval/judge_score` (`eval.judge.path` tag)
 
     def value(self, key: str) -> float | None:
         """The metric's latest value, or None when it is missing or not finite."""
@@ -229,13 +232,20 @@ def win_rate_bars(runs: Sequence[RunData], metrics: Sequence[str] = WIN_RATE_MET
 
 
 # --- 2. reward vs KL --------------------------------------------------------------------------------------
+def scorer_of(run: RunData, metric: str) -> str | None:
+    """Which reward model gave the run's `metric`: its proxy or its judge."""
+    return run.proxy if metric == "eval/proxy_score" else run.judge
+
+
 def default_reward_metric(runs: Sequence[RunData]) -> str:
-    """`eval/proxy_score` when any run has it, else `eval/judge_score` (one metric for every point:
-    reward models' scales differ)."""
+    """`eval/proxy_score` when runs have it and one proxy scored them all, else `eval/judge_score` (one metric,
+    from one reward model, for every point: reward models' scales differ). A comparison over several seeds
+    trains a proxy per seed, and shares one judge."""
     for metric in REWARD_METRICS:
-        if any(r.value(metric) is not None for r in runs):
+        scored = [r for r in runs if r.value(metric) is not None]
+        if scored and len({scorer_of(r, metric) for r in scored}) == 1:
             return metric
-    return REWARD_METRICS[0]
+    return next((m for m in REWARD_METRICS if any(r.value(m) is not None for r in runs)), REWARD_METRICS[0])
 
 
 def reward_kl_scatter(runs: Sequence[RunData], reward_metric: str | None = None, kl_metric: str = KL_METRIC,
@@ -245,11 +255,18 @@ def reward_kl_scatter(runs: Sequence[RunData], reward_metric: str | None = None,
     staircase through its points in KL order. Runs without either metric are counted in the title and
     named under the axes. `annotate` labels points with run labels; by default when there are at most 12."""
     reward_metric = reward_metric or default_reward_metric(runs)
+    # One reward model per axis: runs scored by another are named under the plot, not drawn on it.
+    scorers = [scorer_of(r, reward_metric) for r in runs if r.value(reward_metric) is not None]
+    axis_scorer = max(set(scorers), key=scorers.count) if scorers else None
+
     def complete(run: RunData) -> bool:
-        return run.value(kl_metric) is not None and run.value(reward_metric) is not None
+        return (run.value(kl_metric) is not None and run.value(reward_metric) is not None
+                and scorer_of(run, reward_metric) == axis_scorer)
 
     shown = [r for r in runs if complete(r)]
-    skipped = [r for r in runs if not complete(r)]
+    skipped = [r for r in runs if not complete(r) and not (r.value(kl_metric) is not None
+                                                           and r.value(reward_metric) is not None)]
+    other_scorer = [r for r in runs if not complete(r) and r not in skipped]
     figure, axis = plt.subplots(figsize=FIGSIZE, dpi=DPI)
     markers = {"trial": "^", "stage": "o", "run": "o"}
     algorithms = sorted({r.algorithm for r in shown}, key=lambda a: (_algorithm_rank(a), a))
@@ -298,6 +315,9 @@ def reward_kl_scatter(runs: Sequence[RunData], reward_metric: str | None = None,
                    for r in skipped[:6]]
         more = f" and {len(skipped) - 6} more" if len(skipped) > 6 else ""
         notes.append(f"Skipped {len(skipped)} of {len(runs)} runs: {', '.join(details)}{more}.")
+    if other_scorer:
+        notes.append(f"Not drawn, scored by another reward model than this axis's ({axis_scorer}): "
+                     f"{_names(other_scorer)}.")
     _footnote(figure, notes)
     return figure
 
@@ -347,13 +367,73 @@ def training_curves(runs: Sequence[RunData], panels: Sequence[CurvePanel] = CURV
 
 
 # --- all three ---------------------------------------------------------------------------------------------
+# --- 4. over-optimisation ----------------------------------------------------------------------------------
+OVEROPT_KL, OVEROPT_GOLD, OVEROPT_PROXY = "val/overopt/kl", "val/overopt/gold_score", "val/overopt/proxy_score"
+OVEROPT_KEYS = (OVEROPT_KL, OVEROPT_GOLD, OVEROPT_PROXY)
+BEST_OF_N = "best-of-n"
+
+
+def overoptimisation_curves(runs: Sequence[RunData]) -> list[tuple[RunData, list[tuple[float, float, float]]]]:
+    """(run, [(sqrt KL, gold score, proxy score), ...]) for every curve: best-of-N over N (its analytic KL, one
+    curve per seed) and each run scored along training (`bench.overoptimisation`), over steps."""
+    curves = []
+    best_of_n = [r for r in runs if r.algorithm == BEST_OF_N and r.value(KL_METRIC) is not None]
+    for seed in sorted({r.seed for r in best_of_n}, key=str):
+        points = sorted((r.value(KL_METRIC), r.value("eval/judge_score"), r.value("eval/proxy_score"), r)
+                        for r in best_of_n if r.seed == seed)
+        if len(points) > 1:
+            curves.append((points[0][3], [(math.sqrt(max(kl, 0.0)), gold, proxy) for kl, gold, proxy, _ in points]))
+    for run in runs:
+        if all(key in run.histories for key in OVEROPT_KEYS):
+            by_step = {key: dict(run.histories[key]) for key in OVEROPT_KEYS}
+            steps = sorted(set.intersection(*(set(values) for values in by_step.values())))
+            curves.append((run, [(math.sqrt(max(by_step[OVEROPT_KL][s], 0.0)), by_step[OVEROPT_GOLD][s],
+                                  by_step[OVEROPT_PROXY][s]) for s in steps]))
+    return curves
+
+
+def overoptimisation(runs: Sequence[RunData]) -> Figure:
+    """Gao et al.'s (2023) view: the gold reward model's score and the proxy's against sqrt(KL to the
+    reference), for best-of-N (over N) and for the runs scored along training (over steps). Each curve is
+    drawn as the change from its own start (N = 1, or the step before training): best-of-N is judged on the
+    test prompts, training runs on validation prompts, and the change is what compares across them. A proxy
+    curve that climbs while the gold one flattens or falls is over-optimisation."""
+    figure, (gold_axis, proxy_axis) = plt.subplots(1, 2, figsize=(FIGSIZE[0] * 1.8, FIGSIZE[1]), dpi=DPI)
+    curves = overoptimisation_curves(runs)
+    for run, points in curves:
+        xs = [x for x, _, _ in points]
+        label = f"best-of-N (seed {run.seed})" if run.algorithm == BEST_OF_N else run.label
+        style = {"color": colour_of(run.algorithm), "marker": "o", "markersize": 3, "linewidth": 1.2,
+                 "linestyle": "--" if run.algorithm == BEST_OF_N else "-"}
+        for axis, index in ((gold_axis, 1), (proxy_axis, 2)):
+            ys = [p[index] for p in points]
+            if all(y is not None for y in ys):
+                axis.plot(xs, [y - ys[0] for y in ys], label=label, **style)
+    for axis, name in ((gold_axis, "gold (judge) RM score"), (proxy_axis, "proxy RM score")):
+        axis.set_xlabel("sqrt(KL to the reference), nats^1/2", fontsize=9)
+        axis.set_ylabel(f"{name}, change from its start", fontsize=9)
+        axis.axhline(0, color="grey", linewidth=0.6)
+        axis.grid(True, linewidth=0.4, alpha=0.5)
+        if not curves:
+            _empty(axis, "no best-of-N runs and no run scored along training")
+    gold_axis.set_title("Gold score vs sqrt(KL)", fontsize=10)
+    proxy_axis.set_title("Proxy score vs sqrt(KL)", fontsize=10)
+    if curves:
+        proxy_axis.legend(fontsize=7, loc="best")
+    figure.tight_layout()
+    return figure
+
+
 def make_figures(runs: Sequence[RunData], reward_metric: str | None = None) -> dict[str, Figure]:
-    """{"win_rates", "reward_vs_kl", "training_curves"} -> Figure. Close them with `close_figures`."""
+    """{"win_rates", "reward_vs_kl", "training_curves"} -> Figure, and "overoptimisation" when any run has
+    its curves. Close them with `close_figures`."""
     figures: dict[str, Figure] = {}
     try:
         figures["win_rates"] = win_rate_bars(runs)
         figures["reward_vs_kl"] = reward_kl_scatter(runs, reward_metric)
         figures["training_curves"] = training_curves(runs)
+        if overoptimisation_curves(runs):
+            figures["overoptimisation"] = overoptimisation(runs)
     except BaseException:
         close_figures(figures)
         raise
@@ -375,7 +455,7 @@ def _label(run) -> tuple[str, str]:
         label = f"{algorithm} trial {tags.get('optuna.trial', '?')}"
         return label + (f" ({state.lower()})" if state and state != "COMPLETE" else ""), "trial"
     if "compare_stage" in tags:
-        return tags["compare_stage"], "stage"
+        return tags["compare_stage"], "stage"  # made unique by its seed below, when a comparison has several
     return (algorithm if algorithm != "?" else run.info.run_name or run.info.run_id[:8]), "run"
 
 
@@ -388,7 +468,7 @@ def _one_value_per_step(history) -> list[tuple[int, float]]:
 
 
 def collect_runs(client, run_ids: Sequence[str], histories: bool = True,
-                 history_keys: Sequence[str] = CURVE_KEYS) -> list[RunData]:
+                 history_keys: Sequence[str] = (*CURVE_KEYS, *OVEROPT_KEYS)) -> list[RunData]:
     """`RunData` of each run, in the given order (repeated ids once): latest metrics, the `algorithm` tag, a
     label (the comparison stage, `<algorithm> trial <n>` for a sweep trial, else the algorithm or run name;
     made unique with the run id's start), and, when `histories`, the step series of `history_keys` that the
@@ -401,7 +481,8 @@ def collect_runs(client, run_ids: Sequence[str], histories: bool = True,
         run = client.get_run(run_id)
         label, kind = _label(run)
         data = RunData(run_id, label, run.data.tags.get("algorithm", "?"), dict(run.data.metrics), kind=kind,
-                       split=run.data.params.get("eval.split"))
+                       split=run.data.params.get("eval.split"), seed=run.data.tags.get("seed"),
+                       proxy=run.data.tags.get("eval.proxy"), judge=run.data.tags.get("eval.judge.path"))
         if histories:
             for key in history_keys:
                 if key in run.data.metrics:
@@ -412,7 +493,7 @@ def collect_runs(client, run_ids: Sequence[str], histories: bool = True,
         counts[run.label] = counts.get(run.label, 0) + 1
     for run in runs:
         if counts[run.label] > 1:
-            run.label = f"{run.label} ({run.run_id[:6]})"
+            run.label = f"{run.label} (seed {run.seed})" if run.seed is not None else f"{run.label} ({run.run_id[:6]})"
     return runs
 
 
@@ -422,7 +503,7 @@ def comparison_run_ids(client, parent_run_id: str) -> list[str]:
     tags = client.get_run(parent_run_id).data.tags
     stages = [(name.removeprefix("stage."), value.split()[0]) for name, value in tags.items()
               if name.startswith("stage.") and not name.startswith("stage.rm") and value.split()]
-    return [run_id for _, run_id in sorted(stages, key=lambda s: (_algorithm_rank(s[0]), s[0]))]
+    return [run_id for _, run_id in sorted(stages, key=lambda s: (_algorithm_rank(s[0].split(".seed")[0]), s[0]))]
 
 
 def sweep_run_ids(client, study_run_id: str) -> list[str]:
@@ -486,7 +567,8 @@ def save_pngs(figures: Mapping[str, Figure], directory: str | os.PathLike, stem:
 
 
 CAPTIONS = {"win_rates": "Win rates with 95% CIs", "reward_vs_kl": "Reward vs KL with the Pareto frontier",
-            "training_curves": "Training curves: reward margin and KL"}
+            "training_curves": "Training curves: reward margin and KL",
+            "overoptimisation": "Over-optimisation: gold and proxy scores against sqrt(KL)"}
 
 
 def markdown_images(paths: Mapping[str, Path]) -> str:

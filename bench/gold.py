@@ -307,8 +307,8 @@ def gold_world(recipe_name: str, recipe: dict, create: bool = False) -> dict:
         if not (folder / MANIFEST).exists():
             raise ConfigError(f"recipe {recipe_name}'s data is not gold-labelled yet: run `bench label --recipe "
                               f"{recipe_name}`")
-    folder, _ = relabelled_source(settings, data, scorer)
-    world = recipes.deep_merge(recipe, {"data": {"path": str(folder)}})
+    folder, manifest = relabelled_source(settings, data, scorer)
+    world = recipes.deep_merge(recipe, {"data": {"path": str(folder)}, "gold_manifest": manifest})
     eval_section = dict(world.get("eval") or {})
     if eval_section.get("judge") == "gold":
         eval_section["judge"] = model
@@ -324,3 +324,22 @@ def labelled_folder(settings: GoldSettings, data: dict, root: Path | None = None
     files = source_files(data["path"], data.get("subsets"))
     key = labels_key(settings, model_fingerprint(settings.model), source_fingerprint(files))
     return (root or cache_dir() / "gold_labels") / key
+
+
+def describe(manifest: dict, folder: str) -> str:
+    """`bench label`'s report: the counts, the agreement with the human labels, and where the copy is."""
+    counts, agreement = manifest["counts"], manifest["agreement_with_human"]
+    rule = manifest["rule"] + (f", T {manifest['temperature']}" if manifest["temperature"] is not None else "")
+    dropped = ", ".join(f"{n} {reason}" for reason, n in counts["dropped"].items()) or "none"
+    held_out = agreement["held_out"]
+    return "\n".join([
+        f"gold model    {manifest['gold_model']} (fingerprint {manifest['gold_fingerprint'][:12]})",
+        f"rule          {rule}, seed {manifest['seed']}",
+        f"pairs         {counts['pairs']:,} labelled; dropped {dropped}",
+        f"flipped       {counts['flipped']:,} against the human labels ({counts['flipped'] / counts['pairs']:.1%}); "
+        f"{counts['ties']} ties",
+        f"gold vs human {agreement['all']:.3f} of all pairs, "
+        + (f"{held_out:.3f} of the {counts['held_out_pairs']} held-out pairs" if held_out is not None else "no held-out pairs")
+        + " (the gold model's own preference)",
+        f"labelled copy {folder}",
+    ])

@@ -21,6 +21,7 @@ import numpy as np
 
 from bench import recipes, tracking
 from bench.errors import BenchError, ConfigError
+from bench.stats import paired_seed_prompt_bootstrap, seed_prompt_bootstrap
 
 RESULTS_DIR = Path("results")
 WIN_COLUMNS = ("win_rate_vs_chosen", "win_rate_vs_ref")
@@ -28,14 +29,24 @@ WIN_COLUMNS = ("win_rate_vs_chosen", "win_rate_vs_ref")
 
 @dataclass
 class Row:
+    """One algorithm (or best-of-N) of one comparison or sweep: its run under each seed, all judged by one
+    judge on one set of prompts."""
+
     algorithm: str
-    run_id: str
-    source: str  # which comparison or sweep the run belongs to
-    prompts: str  # which prompts it was evaluated on: rows are compared only within one prompt set
-    metrics: dict
-    outcomes: dict = field(default_factory=dict)  # per-prompt win outcomes, by WIN_COLUMNS
+    run_ids: list[str]
+    seeds: list[str]
+    source: str  # which comparison or sweep the runs belong to
+    prompts: str  # which prompts they were evaluated on: rows are compared only within one prompt set
+    judge: str  # which judge scored them: rows are compared only within one judge
+    metrics: dict  # each metric's mean over the seeds
+    outcomes: dict = field(default_factory=dict)  # per-prompt outcomes, (seeds x prompts), by WIN_COLUMNS
     prompt_texts: list = field(default_factory=list)
+    intervals: dict = field(default_factory=dict)  # seed-and-prompt bootstrap CI of each win rate
     difference: dict = field(default_factory=dict)  # paired bootstrap against the best row
+
+    @property
+    def run_id(self) -> str:
+        return ",".join(self.run_ids)
 
 
 def _run_outcomes(client: mlflow.MlflowClient, run_id: str) -> tuple[dict, list]:
@@ -51,13 +62,50 @@ def _run_outcomes(client: mlflow.MlflowClient, run_id: str) -> tuple[dict, list]
     return outcomes, [r["prompt"] for r in rows]
 
 
-def _row(client, run, source: str) -> Row:
-    params = run.data.params
-    prompts = (f"{params.get('eval.split', 'test')} split, {params.get('eval.n_prompts')} prompts, "
-               f"seed {params.get('eval.sampling.seed')}")
-    row = Row(run.data.tags.get("algorithm", "?"), run.info.run_id, source, prompts, run.data.metrics)
-    row.outcomes, row.prompt_texts = _run_outcomes(client, run.info.run_id)
+def judge_of(run) -> str:
+    """The judge a run was evaluated by: its reward-model folder or endpoint and model."""
+    tags = run.data.tags
+    if tags.get("eval.judge.kind") == "chat_completions":
+        return f"{tags.get('eval.judge.model')} at {tags.get('eval.judge.url')}"
+    return tags.get("eval.judge.path", "?")
+
+
+def _row(client, runs: list, algorithm: str, source: str) -> Row:
+    """A row from the runs of one algorithm, one per seed, which must share their prompts and judge."""
+    first = runs[0]
+    params = first.data.params
+    prompt_seed = params.get("eval.prompt_seed", params.get("eval.sampling.seed"))
+    prompts = f"{params.get('eval.split', 'test')} split, {params.get('eval.n_prompts')} prompts, prompt seed {prompt_seed}"
+    judges = {judge_of(run) for run in runs}
+    if len(judges) > 1:
+        raise BenchError(f"{source}: the {algorithm} runs were judged by different judges ({sorted(judges)})")
+    metric_names = set.intersection(*(set(run.data.metrics) for run in runs))
+    metrics = {name: float(np.mean([run.data.metrics[name] for run in runs])) for name in metric_names}
+    row = Row(algorithm, [run.info.run_id for run in runs], [run.data.tags.get("seed", "?") for run in runs], source,
+              prompts, judges.pop(), metrics)
+    per_seed = []
+    for run in runs:
+        outcomes, texts = _run_outcomes(client, run.info.run_id)
+        if row.prompt_texts and texts != row.prompt_texts:
+            raise BenchError(f"{source}: the {algorithm} runs of different seeds were evaluated on different prompts")
+        row.prompt_texts = texts
+        per_seed.append(outcomes)
+    row.outcomes = {name: np.stack([o[name] for o in per_seed]) for name in WIN_COLUMNS if all(name in o for o in per_seed)}
+    for name, values in row.outcomes.items():
+        row.intervals[name] = seed_prompt_bootstrap(values)
     return row
+
+
+def comparison_stage_runs(client, parent) -> dict[str, list]:
+    """{stage: its runs, one per seed, in seed order} of a finished comparison (reward models left out)."""
+    by_stage: dict[str, list] = {}
+    for tag, value in sorted(parent.data.tags.items()):
+        if tag.startswith("stage.") and not tag.startswith("stage.rm") and value.split():
+            stage = tag.removeprefix("stage.").split(".seed")[0]
+            by_stage.setdefault(stage, []).append(client.get_run(value.split()[0]))
+    for runs in by_stage.values():
+        runs.sort(key=lambda run: int(run.data.tags.get("seed", "0") or 0))
+    return by_stage
 
 
 def collect_rows(experiment: str) -> list[Row]:
@@ -70,42 +118,35 @@ def collect_rows(experiment: str) -> list[Row]:
     comparisons = client.search_runs(ids, "tags.compare_role = 'parent' and attributes.status = 'FINISHED'",
                                      order_by=["attributes.start_time DESC"], max_results=1)
     for parent in comparisons:
-        for tag, value in parent.data.tags.items():
-            run_id = value.split()[0]
-            if tag.startswith("stage.") and not tag.startswith("stage.rm"):
-                rows.append(_row(client, client.get_run(run_id), f"compare {parent.info.run_name}"))
+        for stage, runs in comparison_stage_runs(client, parent).items():
+            rows.append(_row(client, runs, stage, f"compare {parent.info.run_name}"))
     for study in client.search_runs(ids, "tags.sweep_role = 'study'", order_by=["attributes.start_time DESC"]):
         best = study.data.tags.get("best_run_id")
         if best:
-            rows.append(_row(client, client.get_run(best), f"sweep {study.data.tags['optuna.study']} "
-                                                           f"best trial {study.data.tags.get('best_trial')}"))
+            run = client.get_run(best)
+            rows.append(_row(client, [run], run.data.tags.get("algorithm", "?"),
+                             f"sweep {study.data.tags['optuna.study']} best trial {study.data.tags.get('best_trial')}"))
     if not rows:
         raise BenchError(f"experiment {experiment!r} has no finished `bench compare` and no sweep with a best trial")
     return rows
 
 
-def paired_bootstrap(a: np.ndarray, b: np.ndarray, confidence: float = 0.95, resamples: int = 10_000,
-                     seed: int = 0) -> tuple[float, float, float]:
-    """Mean of a - b over the same prompts, and its percentile bootstrap CI (prompts resampled in pairs)."""
-    differences = a - b
-    rng = np.random.default_rng(seed)
-    means = differences[rng.integers(0, len(differences), (resamples, len(differences)))].mean(axis=1)
-    alpha = (1 - confidence) / 2
-    return float(differences.mean()), float(np.quantile(means, alpha)), float(np.quantile(means, 1 - alpha))
-
-
 def compare_with_best(rows: list[Row]) -> None:
-    """Within each prompt set, each row's win rate vs chosen against the best row's, prompt by prompt."""
-    for prompts in {r.prompts for r in rows}:
-        group = [r for r in rows if r.prompts == prompts and "win_rate_vs_chosen" in r.outcomes]
+    """Within each judge and prompt set, each row's win rate vs chosen against the best row's, by the paired
+    bootstrap over seeds and prompts (rows with the same seeds; a row of other seeds gets no difference)."""
+    for group_key in {(r.judge, r.prompts) for r in rows}:
+        group = [r for r in rows if (r.judge, r.prompts) == group_key and "win_rate_vs_chosen" in r.outcomes]
         if not group:
             continue
         best = max(group, key=lambda r: r.outcomes["win_rate_vs_chosen"].mean())
         for row in group:
             if row.prompt_texts != best.prompt_texts:
-                raise BenchError(f"runs {row.run_id} and {best.run_id} claim the same prompt set ({prompts}) "
+                raise BenchError(f"runs {row.run_id} and {best.run_id} claim the same prompt set ({row.prompts}) "
                                  "but were evaluated on different prompts")
-            mean, low, high = paired_bootstrap(row.outcomes["win_rate_vs_chosen"], best.outcomes["win_rate_vs_chosen"])
+            if row.seeds != best.seeds:
+                continue
+            mean, low, high = paired_seed_prompt_bootstrap(row.outcomes["win_rate_vs_chosen"],
+                                                           best.outcomes["win_rate_vs_chosen"])
             row.difference = {"vs": best.algorithm, "mean": mean, "low": low, "high": high,
                               "significant": row is not best and (high < 0 or low > 0)}
 
@@ -129,19 +170,23 @@ def machine() -> str:
             f"Python {platform.python_version()}, torch {torch.__version__}")
 
 
-CSV_FIELDS = ["algorithm", "source", "prompts", "run_id", "win_rate_vs_chosen", "win_rate_vs_chosen_ci_low",
-              "win_rate_vs_chosen_ci_high", "win_rate_vs_ref", "win_rate_vs_ref_ci_low", "win_rate_vs_ref_ci_high",
-              "judge_score", "proxy_score", "kl", "response_len", "train_tokens", "train_wall_time_s",
-              "train_tokens_per_s", "diff_vs_best", "diff_ci_low", "diff_ci_high", "diff_significant", "best",
-              "published_metric", "published_value"]
+CSV_FIELDS = ["algorithm", "source", "prompts", "judge", "seeds", "run_id", "win_rate_vs_chosen",
+              "win_rate_vs_chosen_ci_low", "win_rate_vs_chosen_ci_high", "win_rate_vs_ref", "win_rate_vs_ref_ci_low",
+              "win_rate_vs_ref_ci_high", "judge_score", "proxy_score", "kl", "response_len", "train_tokens",
+              "train_wall_time_s", "train_tokens_per_s", "diff_vs_best", "diff_ci_low", "diff_ci_high",
+              "diff_significant", "best", "published_metric", "published_value"]
 
 
 def csv_record(row: Row, published: dict[str, dict]) -> dict:
     m = row.metrics
-    record = {"algorithm": row.algorithm, "source": row.source, "prompts": row.prompts, "run_id": row.run_id}
-    for name in ("win_rate_vs_chosen", "win_rate_vs_ref"):
-        for suffix in ("", "_ci_low", "_ci_high"):
-            record[name + suffix] = m.get(f"eval/{name}{suffix}")
+    record = {"algorithm": row.algorithm, "source": row.source, "prompts": row.prompts, "judge": row.judge,
+              "seeds": " ".join(row.seeds), "run_id": row.run_id}
+    for name in WIN_COLUMNS:
+        if name in row.intervals:  # over seeds and prompts
+            record[name], record[name + "_ci_low"], record[name + "_ci_high"] = row.intervals[name]
+        else:
+            for suffix in ("", "_ci_low", "_ci_high"):
+                record[name + suffix] = m.get(f"eval/{name}{suffix}")
     record.update(judge_score=m.get("eval/judge_score"), proxy_score=m.get("eval/proxy_score"), kl=m.get("eval/kl"),
                   response_len=m.get("eval/response_len"), train_tokens=m.get("train/tokens"),
                   train_wall_time_s=m.get("train/wall_time_s"), train_tokens_per_s=m.get("train/tokens_per_s"))
@@ -167,35 +212,44 @@ def markdown(experiment: str, records: list[dict], command: str, source: str, pu
              f"Machine: {machine()}  ", f"Commit: {tracking.git_commit()}  ",
              f"Runs: `bench compare --recipe {experiment}` (test prompts); sweep rows from `bench sweep` "
              "(their best trial, on validation prompts)", ""]
-    lines += ["| algorithm | win vs chosen [95% CI] | win vs reference [95% CI] | judge score | proxy score | KL | "
-              "length | train tokens | wall time (s) | tokens/s | Δ win vs best [95% CI] | published |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+
     def published_cell(r):
         return "–" if r["published_value"] is None else f"{r['published_value']} ({r['published_metric']})"
 
-    for r in records:
-        def win(name):
-            return f"{_fmt(r[name])} [{_fmt(r[name + '_ci_low'])}, {_fmt(r[name + '_ci_high'])}]"
-        if r["diff_vs_best"] is None:
-            diff = "–"
-        elif r["best"] == r["algorithm"] and r["diff_vs_best"] == 0:
-            diff = "best"
-        else:
-            diff = (f"{r['diff_vs_best']:+.3f} [{r['diff_ci_low']:+.3f}, {r['diff_ci_high']:+.3f}]"
-                    + (" *" if r["diff_significant"] else ""))
-        label = r["algorithm"] + (" (sweep best trial)" if r["source"].startswith("sweep") else "")
-        lines.append(f"| {label} | {win('win_rate_vs_chosen')} | {win('win_rate_vs_ref')} | "
-                     f"{_fmt(r['judge_score'])} | {_fmt(r['proxy_score'])} | {_fmt(r['kl'], 2)} | "
-                     f"{_fmt(r['response_len'], 1)} | {_fmt(r['train_tokens'], 0)} | {_fmt(r['train_wall_time_s'], 0)} | "
-                     f"{_fmt(r['train_tokens_per_s'], 1)} | {diff} | {published_cell(r)} |")
+    judges = list(dict.fromkeys(r["judge"] for r in records))
+    for judge in judges:  # one table per judge: rows judged by different judges are never side by side
+        group = [r for r in records if r["judge"] == judge]
+        lines += [f"Judge: `{judge}`" + (" (one of several judges in this experiment: compare rows within a "
+                                           "table only)" if len(judges) > 1 else ""), ""]
+        lines += ["| algorithm | seeds | win vs chosen [95% CI] | win vs reference [95% CI] | judge score | proxy score | "
+                  "KL | length | train tokens | wall time (s) | tokens/s | Δ win vs best [95% CI] | published |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in group:
+            def win(name):
+                return f"{_fmt(r[name])} [{_fmt(r[name + '_ci_low'])}, {_fmt(r[name + '_ci_high'])}]"
+            if r["diff_vs_best"] is None:
+                diff = "–"
+            elif r["best"] == r["algorithm"] and r["diff_vs_best"] == 0:
+                diff = "best"
+            else:
+                diff = (f"{r['diff_vs_best']:+.3f} [{r['diff_ci_low']:+.3f}, {r['diff_ci_high']:+.3f}]"
+                        + (" *" if r["diff_significant"] else ""))
+            label = r["algorithm"] + (" (sweep best trial)" if r["source"].startswith("sweep") else "")
+            lines.append(f"| {label} | {len(r['seeds'].split())} | {win('win_rate_vs_chosen')} | {win('win_rate_vs_ref')} | "
+                         f"{_fmt(r['judge_score'])} | {_fmt(r['proxy_score'])} | {_fmt(r['kl'], 2)} | "
+                         f"{_fmt(r['response_len'], 1)} | {_fmt(r['train_tokens'], 0)} | {_fmt(r['train_wall_time_s'], 0)} | "
+                         f"{_fmt(r['train_tokens_per_s'], 1)} | {diff} | {published_cell(r)} |")
+        lines.append("")
     prompt_sets = sorted({r["prompts"] for r in records})
     sources = sorted({r["source"] for r in records})
-    lines += ["", f"Rows from: {'; '.join(sources)}. Prompts: {'; '.join(prompt_sets)}.",
-              "Win rates are judged by the experiment's judge reward model; ties count one half. Δ is the paired "
-              "bootstrap difference in win rate vs chosen against the best row on the same prompts "
-              "(10,000 resamples); * marks a 95% CI that excludes 0. Judge and proxy scores are on each reward "
-              "model's own scale: a policy whose proxy score rises while its judge score does not is "
-              "over-optimising the proxy."]
+    lines += [f"Rows from: {'; '.join(sources)}. Prompts: {'; '.join(prompt_sets)}.",
+              "Win rates are judged by the judge above each table; ties count one half. With several seeds a "
+              "row is the mean over its seeds, and its CIs resample seeds, then prompts (10,000 resamples); Δ is "
+              "the paired difference in win rate vs chosen against the best row of the same table, resampling "
+              "the same seeds and prompts for both; * marks a 95% CI that excludes 0. With 3 seeds the seed "
+              "level of the bootstrap is coarse: read the CIs as lower bounds. Judge and proxy scores are on "
+              "each reward model's own scale: a policy whose proxy score rises while its judge score does not "
+              "is over-optimising the proxy."]
     if published:
         lines += ["", "## Published", "", source, "", "| label | algorithm | model | metric | value | note |",
                   "|---|---|---|---|---|---|"]
@@ -245,7 +299,7 @@ def figure_runs(client: mlflow.MlflowClient, experiment: str, rows: list[Row]) -
     """The table's runs, then every trial of the experiment's sweeps (the reward-vs-KL view plots them all)."""
     from bench import figures
 
-    run_ids = [r.run_id for r in rows]
+    run_ids = [run_id for r in rows for run_id in r.run_ids]
     found = client.get_experiment_by_name(experiment)
     for study in client.search_runs([found.experiment_id], "tags.sweep_role = 'study'"):
         run_ids += figures.sweep_run_ids(client, study.info.run_id)

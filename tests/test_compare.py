@@ -9,7 +9,8 @@ import yaml
 
 from bench import recipes
 from bench.cli import main
-from bench.table import paired_bootstrap, published_rows
+from bench.stats import paired_seed_prompt_bootstrap
+from bench.table import published_rows
 
 ALIGNED = ["dpo", "ipo", "kto", "rrhf", "ppo"]
 
@@ -20,10 +21,13 @@ def test_dry_run_builds_and_steps_every_stage_of_every_recipe(workdir, hh_path, 
     out = capsys.readouterr().out
     _, loaded = recipes.load(recipe)
     stages = loaded["compare"]["stages"]
-    ran = out.split("ran one step each: ")[1].split()
+    ran = [s.rstrip(",") for s in out.split("ran one step each: ")[1].split()]
     expected = [s for s in stages if s not in ("rm",)]
-    assert [s.rstrip(",") for s in ran if not s.startswith("rm-")] == expected
-    assert {"rm-proxy,", "rm-judge,"} <= set(ran)
+    assert [s for s in ran if not s.startswith(("rm-", "best-of-"))] == expected
+    gold_judge = (loaded.get("eval") or {}).get("judge") == "gold"  # the gold model judges: no judge is trained
+    assert {"rm-proxy", *([] if gold_judge else ["rm-judge"])} <= set(ran)
+    assert [s for s in ran if s.startswith("best-of-")] == [f"best-of-{n}" for n in
+                                                           ([1, 2] if loaded["compare"].get("best_of_n") else [])]
     assert not (workdir / "runs").exists() and not (workdir / "mlflow.db").exists()  # a throwaway workspace
 
 
@@ -82,6 +86,10 @@ def test_compare_trains_every_stage_on_one_budget_then_reuses_them_and_tables(wo
     for name in ("win_rates", "reward_vs_kl", "training_curves"):  # embedded, and beside the table
         assert f"(tiny-{name}.png)" in markdown
         assert (workdir / "results" / f"tiny-{name}.png").read_bytes().startswith(b"\x89PNG")
+
+
+def paired_bootstrap(a, b):  # one seed: the paired prompt bootstrap
+    return paired_seed_prompt_bootstrap(np.atleast_2d(a), np.atleast_2d(b))
 
 
 def test_paired_bootstrap_of_win_outcomes():
