@@ -206,8 +206,11 @@ def gold_scores(pairs: list, settings: GoldSettings, scorer) -> tuple[np.ndarray
     cached = cache.load(key)
     if cached is None:
         prompts = [p.prompt for p in pairs]
-        cached = {"chosen": scorer().score(prompts, [p.chosen for p in pairs], batch_size=settings.batch_size).tolist()}
-        cached["rejected"] = scorer().score(prompts, [p.rejected for p in pairs], batch_size=settings.batch_size).tolist()
+        with torch.autocast(scorer().device.type, dtype=torch.bfloat16):  # the precision evaluation scores in
+            cached = {"chosen": scorer().score(prompts, [p.chosen for p in pairs], batch_size=settings.batch_size,
+                                               desc="gold scores: chosen").tolist()}
+            cached["rejected"] = scorer().score(prompts, [p.rejected for p in pairs], batch_size=settings.batch_size,
+                                                desc="gold scores: rejected").tolist()
         log.info("gold labels: stored the gold model's scores at %s", cache.store(key, cached))
     else:
         log.info("gold labels: reusing the gold model's scores %s", cache.path(key))

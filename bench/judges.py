@@ -86,11 +86,13 @@ def load_reward_model(path: str, role: str, input_format: str = "auto"):
     """A RewardModel module around a reward model (a folder of this harness's, or any sequence classifier
     with one output: folder or hub id), checked to be one; `role` is the role it is used in, which its
     `used_as` records (the role it was trained for, if any, is `trained_role`)."""
+    from bench.models import resolve
     from datamodules.formatting import RewardFormatter
-    from modules.reward_model import RewardModel
+    from modules.reward_model import MAX_LENGTH_KEY, RewardModel
 
     trained_role = check_reward_model(path, role)
-    module = RewardModel(backbone=str(path))
+    trained_length = getattr(AutoConfig.from_pretrained(resolve(str(path))), MAX_LENGTH_KEY, None)
+    module = RewardModel(backbone=str(path), **({"max_length": trained_length} if trained_length else {}))
     module.configure_model()
     module.trained_role, module.used_as = trained_role, role
     module.input_format = input_format_of(module, trained_role, input_format)

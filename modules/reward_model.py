@@ -6,6 +6,7 @@ import logging
 from typing import Literal
 
 import torch
+from tqdm.auto import tqdm
 from jsonargparse.typing import NonNegativeFloat, NonNegativeInt, PositiveFloat
 
 from bench.models import load_reward_backbone, load_tokenizer
@@ -19,6 +20,7 @@ log = logging.getLogger(__name__)
 Role = Literal["proxy", "judge", "shared", "gold"]
 ROLE_KEY = "bench_reward_role"  # written into the saved config.json, so a loader can check the role
 FORMAT_KEY = "bench_reward_format"  # the input format it was trained on, likewise
+MAX_LENGTH_KEY = "bench_reward_max_length"  # the length it was trained at: scoring longer inputs leaves its training distribution
 
 
 class RewardModel(TrainedHFModel):
@@ -90,10 +92,11 @@ class RewardModel(TrainedHFModel):
     def on_train_end(self) -> None:
         setattr(self.model.config, ROLE_KEY, self.hparams.role)  # saved in config.json
         setattr(self.model.config, FORMAT_KEY, self.input_format)
+        setattr(self.model.config, MAX_LENGTH_KEY, self.hparams.max_length)
         super().on_train_end()
 
     @torch.no_grad()
-    def score(self, prompts: list[str], responses: list[str], batch_size: int = 32) -> torch.Tensor:
+    def score(self, prompts: list[str], responses: list[str], batch_size: int = 32, desc: str | None = None) -> torch.Tensor:
         """Rewards of HH prompts with responses, read in `input_format` (`datamodules.formatting.RewardFormatter`:
         this harness's own reward models read transcripts). Batches of similar length; the model must be
         configured."""
@@ -103,7 +106,8 @@ class RewardModel(TrainedHFModel):
         was_training = self.model.training
         self.model.eval()  # no dropout when scoring
         scores = torch.empty(len(encoded))
-        for start in range(0, len(order), batch_size):
+        starts = range(0, len(order), batch_size)
+        for start in tqdm(starts, desc=desc, unit="batch", disable=desc is None or len(starts) < 2):
             rows = order[start : start + batch_size]
             batch = self.tokenizer.pad([encoded[i] for i in rows], return_tensors="pt")
             scores[rows] = self.model(**{k: v.to(self.device) for k, v in batch.items()}).logits.squeeze(-1).float().cpu()
