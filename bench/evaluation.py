@@ -48,6 +48,7 @@ class EvalSettings:
     confidence: float = 0.95
     split: str = "test"  # "validation" for sweeps: a study must not select on the prompts the tables report
     prompt_seed: int = 0  # which prompts: fixed while sampling.seed varies, so that seeds share their prompts
+    pref_accuracy: bool = True  # eval/pref_accuracy(_untrained): two log-prob passes per model over the held-out pairs
 
     @classmethod
     def from_dict(cls, values: dict | None) -> "EvalSettings":
@@ -239,19 +240,8 @@ def evaluate(target: Target, settings: EvalSettings) -> dict:
         reference_on_samples = batched_logps(reference, sample_rows, collate_sft, batch_size, "KL: reference")
         kl = (policy_on_samples.total - reference_on_samples.total).mean().item()
 
-        # Preference accuracy of the implicit reward on held-out pairs, and of the untrained policy's
-        # length-normalised log-probs (the RRHF paper's Table 5 measurement).
-        pair_rows = [formatter.pair(p) for p in pairs]
-        # All chosen rows, then all rejected rows.
-        response_rows = [{"prompt_ids": r["prompt_ids"], "completion_ids": r[k]}
-                         for k in ("chosen_ids", "rejected_ids") for r in pair_rows]
-        policy_pairs = batched_logps(policy, response_rows, collate_sft, batch_size, "pairs: policy")
-        reference_pairs = batched_logps(reference, response_rows, collate_sft, batch_size, "pairs: reference")
-    n = len(pair_rows)
-    logratios = policy_pairs.total - reference_pairs.total
-    pref_accuracy = (logratios[:n] > logratios[n:]).float().mean().item()
-    untrained_normalised = reference_pairs.mean
-    pref_accuracy_untrained = (untrained_normalised[:n] > untrained_normalised[n:]).float().mean().item()
+        pair_metrics = (preference_accuracies(policy, reference, [formatter.pair(p) for p in pairs], collate_sft,
+                                              batch_size) if settings.pref_accuracy else {})
 
     policy_text = decode_responses(tokenizer, policy_ids)
     metrics, table = judge_responses(judge, proxy, pairs, policy_text, decode_responses(tokenizer, reference_ids),
@@ -259,12 +249,26 @@ def evaluate(target: Target, settings: EvalSettings) -> dict:
     metrics.update({
         "eval/kl": kl,
         "eval/response_len": sum(len(g) for g in policy_ids) / len(policy_ids),
-        "eval/pref_accuracy": pref_accuracy,
-        "eval/pref_accuracy_untrained": pref_accuracy_untrained,
         "eval/sampling_seconds": sampling_seconds,
+        **pair_metrics,
     })
     record_eval(target, settings, judge, proxy, metrics, table)
     return metrics
+
+
+def preference_accuracies(policy, reference, pair_rows: list[dict], collate, batch_size: int) -> dict[str, float]:
+    """How often held-out pairs are ranked right by the implicit reward (log-ratio to the reference), and by
+    the untrained policy's length-normalised log-probs (the RRHF paper's Table 5 measurement)."""
+    n = len(pair_rows)
+    # All chosen rows, then all rejected rows.
+    response_rows = [{"prompt_ids": r["prompt_ids"], "completion_ids": r[k]}
+                     for k in ("chosen_ids", "rejected_ids") for r in pair_rows]
+    policy_pairs = batched_logps(policy, response_rows, collate, batch_size, "pairs: policy")
+    reference_pairs = batched_logps(reference, response_rows, collate, batch_size, "pairs: reference")
+    logratios = policy_pairs.total - reference_pairs.total
+    untrained = reference_pairs.mean
+    return {"eval/pref_accuracy": (logratios[:n] > logratios[n:]).float().mean().item(),
+            "eval/pref_accuracy_untrained": (untrained[:n] > untrained[n:]).float().mean().item()}
 
 
 def eval_formatter(tokenizer, data: dict) -> Formatter:

@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from bench.errors import ConfigError
 from bench.gold import GoldSettings, check_manifest, label_pairs, relabelled_source
@@ -72,7 +73,8 @@ def test_relabelled_copy_reads_back_through_the_loader(source, tmp_path, reward_
         assert swapped or (line["chosen"], line["rejected"]) == (original["chosen"], original["rejected"])
         flipped += swapped
         prompt = line["chosen"][: line["chosen"].rfind("Assistant:") + len("Assistant:")]
-        direct = gold.score([prompt, prompt], [line["chosen"][len(prompt):], line["rejected"][len(prompt):]])
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # labelling scores in bf16, as evaluation does
+            direct = gold.score([prompt, prompt], [line["chosen"][len(prompt):], line["rejected"][len(prompt):]])
         assert direct.tolist() == pytest.approx([line["gold_chosen"], line["gold_rejected"]], abs=1e-4)
         if rule == "deterministic":
             assert line["gold_chosen"] >= line["gold_rejected"]
