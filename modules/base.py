@@ -164,6 +164,16 @@ class TrainedHFModel(L.LightningModule):
     `nonfinite_loss` ("error" or "skip") among their hyperparameters."""
 
     output_name: ClassVar[str]  # the folder, in the run directory, that the model is saved to
+    # The facts `bench` reads about a trainable module (`modules.registry()`); a class that sets `name` is found
+    # there by its name, and sweeps, comparisons, tables and figures take it in with no other file edited.
+    name: ClassVar[str | None] = None  # `bench train NAME`
+    data_view: ClassVar[str]  # the DataModule view it trains on
+    needs_reference: ClassVar[bool] = False  # a frozen reference model (or its cached log-probs)
+    online: ClassVar[bool] = False  # samples from the policy as it trains (one rollout per batch of prompts)
+    aligned: ClassVar[bool] = False  # a `bench compare` stage: trained from the starting policy, then evaluated
+    proxy_setting: ClassVar[str | None] = None  # the config key that names the proxy reward model it optimises
+    pruning_metric: ClassVar[str | None] = None  # the validation metric (higher is better) sweeps prune on
+    colour: ClassVar[str] = "#7f7f7f"  # its colour in every figure
     skipped_batches: int = 0
     step_metrics_to_log: dict | None = None  # from the checkpoint a run resumes from
 
@@ -291,8 +301,9 @@ class AlignmentModule(TrainedHFModel):
             forward per batch, which suits GPUs, where a forward's size costs little.
     """
 
-    data_view: ClassVar[str] = "paired"
-    needs_reference: ClassVar[bool] = True
+    data_view = "paired"
+    needs_reference = True
+    aligned = True
     output_name = "policy"
 
     def __init__(
@@ -482,10 +493,13 @@ def preference_metrics(
 
 class PairedPreferenceModule(AlignmentModule):
     """An offline paired-preference loss of the chosen and rejected log-ratios (DPO, IPO, ...).
-    A subclass gives `pair_loss`, its `reward_scale` and whether log-ratios are length-averaged."""
+    A subclass gives `pair_loss`, its `reward_scale` and whether log-ratios are length-averaged.
+    With `needs_reference = False` (SimPO, ORPO, SLiC-HF) the "log-ratios" are the policy's own log-probs:
+    no reference is loaded, cached or run."""
 
     data_view = "paired"
     average_logratios: bool = False
+    pruning_metric = "val/rewards/accuracies"
 
     @property
     def reward_scale(self) -> float:
@@ -496,8 +510,10 @@ class PairedPreferenceModule(AlignmentModule):
 
     def loss_and_metrics(self, batch):
         # One forward over chosen and rejected rows together: the collator stacks them.
-        policy, reference = self.policy_logps(batch), self.reference_logps(batch)
-        logratios = policy.reduce(self.average_logratios) - reference.reduce(self.average_logratios)
+        policy = self.policy_logps(batch)
+        logratios = policy.reduce(self.average_logratios)
+        if self.needs_reference:
+            logratios = logratios - self.reference_logps(batch).reduce(self.average_logratios)
         chosen_logratios, rejected_logratios = logratios.chunk(2)
         loss = self.pair_loss(chosen_logratios, rejected_logratios).mean()
         chosen_logps, rejected_logps = policy.total.detach().chunk(2)

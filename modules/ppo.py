@@ -88,7 +88,12 @@ class PPO(AlignmentModule):
         max_grad_norm: gradient clipping of each PPO update (manual optimisation clips here, not in Trainer).
     """
 
+    name = "ppo"
     data_view = "prompts"
+    online = True
+    proxy_setting = "model.proxy"
+    pruning_metric = "val/objective/scores"
+    colour = "#9467bd"
 
     def __init__(
         self,

@@ -18,8 +18,12 @@ class RRHF(AlignmentModule):
         rank_weight: w, the weight of the ranking loss (1 in the paper).
     """
 
+    name = "rrhf"
     data_view = "ranked"
     needs_reference = False
+    proxy_setting = "data.proxy"
+    pruning_metric = "val/rank_accuracy"
+    colour = "#d62728"
 
     def __init__(self, rank_weight: PositiveFloat = 1.0, **kwargs):
         super().__init__(**kwargs)
