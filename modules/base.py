@@ -31,6 +31,12 @@ def require_positive(**values: float) -> None:
             raise ConfigError(f"model.{name} must be > 0, got {value}")
 
 
+def require_non_negative(**values: float) -> None:
+    for name, value in values.items():
+        if not value >= 0:
+            raise ConfigError(f"model.{name} must be >= 0, got {value}")
+
+
 @dataclass
 class SequenceLogps:
     """Per-sequence sums of response-token log-probs, and the token counts they sum over."""
@@ -508,6 +514,10 @@ class PairedPreferenceModule(AlignmentModule):
     def pair_loss(self, chosen_logratios: torch.Tensor, rejected_logratios: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def pair_metrics(self, chosen_logratios: torch.Tensor, rejected_logratios: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Metrics of the algorithm's own beyond TRL's paired ones (detached inputs)."""
+        return {}
+
     def loss_and_metrics(self, batch):
         # One forward over chosen and rejected rows together: the collator stacks them.
         policy = self.policy_logps(batch)
@@ -518,7 +528,8 @@ class PairedPreferenceModule(AlignmentModule):
         loss = self.pair_loss(chosen_logratios, rejected_logratios).mean()
         chosen_logps, rejected_logps = policy.total.detach().chunk(2)
         rewards = self.reward_scale * logratios.detach()
-        return loss, preference_metrics(*rewards.chunk(2), chosen_logps, rejected_logps)
+        metrics = preference_metrics(*rewards.chunk(2), chosen_logps, rejected_logps)
+        return loss, metrics | self.pair_metrics(*logratios.detach().chunk(2))
 
     def examples_in(self, batch: dict) -> int:
         return batch["input_ids"].shape[0] // 2  # chosen and rejected rows of each pair

@@ -4,6 +4,8 @@ Every loss returns a per-example tensor of shape (B,); the caller reduces it. A 
 log pi_theta(y|x) - log pi_ref(y|x) for one response, summed or averaged over its tokens.
 """
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -27,6 +29,35 @@ def ipo_loss(chosen_logratios: torch.Tensor, rejected_logratios: torch.Tensor, t
     """IPO (Azar et al. 2023): regress the log-ratio margin h onto 1 / (2 tau)."""
     h = chosen_logratios - rejected_logratios
     return (h - 1 / (2 * tau)) ** 2
+
+
+def simpo_loss(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, beta: float, gamma: float) -> torch.Tensor:
+    """SimPO (Meng et al. 2024), reference-free: -log sigmoid(beta * (c - r) - gamma), with c and r the policy's
+    length-averaged log-probs and gamma the target reward margin."""
+    return -F.logsigmoid(beta * (chosen_logps - rejected_logps) - gamma)
+
+
+def log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(x)) for x < 0, without cancellation at either end (Maechler 2012)."""
+    return torch.where(x > -math.log(2), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
+def orpo_log_odds(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor) -> torch.Tensor:
+    """log(odds(c) / odds(r)), odds(p) = p / (1 - p), of length-averaged log-probs c and r."""
+    return (chosen_logps - rejected_logps) - (log1mexp(chosen_logps) - log1mexp(rejected_logps))
+
+
+def orpo_loss(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, lam: float) -> torch.Tensor:
+    """ORPO (Hong et al. 2024), reference-free: the chosen response's token-mean NLL, -c, plus
+    lambda * -log sigmoid(log odds ratio). c and r are length-averaged log-probs."""
+    return -chosen_logps - lam * F.logsigmoid(orpo_log_odds(chosen_logps, rejected_logps))
+
+
+def slic_loss(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, beta: float, lam: float = 0.0) -> torch.Tensor:
+    """SLiC-HF (Zhao et al. 2023), reference-free: the calibration hinge max(0, 1 - beta * (c - r)) on summed
+    log-probs, plus lambda times the chosen response's NLL, -c. The paper's max(0, delta - (c - r)) - lambda' * c,
+    divided by delta = 1 / beta (as TRL's "hinge" writes it)."""
+    return torch.relu(1 - beta * (chosen_logps - rejected_logps)) - lam * chosen_logps
 
 
 def kto_loss(

@@ -12,7 +12,6 @@ import modules.base
 from bench import compare, figures
 from datamodules.hh_datamodule import HHRLHFDataModule
 from modules.base import AlignmentModule, PairedPreferenceModule
-from modules.losses import dpo_loss
 
 SWEEPS = Path(__file__).resolve().parents[1] / "sweeps"
 
@@ -37,20 +36,16 @@ def test_every_algorithm_states_its_facts_once_and_bench_reads_them():
     assert online == sorted(online)
 
 
-class ReferenceFreeDPO(PairedPreferenceModule):
-    """DPO's loss on the policy's own log-probs, for the test only (no `name`: not registered)."""
-
-    needs_reference = False
-
-    @property
-    def reward_scale(self):
-        return 0.1
-
-    def pair_loss(self, chosen, rejected):
-        return dpo_loss(chosen, rejected, 0.1)
+REFERENCE_FREE_PAIRED = [name for name, cls in modules.registry().items()
+                         if issubclass(cls, PairedPreferenceModule) and not cls.needs_reference]
 
 
-def test_a_reference_free_paired_module_loads_caches_and_computes_no_reference(hh_path, tmp_path, monkeypatch):
+def test_the_reference_free_paired_modules_are_simpo_orpo_and_slic():
+    assert sorted(REFERENCE_FREE_PAIRED) == ["orpo", "simpo", "slic"]
+
+
+@pytest.mark.parametrize("name", REFERENCE_FREE_PAIRED)
+def test_a_reference_free_paired_module_loads_caches_and_computes_no_reference(hh_path, tmp_path, monkeypatch, name):
     loaded = []
     real_load = modules.base.load_causal_lm
 
@@ -58,24 +53,26 @@ def test_a_reference_free_paired_module_loads_caches_and_computes_no_reference(h
         loaded.append(spec)
         return real_load(spec, *args, **kwargs)
 
-    def no_cache(*args, **kwargs):
-        raise AssertionError("a reference-free module opened the reference cache")
+    def no_reference(*args, **kwargs):
+        raise AssertionError("a reference-free module asked for the reference")
 
     monkeypatch.setattr(modules.base, "load_causal_lm", counting_load)
-    monkeypatch.setattr(modules.base.ReferenceLogpCache, "for_run", no_cache)
-    monkeypatch.setattr(AlignmentModule, "reference_logps", no_cache)
+    monkeypatch.setattr(modules.base.ReferenceLogpCache, "for_run", no_reference)
+    monkeypatch.setattr(modules.base, "compute_logps", no_reference)
+    monkeypatch.setattr(AlignmentModule, "reference_logps", no_reference)
     dm = HHRLHFDataModule(path=hh_path, tokenizer="tiny", view="paired", max_length=96, max_prompt_length=48,
                           batch_size=4, max_train_pairs=8, max_val_pairs=4)
-    module = ReferenceFreeDPO(policy="tiny", lr=1e-3)
+    module = modules.module_class(name)(policy="tiny", lr=1e-3)
     trainer = L.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=1,
                         default_root_dir=tmp_path)
     trainer.fit(module, datamodule=dm)
     assert loaded == ["tiny"] and module.reference is None  # the policy only
+    assert trainer.callback_metrics["val/loss"].isfinite()
     batch = next(iter(dm.train_dataloader()))
     assert "reference_logps" not in batch
     with torch.no_grad():
         loss, metrics = module.loss_and_metrics(batch)
-        chosen, rejected = module.policy_logps(batch).total.chunk(2)
-    torch.testing.assert_close(loss, dpo_loss(chosen, rejected, 0.1).mean())
-    torch.testing.assert_close(metrics["rewards/chosen"], 0.1 * chosen.mean())
+        chosen, rejected = module.policy_logps(batch).reduce(module.average_logratios).chunk(2)
+    torch.testing.assert_close(loss, module.pair_loss(chosen, rejected).mean())
+    torch.testing.assert_close(metrics["rewards/chosen"], module.reward_scale * chosen.mean())
