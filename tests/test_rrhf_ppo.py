@@ -18,7 +18,8 @@ from datamodules.formatting import Formatter
 from datamodules.hh_datamodule import HHRLHFDataModule
 from datamodules.hh_rlhf import load_splits
 from modules.base import sequence_logps
-from modules.ppo import PPO, Rollout, Sequences
+from modules.online import Samples, Sequences
+from modules.ppo import PPO, Rollout
 from modules.rrhf import RRHF
 
 PPO_METRICS = ["objective/kl", "objective/scores", "objective/rlhf_reward", "objective/entropy", "policy/approxkl",
@@ -117,8 +118,9 @@ def test_ppo_rewards_are_the_kl_penalty_plus_the_score_at_the_last_token(reward_
     mask = torch.tensor([[1, 1, 1], [1, 0, 0]], dtype=torch.bool)
     logprobs = torch.tensor([[-1.0, -2.0, -0.5], [-1.0, 0.0, 0.0]])
     ref_logprobs = torch.tensor([[-1.5, -1.0, -0.5], [-3.0, 0.0, 0.0]])
-    rollout = Rollout(Sequences(torch.zeros(2, 5), torch.ones(2, 5), 2), mask, logprobs, ref_logprobs,
-                      torch.zeros(2, 3), scores=torch.tensor([2.0, -1.0]), num_eos_tokens=torch.tensor(1.0))
+    samples = Samples(Sequences(torch.zeros(2, 5), torch.ones(2, 5), 2), mask, scores=torch.tensor([2.0, -1.0]),
+                      ended=torch.tensor([True, False]), per_prompt=1)
+    rollout = Rollout(samples, logprobs, ref_logprobs, torch.zeros(2, 3))
     metrics, rewards = module.rollout_metrics(rollout, kl_coef=0.1)
     # kl per token: [0.5, -1, 0], [2, 0, 0]; rewards -0.1 * kl, plus the score on the last real token
     torch.testing.assert_close(rewards, torch.tensor([[-0.05, 0.1, 2.0], [-0.2 - 1.0, 0.0, 0.0]]))
