@@ -7,11 +7,21 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from jsonargparse.typing import PositiveFloat, PositiveInt
+from jsonargparse.typing import PositiveFloat, PositiveInt, restricted_number_type
 
+from bench.errors import ConfigError
 from bench.generation import Sampling, check_backend, decode_responses, sample
 from bench.judges import check_proxy, load_proxy
 from modules.base import AlignmentModule, require_positive
+
+
+# k, the responses sampled per prompt by the group methods (RLOO, GRPO): a baseline needs at least two.
+AtLeastTwo = restricted_number_type("AtLeastTwo", int, (">=", 2))
+
+
+def require_group_size(num_generations: int) -> None:
+    if not num_generations >= 2:
+        raise ConfigError(f"model.num_generations (k, responses per prompt) must be >= 2, got {num_generations}")
 
 
 @dataclass
@@ -169,6 +179,14 @@ class OnlineModule(AlignmentModule):
             "val/num_eos_tokens": samples.ended.sum().float(),
             "response_len": samples.mask.sum(1).float().mean(),
         }
+
+    def group_metrics(self, samples: Samples) -> dict:
+        """TRL's GRPO and RLOO metrics of the proxy's scores of each prompt's group of responses."""
+        grouped = samples.scores.view(-1, samples.per_prompt)
+        std = grouped.std(1)
+        return {"reward": samples.scores.mean(), "reward_std": samples.scores.std(),
+                "frac_reward_zero_std": torch.isclose(std, torch.zeros_like(std)).float().mean(),
+                "completions/mean_length": samples.mask.sum(1).float().mean()}
 
     # --- training ----------------------------------------------------------------------------------
     def update(self, loss: torch.Tensor, batch_idx: int) -> bool:

@@ -12,7 +12,7 @@ from bench.cli import main
 from bench.stats import paired_seed_prompt_bootstrap
 from bench.table import published_rows
 
-ALIGNED = ["dpo", "ipo", "kto", "rrhf", "ppo"]
+ALIGNED = [s for s in recipes.load("tiny")[1]["compare"]["stages"] if s != "rm"]  # every aligned algorithm
 
 
 @pytest.mark.parametrize("recipe", recipes.available())
