@@ -4,6 +4,7 @@ optimizer with linear warmup, metric logging, and saving the policy in HF format
 import logging
 import random
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, Literal
@@ -22,6 +23,8 @@ from modules.reference_cache import ReferenceLogpCache, compute_logps
 
 
 log = logging.getLogger(__name__)
+# The policy and the reference are in eval mode on purpose (AlignmentModule.train).
+warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
 
 
 def require_positive(**values: float) -> None:
@@ -346,7 +349,7 @@ class AlignmentModule(TrainedHFModel):
             return
         hp = self.hparams
         self.tokenizer = load_tokenizer(hp.policy, hp.trust_remote_code)
-        self.policy = load_causal_lm(hp.policy, hp.trust_remote_code).train()  # from_pretrained gives eval mode
+        self.policy = load_causal_lm(hp.policy, hp.trust_remote_code).eval()  # no dropout: see train()
         if self.needs_reference and self.reference_logps_cache is not None and not self.uncached_sequences:
             log.info("reference log-probs of every sequence are cached in %s: the reference model is not loaded",
                      self.reference_logps_cache.folder)
@@ -358,10 +361,16 @@ class AlignmentModule(TrainedHFModel):
                                   (("policy", self.policy), ("reference", self.reference)) if model is not None}
 
     def train(self, mode: bool = True):
+        """Lightning sets train mode for training; the policy and the reference stay in eval mode, so that no
+        forward has dropout: the reference is a fixed function, and the policy's log-probs must be the same in
+        a rollout, in PPO's old log-probs and in its updates (TRL's `disable_dropout`, the DPO reference code)."""
         super().train(mode)
-        if self.reference is not None:
-            self.reference.eval()  # the reference is a fixed function: no dropout, ever
+        for model in self.dropout_free_models():
+            model.eval()
         return self
+
+    def dropout_free_models(self) -> list[torch.nn.Module]:
+        return [model for model in (self.policy, self.reference) if model is not None]
 
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)

@@ -99,11 +99,8 @@ class OnlineModule(AlignmentModule):
         super().configure_model()
         self.proxy = load_proxy(self.hparams.proxy, self.hparams.allow_judge_as_proxy)
 
-    def train(self, mode: bool = True):
-        super().train(mode)
-        if self.proxy is not None:
-            self.proxy.eval()
-        return self
+    def dropout_free_models(self) -> list[torch.nn.Module]:
+        return super().dropout_free_models() + ([self.proxy] if self.proxy is not None else [])
 
     @property
     def kl_coefficient(self) -> float:

@@ -103,12 +103,15 @@ class PPO(OnlineModule):
     def kl_coefficient(self) -> float:
         return self.kl_coef
 
+    def dropout_free_models(self) -> list[torch.nn.Module]:
+        return super().dropout_free_models() + ([self.value_backbone] if self.value_backbone is not None else [])
+
     def configure_model(self) -> None:
         if self.policy is not None:
             return
         super().configure_model()
         if not self.hparams.share_value_backbone:
-            self.value_backbone = copy.deepcopy(self.policy.get_decoder()).train()
+            self.value_backbone = copy.deepcopy(self.policy.get_decoder()).eval()  # no dropout, as the policy
         self.value_head = ValueHead(self.policy.config.hidden_size)
 
     def trainable_parameters(self):
