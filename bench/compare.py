@@ -12,6 +12,7 @@ tiny model, tiny data settings and a throwaway MLflow store, and runs one step o
 
 import contextlib
 import gc
+import inspect
 import logging
 import os
 import tempfile
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import mlflow
 
+import modules
 from bench import figures, gold, recipes, tracking
 from bench.best_of_n import check_ns, evaluate_best_of_n
 from bench.errors import BenchError, ConfigError
@@ -28,27 +30,32 @@ from bench.strategies import check_strategies
 
 log = logging.getLogger(__name__)
 
-STAGES = ("sft", "rm", "dpo", "ipo", "kto", "rrhf", "ppo")
-ALIGNED = ("dpo", "ipo", "kto", "rrhf", "ppo")
 ROWS_PER_PROMPT = {"unpaired": 2}  # KTO: a desirable and an undesirable row per prompt; other views one
 
 
+def stage_names() -> list[str]:
+    """Every stage, in the order they run: SFT, the reward models, then the aligned algorithms."""
+    return ["sft", "rm", *modules.aligned()]
+
+
 def stages_of(recipe_name: str, recipe: dict) -> list[str]:
-    stages = list((recipe.get("compare") or {}).get("stages") or ("rm", *ALIGNED))
-    unknown = [s for s in stages if s not in STAGES]
+    all_stages = stage_names()
+    stages = list((recipe.get("compare") or {}).get("stages") or ("rm", *modules.aligned()))
+    unknown = [s for s in stages if s not in all_stages]
     if unknown:
         raise ConfigError(f"recipe {recipe_name}: compare.stages names {unknown}, which is not a stage; "
-                          f"stages are {', '.join(STAGES)}")
-    if any(s in ("rrhf", "ppo") for s in stages) and "rm" not in stages:
-        raise ConfigError(f"recipe {recipe_name}: compare.stages has RRHF or PPO but no `rm` stage to train their proxy")
-    return sorted(stages, key=STAGES.index)  # SFT before the reward models before the algorithms
+                          f"stages are {', '.join(all_stages)}")
+    optimising = [s for s in stages if s in modules.aligned() and modules.module_class(s).proxy_setting]
+    if optimising and "rm" not in stages:
+        raise ConfigError(f"recipe {recipe_name}: compare.stages has {', '.join(optimising)}, which optimise a proxy "
+                          "reward model, but no `rm` stage to train it")
+    return sorted(stages, key=all_stages.index)  # SFT before the reward models before the algorithms
 
 
 def budget_overrides(algorithm: str, config: dict, prompts: int) -> list[str]:
     """Trainer settings that make `algorithm` train on exactly `prompts` prompts."""
-    import modules
-
-    view = modules.module_class(algorithm).data_view
+    module_class = modules.module_class(algorithm)
+    view = module_class.data_view
     batch_size = config["data"].get("batch_size", 8)
     rows = prompts * ROWS_PER_PROMPT.get(view, 1)
     if rows % batch_size:
@@ -56,7 +63,7 @@ def budget_overrides(algorithm: str, config: dict, prompts: int) -> list[str]:
                           f"{algorithm}'s data.batch_size {batch_size}")
     steps = rows // batch_size
     validate_at_end = f"--trainer.val_check_interval={steps}"
-    if view == "prompts":  # PPO: one rollout per batch; Lightning counts its optimizer steps as trainer steps
+    if module_class.online:  # one rollout per batch; Lightning counts its optimizer steps as trainer steps
         return [f"--trainer.limit_train_batches={steps}", "--trainer.max_epochs=1", "--trainer.max_steps=-1",
                 validate_at_end]
     # The budget's prompts only: RRHF samples candidates for them, DPO/IPO/KTO cache reference log-probs of them.
@@ -92,8 +99,9 @@ def dry_run_recipe(recipe: dict, data_path: str) -> dict:
             model.update(policy="tiny", reference=None)
         if "max_new_tokens" in model:
             model["max_new_tokens"] = 4
-        if name == "ppo":
-            model.update(ppo_epochs=1, num_mini_batches=1)
+        if name in modules.registry() and modules.module_class(name).online:  # one update per rollout
+            accepted = inspect.signature(modules.module_class(name).__init__).parameters
+            model.update({key: 1 for key in ("ppo_epochs", "num_mini_batches", "num_iterations") if key in accepted})
         for key in ("batch_size", "eval_batch_size"):
             if key in data:
                 data[key] = 2
@@ -155,7 +163,7 @@ def compare(recipe_name: str, recipe: dict, argv: list[str], dry_run: bool = Fal
             print(f"strategy checked: {line}")
         recipe = dry_run_recipe(recipe, str(Path(data_path).resolve()))
         if "rm" not in stages:  # a local judge stands in for the recipe's (often a remote API)
-            stages = sorted([*stages, "rm"], key=STAGES.index)
+            stages = sorted([*stages, "rm"], key=stage_names().index)
         with throwaway_workspace():
             recipe = gold.gold_world(recipe_name, recipe, create=True)
             runs = Comparison(recipe_name, recipe, stages, argv, seeds=(seeds or seeds_of(recipe_name, recipe, None))[:1]).run()
@@ -236,7 +244,7 @@ class Comparison:
     def run(self) -> dict:
         # Every stage's budget is checked before the first one trains.
         budgets = {algorithm: budget_overrides(algorithm, recipes.for_algorithm(self.recipe, algorithm), self.budget)
-                   for algorithm in self.stages if algorithm in ALIGNED and self.budget}
+                   for algorithm in self.stages if algorithm in modules.aligned() and self.budget}
         self.parent = self.parent_run()
         log.info("comparison of %s over seeds %s under MLflow parent run %s", ", ".join(self.stages), self.seeds,
                  self.parent)
@@ -259,10 +267,11 @@ class Comparison:
             proxy = str(self.train("rm-proxy", "rm", ["--model.role=proxy"], seed).output_path)
             if self.judge is None:  # the first seed's judge judges every seed
                 self.judge = str(self.train("rm-judge", "rm", ["--model.role=judge"], seed).output_path)
-            proxy_args = {"ppo": [f"--model.proxy={proxy}"], "rrhf": [f"--data.proxy={proxy}"]}
+            proxy_args = {name: [f"--{cls.proxy_setting}={proxy}"] for name, cls in modules.registry().items()
+                          if cls.proxy_setting}
         if "sft" in self.stages:
             self.evaluate("sft", sft.run_id, seed, proxy)
-        for algorithm in (s for s in self.stages if s in ALIGNED):
+        for algorithm in (s for s in self.stages if s in modules.aligned()):
             callbacks = None
             if algorithm in self.tracked and self.judge and proxy:
                 callbacks = [ScoresAlongTraining(self.judge, proxy, **self.tracking)]

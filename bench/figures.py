@@ -33,18 +33,11 @@ from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
+import modules  # noqa: E402
+
 log = logging.getLogger(__name__)
 
 # --- conventions ------------------------------------------------------------------------------------------
-ALGORITHM_ORDER = ("sft", "dpo", "ipo", "kto", "rrhf", "ppo")
-ALGORITHM_COLOURS = {  # fixed across every figure and every results file (matplotlib's tab10)
-    "sft": "#8c564b",
-    "dpo": "#1f77b4",
-    "ipo": "#ff7f0e",
-    "kto": "#2ca02c",
-    "rrhf": "#d62728",
-    "ppo": "#9467bd",
-}
 FALLBACK_COLOUR = "#7f7f7f"
 FIGSIZE = (6.4, 4.2)
 DPI = 120
@@ -83,12 +76,18 @@ CURVE_KEYS = tuple(key for panel in CURVE_PANELS for key in panel.keys)
 FIGURE_NAMES = ("win_rates", "reward_vs_kl", "training_curves")
 
 
+def algorithm_colours() -> dict[str, str]:
+    """Each algorithm's colour (its module's `colour`), fixed across every figure and results file."""
+    return {name: cls.colour for name, cls in modules.registry().items() if name in modules.algorithms()}
+
+
 def colour_of(algorithm: str) -> str:
-    return ALGORITHM_COLOURS.get(algorithm, FALLBACK_COLOUR)
+    return algorithm_colours().get(algorithm, FALLBACK_COLOUR)
 
 
 def _algorithm_rank(algorithm: str) -> int:
-    return ALGORITHM_ORDER.index(algorithm) if algorithm in ALGORITHM_ORDER else len(ALGORITHM_ORDER)
+    order = modules.algorithms()
+    return order.index(algorithm) if algorithm in order else len(order)
 
 
 @dataclass

@@ -26,6 +26,7 @@ from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 from optuna_integration import PyTorchLightningPruningCallback
 
+import modules
 from bench import figures, tracking
 from bench.errors import BenchError, ConfigError
 
@@ -34,14 +35,6 @@ log = logging.getLogger(__name__)
 SWEEP_DIR = Path(__file__).resolve().parents[1] / "sweeps"
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 SAMPLERS = ("tpe", "grid", "cmaes")
-PRUNING_MONITORS = {  # validation metrics logged during training, higher is better
-    "dpo": "val/rewards/accuracies",
-    "ipo": "val/rewards/accuracies",
-    "kto": "val/rewards/margins",
-    "rrhf": "val/rank_accuracy",
-    "ppo": "val/objective/scores",
-    "sft": "val/logps/chosen",
-}
 
 
 @dataclass
@@ -284,8 +277,8 @@ class Sweep:
         tags = {"mlflow.parentRunId": self.parent_run_id, "optuna.study": self.study.study_name,
                 "optuna.trial": str(trial.number), "sweep_role": "trial"}
         argv = [*self.overrides, *(f"--{name}={value}" for name, value in params.items())]
-        pruning = (SweepPruning(trial, PRUNING_MONITORS[self.algorithm])
-                   if self.prune and self.algorithm in PRUNING_MONITORS else None)
+        monitor = modules.module_class(self.algorithm).pruning_metric  # logged during training, higher is better
+        pruning = SweepPruning(trial, monitor) if self.prune and monitor else None
         log.info("trial %d: %s", trial.number, ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                                          for k, v in params.items()))
         try:
@@ -416,10 +409,8 @@ def sweep(
     poll_seconds: float = 10.0,
 ) -> optuna.Study:
     """Everything that can be wrong is checked before the first trial trains."""
-    from modules import ALGORITHMS
-
-    if algorithm not in ALGORITHMS:
-        raise BenchError(f"bench sweep: unknown algorithm {algorithm!r}; choose one of {', '.join(ALGORITHMS)}")
+    if algorithm not in modules.algorithms():
+        raise BenchError(f"bench sweep: unknown algorithm {algorithm!r}; choose one of {', '.join(modules.algorithms())}")
     if n_trials < 1:
         raise ConfigError(f"--n-trials must be >= 1, got {n_trials}")
     space = load_space(algorithm, space_path)

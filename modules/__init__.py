@@ -1,33 +1,57 @@
 """Alignment algorithms as LightningModules behind one interface, and their pure loss functions.
 
-The registry imports the algorithm modules on first use: `bench` and `datamodules` import helpers from
-here, and the algorithm modules import from them.
+`registry()` finds every trainable module: each class in this package that sets `name` (see the facts on
+`modules.base.TrainedHFModel`). A new algorithm is a module file here; nothing else lists it. The registry
+imports the algorithm modules on first use: `bench` and `datamodules` import helpers from here, and the
+algorithm modules import from them.
 """
 
+import functools
 import importlib
+import pkgutil
 
-# Everything `bench train` can train: the policy algorithms and the reward model, as module:class.
-_REGISTRY = {
-    "sft": "modules.sft:SFT",
-    "dpo": "modules.dpo:DPO",
-    "ipo": "modules.ipo:IPO",
-    "kto": "modules.kto:KTO",
-    "rrhf": "modules.rrhf:RRHF",
-    "ppo": "modules.ppo:PPO",
-    "rm": "modules.reward_model:RewardModel",
-}
-ALGORITHMS = [name for name in _REGISTRY if name != "rm"]
-TRAINABLE = list(_REGISTRY)
+
+@functools.cache
+def registry() -> dict[str, type]:
+    """name -> class of every trainable module: the starting points (SFT), the reward model, then the aligned
+    algorithms, offline before online, each group by name."""
+    from modules.base import TrainedHFModel
+
+    found: dict[str, type] = {}
+    for info in pkgutil.iter_modules(__path__):
+        module = importlib.import_module(f"{__name__}.{info.name}")
+        for value in vars(module).values():
+            if (isinstance(value, type) and issubclass(value, TrainedHFModel) and value.__module__ == module.__name__
+                    and value.__dict__.get("name")):
+                if value.name in found:
+                    raise RuntimeError(f"two modules are named {value.name!r}: {found[value.name]} and {value}")
+                found[value.name] = value
+    return dict(sorted(found.items(), key=lambda item: (item[1].aligned, item[1].online, item[0])))
 
 
 def module_class(name: str) -> type:
-    module, _, attribute = _REGISTRY[name].partition(":")
-    return getattr(importlib.import_module(module), attribute)
+    return registry()[name]
+
+
+def algorithms() -> list[str]:
+    """The policy-training algorithms (the reward model left out)."""
+    from modules.base import AlignmentModule
+
+    return [name for name, cls in registry().items() if issubclass(cls, AlignmentModule)]
+
+
+def aligned() -> list[str]:
+    """The algorithms that `bench compare` trains from the starting policy and evaluates, in display order."""
+    return [name for name, cls in registry().items() if cls.aligned]
 
 
 def __getattr__(name: str):
-    """`from modules import DPO` still works."""
-    for key, target in _REGISTRY.items():
-        if target.endswith(f":{name}"):
-            return module_class(key)
+    """`ALGORITHMS`, `TRAINABLE`, and `from modules import DPO`."""
+    if name == "ALGORITHMS":
+        return algorithms()
+    if name == "TRAINABLE":
+        return list(registry())
+    for cls in registry().values():
+        if cls.__name__ == name:
+            return cls
     raise AttributeError(f"module 'modules' has no attribute {name!r}")

@@ -4,6 +4,7 @@ optimizer with linear warmup, metric logging, and saving the policy in HF format
 import logging
 import random
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, Literal
@@ -22,6 +23,8 @@ from modules.reference_cache import ReferenceLogpCache, compute_logps
 
 
 log = logging.getLogger(__name__)
+# The policy and the reference are in eval mode on purpose (AlignmentModule.train).
+warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
 
 
 def require_positive(**values: float) -> None:
@@ -29,6 +32,12 @@ def require_positive(**values: float) -> None:
     for name, value in values.items():
         if not value > 0:
             raise ConfigError(f"model.{name} must be > 0, got {value}")
+
+
+def require_non_negative(**values: float) -> None:
+    for name, value in values.items():
+        if not value >= 0:
+            raise ConfigError(f"model.{name} must be >= 0, got {value}")
 
 
 @dataclass
@@ -164,6 +173,16 @@ class TrainedHFModel(L.LightningModule):
     `nonfinite_loss` ("error" or "skip") among their hyperparameters."""
 
     output_name: ClassVar[str]  # the folder, in the run directory, that the model is saved to
+    # The facts `bench` reads about a trainable module (`modules.registry()`); a class that sets `name` is found
+    # there by its name, and sweeps, comparisons, tables and figures take it in with no other file edited.
+    name: ClassVar[str | None] = None  # `bench train NAME`
+    data_view: ClassVar[str]  # the DataModule view it trains on
+    needs_reference: ClassVar[bool] = False  # a frozen reference model (or its cached log-probs)
+    online: ClassVar[bool] = False  # samples from the policy as it trains (one rollout per batch of prompts)
+    aligned: ClassVar[bool] = False  # a `bench compare` stage: trained from the starting policy, then evaluated
+    proxy_setting: ClassVar[str | None] = None  # the config key that names the proxy reward model it optimises
+    pruning_metric: ClassVar[str | None] = None  # the validation metric (higher is better) sweeps prune on
+    colour: ClassVar[str] = "#7f7f7f"  # its colour in every figure
     skipped_batches: int = 0
     step_metrics_to_log: dict | None = None  # from the checkpoint a run resumes from
 
@@ -291,8 +310,9 @@ class AlignmentModule(TrainedHFModel):
             forward per batch, which suits GPUs, where a forward's size costs little.
     """
 
-    data_view: ClassVar[str] = "paired"
-    needs_reference: ClassVar[bool] = True
+    data_view = "paired"
+    needs_reference = True
+    aligned = True
     output_name = "policy"
 
     def __init__(
@@ -329,7 +349,7 @@ class AlignmentModule(TrainedHFModel):
             return
         hp = self.hparams
         self.tokenizer = load_tokenizer(hp.policy, hp.trust_remote_code)
-        self.policy = load_causal_lm(hp.policy, hp.trust_remote_code).train()  # from_pretrained gives eval mode
+        self.policy = load_causal_lm(hp.policy, hp.trust_remote_code).eval()  # no dropout: see train()
         if self.needs_reference and self.reference_logps_cache is not None and not self.uncached_sequences:
             log.info("reference log-probs of every sequence are cached in %s: the reference model is not loaded",
                      self.reference_logps_cache.folder)
@@ -341,10 +361,16 @@ class AlignmentModule(TrainedHFModel):
                                   (("policy", self.policy), ("reference", self.reference)) if model is not None}
 
     def train(self, mode: bool = True):
+        """Lightning sets train mode for training; the policy and the reference stay in eval mode, so that no
+        forward has dropout: the reference is a fixed function, and the policy's log-probs must be the same in
+        a rollout, in PPO's old log-probs and in its updates (TRL's `disable_dropout`, the DPO reference code)."""
         super().train(mode)
-        if self.reference is not None:
-            self.reference.eval()  # the reference is a fixed function: no dropout, ever
+        for model in self.dropout_free_models():
+            model.eval()
         return self
+
+    def dropout_free_models(self) -> list[torch.nn.Module]:
+        return [model for model in (self.policy, self.reference) if model is not None]
 
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)
@@ -482,10 +508,13 @@ def preference_metrics(
 
 class PairedPreferenceModule(AlignmentModule):
     """An offline paired-preference loss of the chosen and rejected log-ratios (DPO, IPO, ...).
-    A subclass gives `pair_loss`, its `reward_scale` and whether log-ratios are length-averaged."""
+    A subclass gives `pair_loss`, its `reward_scale` and whether log-ratios are length-averaged.
+    With `needs_reference = False` (SimPO, ORPO, SLiC-HF) the "log-ratios" are the policy's own log-probs:
+    no reference is loaded, cached or run."""
 
     data_view = "paired"
     average_logratios: bool = False
+    pruning_metric = "val/rewards/accuracies"
 
     @property
     def reward_scale(self) -> float:
@@ -494,15 +523,22 @@ class PairedPreferenceModule(AlignmentModule):
     def pair_loss(self, chosen_logratios: torch.Tensor, rejected_logratios: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def pair_metrics(self, chosen_logratios: torch.Tensor, rejected_logratios: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Metrics of the algorithm's own beyond TRL's paired ones (detached inputs)."""
+        return {}
+
     def loss_and_metrics(self, batch):
         # One forward over chosen and rejected rows together: the collator stacks them.
-        policy, reference = self.policy_logps(batch), self.reference_logps(batch)
-        logratios = policy.reduce(self.average_logratios) - reference.reduce(self.average_logratios)
+        policy = self.policy_logps(batch)
+        logratios = policy.reduce(self.average_logratios)
+        if self.needs_reference:
+            logratios = logratios - self.reference_logps(batch).reduce(self.average_logratios)
         chosen_logratios, rejected_logratios = logratios.chunk(2)
         loss = self.pair_loss(chosen_logratios, rejected_logratios).mean()
         chosen_logps, rejected_logps = policy.total.detach().chunk(2)
         rewards = self.reward_scale * logratios.detach()
-        return loss, preference_metrics(*rewards.chunk(2), chosen_logps, rejected_logps)
+        metrics = preference_metrics(*rewards.chunk(2), chosen_logps, rejected_logps)
+        return loss, metrics | self.pair_metrics(*logratios.detach().chunk(2))
 
     def examples_in(self, batch: dict) -> int:
         return batch["input_ids"].shape[0] // 2  # chosen and rejected rows of each pair

@@ -15,6 +15,9 @@ class DPO(PairedPreferenceModule):
         label_smoothing: conservative DPO's assumed label-noise rate, in [0, 0.5).
     """
 
+    name = "dpo"
+    colour = "#1f77b4"
+
     def __init__(self, beta: PositiveFloat = 0.1, label_smoothing: float = 0.0, **kwargs):
         super().__init__(**kwargs)
         require_positive(beta=beta)

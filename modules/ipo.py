@@ -14,6 +14,9 @@ class IPO(PairedPreferenceModule):
         average_logratios: length-average the log-ratios (the IPO paper's practice); sums when false.
     """
 
+    name = "ipo"
+    colour = "#ff7f0e"
+
     def __init__(self, tau: PositiveFloat = 0.1, average_logratios: bool = True, **kwargs):
         super().__init__(**kwargs)
         require_positive(tau=tau)

@@ -20,7 +20,10 @@ class KTO(AlignmentModule):
         undesirable_weight: lambda_U, the weight of undesirable rows.
     """
 
+    name = "kto"
     data_view = "unpaired"
+    pruning_metric = "val/rewards/margins"
+    colour = "#2ca02c"
 
     def __init__(
         self,

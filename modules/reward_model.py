@@ -37,6 +37,7 @@ class RewardModel(TrainedHFModel):
         nonfinite_loss: as for the policy modules ("error" or "skip").
     """
 
+    name = "rm"
     data_view = "reward"
     output_name = "reward_model"
 

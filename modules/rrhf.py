@@ -5,6 +5,8 @@ length-normalised log-probs must order the candidates as the rewards do, and the
 candidate is also fitted by supervised learning.
 """
 
+from typing import Literal
+
 from jsonargparse.typing import PositiveFloat
 
 from modules.base import AlignmentModule, require_positive
@@ -16,12 +18,19 @@ class RRHF(AlignmentModule):
 
     Args:
         rank_weight: w, the weight of the ranking loss (1 in the paper).
+        sft_reduction: L_sft over the best candidate's tokens: "sum", the paper's -sum_t log p (eq. 3), or
+            "mean", the per-token mean, which shrinks L_sft by the response length and so weighs the ranking
+            loss more (the authors' code divides the sum by the padded width, in between).
     """
 
+    name = "rrhf"
     data_view = "ranked"
     needs_reference = False
+    proxy_setting = "data.proxy"
+    pruning_metric = "val/rank_accuracy"
+    colour = "#d62728"
 
-    def __init__(self, rank_weight: PositiveFloat = 1.0, **kwargs):
+    def __init__(self, rank_weight: PositiveFloat = 1.0, sft_reduction: Literal["sum", "mean"] = "sum", **kwargs):
         super().__init__(**kwargs)
         require_positive(rank_weight=rank_weight)
         self.save_hyperparameters(logger=False)
@@ -29,10 +38,12 @@ class RRHF(AlignmentModule):
     def loss_and_metrics(self, batch):
         rewards, valid = batch["rewards"], batch["candidate_mask"]
         # s_i: mean token log-prob of candidate i; rows are prompt-major, k per prompt.
-        scores = self.policy_logps(batch).mean.view_as(rewards)
+        logps = self.policy_logps(batch)
+        scores = logps.mean.view_as(rewards)
         rank_loss = rrhf_loss(scores, rewards, valid).mean()
         best = rewards.masked_fill(~valid, float("-inf")).argmax(dim=1, keepdim=True)
-        sft_loss = -scores.gather(1, best).mean()  # token-mean NLL of the best-rewarded candidate
+        fitted = scores if self.hparams.sft_reduction == "mean" else logps.total.view_as(rewards)
+        sft_loss = -fitted.gather(1, best).mean()  # NLL of the best-rewarded candidate
         loss = self.hparams.rank_weight * rank_loss + sft_loss
         agreeing, ranked_pairs = rank_agreement(scores.detach(), rewards, valid)
         metrics = {

@@ -12,7 +12,7 @@ from bench.cli import main
 from bench.stats import paired_seed_prompt_bootstrap
 from bench.table import published_rows
 
-ALIGNED = ["dpo", "ipo", "kto", "rrhf", "ppo"]
+ALIGNED = [s for s in recipes.load("tiny")[1]["compare"]["stages"] if s != "rm"]  # every aligned algorithm
 
 
 @pytest.mark.parametrize("recipe", recipes.available())
@@ -115,8 +115,8 @@ def test_paper_recipes_carry_their_published_numbers():
 
 
 @pytest.mark.parametrize("compare_section, message", [
-    ({"stages": ["dpo", "orpo"]}, "compare.stages names ['orpo'], which is not a stage"),
-    ({"stages": ["ppo"]}, "has RRHF or PPO but no `rm` stage"),
+    ({"stages": ["dpo", "dpo2"]}, "compare.stages names ['dpo2'], which is not a stage"),
+    ({"stages": ["ppo"]}, "has ppo, which optimise a proxy reward model, but no `rm` stage"),
     ({"stages": ["dpo"], "budget_prompts": 3}, "compare.budget_prompts 3 (3 rows for dpo) is not a multiple of"),
 ])
 def test_a_bad_comparison_is_refused_with_its_reason(workdir, hh_path, capsys, compare_section, message):

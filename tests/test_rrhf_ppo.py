@@ -18,7 +18,8 @@ from datamodules.formatting import Formatter
 from datamodules.hh_datamodule import HHRLHFDataModule
 from datamodules.hh_rlhf import load_splits
 from modules.base import sequence_logps
-from modules.ppo import PPO, Rollout, Sequences
+from modules.online import Samples, Sequences
+from modules.ppo import PPO, Rollout
 from modules.rrhf import RRHF
 
 PPO_METRICS = ["objective/kl", "objective/scores", "objective/rlhf_reward", "objective/entropy", "policy/approxkl",
@@ -72,14 +73,16 @@ def test_ranked_view_scores_every_candidate_with_the_proxy_and_caches(hh_path, r
         ranked_datamodule(hh_path, reward_models["proxy"], candidate_sampling=Sampling(max_new_tokens=8, temperature=0.5))
 
 
-def test_rrhf_loss_is_weighted_ranking_plus_sft_of_the_best(hh_path, reward_models, candidate_cache):
+@pytest.mark.parametrize("sft_reduction", ["sum", "mean"])
+def test_rrhf_loss_is_weighted_ranking_plus_sft_of_the_best(hh_path, reward_models, candidate_cache, sft_reduction):
     dm = ranked_datamodule(hh_path, reward_models["proxy"])
     batch = next(iter(dm.train_dataloader()))
-    module = RRHF(policy="tiny", rank_weight=0.5)
+    module = RRHF(policy="tiny", rank_weight=0.5, sft_reduction=sft_reduction)
     module.configure_model()
     loss, metrics = module.loss_and_metrics(batch)
     with torch.no_grad():
-        scores = sequence_logps(module.policy, batch).mean.view(3, 4)
+        logps = sequence_logps(module.policy, batch)
+        scores, totals = logps.mean.view(3, 4), logps.total.view(3, 4)
     rewards, valid = batch["rewards"], batch["candidate_mask"]
     rank, sft, agree, pairs = 0.0, 0.0, 0, 0
     for b in range(3):
@@ -89,7 +92,7 @@ def test_rrhf_loss_is_weighted_ranking_plus_sft_of_the_best(hh_path, reward_mode
                     rank += max(0.0, (scores[b, i] - scores[b, j]).item())
                     agree, pairs = agree + int(scores[b, i] < scores[b, j]), pairs + 1
         best = max((i for i in range(4) if valid[b, i]), key=lambda i: rewards[b, i])
-        sft -= scores[b, best].item()
+        sft -= (totals if sft_reduction == "sum" else scores)[b, best].item()  # the paper's sum over tokens
     assert metrics["loss_rank"].item() == pytest.approx(rank / 3, rel=1e-4)
     assert metrics["loss_sft"].item() == pytest.approx(sft / 3, rel=1e-4)
     assert loss.item() == pytest.approx(0.5 * rank / 3 + sft / 3, rel=1e-4)
@@ -117,8 +120,9 @@ def test_ppo_rewards_are_the_kl_penalty_plus_the_score_at_the_last_token(reward_
     mask = torch.tensor([[1, 1, 1], [1, 0, 0]], dtype=torch.bool)
     logprobs = torch.tensor([[-1.0, -2.0, -0.5], [-1.0, 0.0, 0.0]])
     ref_logprobs = torch.tensor([[-1.5, -1.0, -0.5], [-3.0, 0.0, 0.0]])
-    rollout = Rollout(Sequences(torch.zeros(2, 5), torch.ones(2, 5), 2), mask, logprobs, ref_logprobs,
-                      torch.zeros(2, 3), scores=torch.tensor([2.0, -1.0]), num_eos_tokens=torch.tensor(1.0))
+    samples = Samples(Sequences(torch.zeros(2, 5), torch.ones(2, 5), 2), mask, scores=torch.tensor([2.0, -1.0]),
+                      ended=torch.tensor([True, False]), per_prompt=1)
+    rollout = Rollout(samples, logprobs, ref_logprobs, torch.zeros(2, 3))
     metrics, rewards = module.rollout_metrics(rollout, kl_coef=0.1)
     # kl per token: [0.5, -1, 0], [2, 0, 0]; rewards -0.1 * kl, plus the score on the last real token
     torch.testing.assert_close(rewards, torch.tensor([[-0.05, 0.1, 2.0], [-0.2 - 1.0, 0.0, 0.0]]))
