@@ -75,7 +75,7 @@ def test_relabelled_copy_reads_back_through_the_loader(source, tmp_path, reward_
         prompt = line["chosen"][: line["chosen"].rfind("Assistant:") + len("Assistant:")]
         with torch.autocast("cpu", dtype=torch.bfloat16):  # labelling scores in bf16, as evaluation does
             direct = gold.score([prompt, prompt], [line["chosen"][len(prompt):], line["rejected"][len(prompt):]])
-        assert direct.tolist() == pytest.approx([line["gold_chosen"], line["gold_rejected"]], abs=1e-4)
+        assert direct.tolist() == pytest.approx([line["gold_chosen"], line["gold_rejected"]], abs=5e-4)  # bf16, other batches
         if rule == "deterministic":
             assert line["gold_chosen"] >= line["gold_rejected"]
     assert flipped == counts["flipped"]
