@@ -214,6 +214,9 @@ def table_command(argv: list[str]) -> None:
     parser.add_argument("--experiment", required=True, help="MLflow experiment (a recipe's runs go to its name)")
     parser.add_argument("--output-dir", default=str(RESULTS_DIR))
     args = parser.parse_args(argv)
+    from bench.paths import check_writable_dir
+
+    check_writable_dir(args.output_dir, "--output-dir")  # before reading the experiment's runs
     md_path, csv_path = table(args.experiment, "bench table " + " ".join(argv), Path(args.output_dir))
     print(md_path.read_text())
     print(f"wrote {md_path} and {csv_path}")
@@ -237,11 +240,12 @@ def configure_logging() -> None:
 
 def eval_command(argv: list[str]) -> None:
     from bench import gold, recipes
-    from bench.evaluation import EvalSettings, evaluate, resolve_target
+    from bench.evaluation import EvalSettings, evaluate, recipe_of_run, resolve_target
 
     parser = argparse.ArgumentParser(prog="bench eval", description="Evaluate a policy: win rates, scores, KL.")
     parser.add_argument("target", help="MLflow run id of a `bench train` run, or a policy folder / model spec")
-    parser.add_argument("--recipe", default="smol-hh", help="recipe whose eval settings, data and experiment to use")
+    parser.add_argument("--recipe", help="recipe whose eval settings to use (default: a run's own recipe; for a "
+                        "checkpoint, smol-hh, whose data and experiment it also takes)")
     parser.add_argument("--reference", help="reference policy (default: the run's reference, or the target itself)")
     parser.add_argument("--data-path", help="HH-RLHF source, for a checkpoint (a run id brings its own)")
     parser.add_argument("--n-prompts", type=int)
@@ -256,7 +260,11 @@ def eval_command(argv: list[str]) -> None:
     parser.add_argument("--seed", type=int)
     parser.add_argument("--backend", help="sampling backend: harness (default) or hf (model.generate)")
     args = parser.parse_args(argv)
-    recipe_name, recipe_config = recipes.load(args.recipe)
+    run_recipe = recipe_of_run(args.target)
+    if args.recipe and run_recipe and recipes.load(args.recipe)[0] != run_recipe:
+        log.warning("run %s was trained with recipe %s; evaluating with %s's eval settings, as --recipe asks",
+                    args.target, run_recipe, args.recipe)
+    recipe_name, recipe_config = recipes.load(args.recipe or run_recipe or "smol-hh")
     recipe_config = gold.gold_world(recipe_name, recipe_config)
     eval_config = dict(recipe_config.get("eval") or {})
     for key in ("n_prompts", "judge", "judge_model", "judge_prompt", "proxy"):
@@ -307,6 +315,9 @@ def perf_command(argv: list[str]) -> None:
             raise BenchError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     command = "bench perf " + " ".join(argv)
     if args.output:  # before the run, not after it
+        from bench.paths import check_writable_file
+
+        check_writable_file(args.output, "--output")
         check_not_anothers(Path(args.output), result_owner(command))
     settings = perf.PerfSettings(data_path=args.data_path, policy=args.policy, steps=args.steps,
                                  batch_size=args.batch_size, max_length=args.max_length,

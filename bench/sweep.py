@@ -146,6 +146,25 @@ def make_sampler(name: str, space: SearchSpace, seed: int, n_objectives: int) ->
     raise ConfigError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
 
 
+def check_trial_config(algorithm: str, recipe_name: str, recipe: dict, space: SearchSpace,
+                       overrides: list[str]) -> None:
+    """Parse and build a trial's config (the overrides, with each searched value at one end of its range)
+    and its eval settings before the study or any MLflow run exists: a bad override then fails here,
+    not inside trial 0."""
+    from bench.evaluation import EvalSettings
+    from bench.training import train_one
+
+    def example(distribution):
+        return distribution.choices[0] if isinstance(distribution, CategoricalDistribution) else distribution.low
+
+    params = [f"--{name}={example(distribution)}" for name, distribution in space.distributions.items()]
+    try:
+        EvalSettings.from_dict({**(recipe.get("eval") or {}), "split": "validation"})
+        train_one(algorithm, recipe_name, recipe, [*overrides, *params], check_only=True)
+    except BenchError as err:
+        raise BenchError(f"a trial's config: {err}") from None
+
+
 def default_storage() -> str:
     return f"sqlite:///{Path.cwd() / 'optuna.db'}"
 
@@ -242,6 +261,16 @@ def tag_trial_run(experiment: str, study_name: str, number: int, state: str, sta
         client.set_terminated(run.info.run_id, status)
 
 
+def set_aside_stale_trial_dir(run_dir: Path) -> None:
+    """A trial number starts once (a retried trial gets a new number), so a folder already named after it was
+    left by an earlier study of the same name, perhaps in a store since deleted: moved aside, not trained in."""
+    if not run_dir.exists():
+        return
+    aside = run_dir.with_name(f"{run_dir.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+    run_dir.rename(aside)
+    log.warning("%s was left by an earlier study named like this one; moved it to %s", run_dir, aside)
+
+
 class SurplusTrial(Exception):
     """Another worker already started the trial that completes the study."""
 
@@ -288,6 +317,7 @@ class Sweep:
                    if self.prune and self.algorithm in PRUNING_MONITORS else None)
         log.info("trial %d: %s", trial.number, ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                                          for k, v in params.items()))
+        set_aside_stale_trial_dir(Path("runs", self.recipe_name, run_name))
         try:
             result = train_one(self.algorithm, self.recipe_name, self.recipe, argv, run_name=run_name, tags=tags,
                                callbacks=[pruning] if pruning else None)
@@ -431,6 +461,7 @@ def sweep(
         if n_trials > grid_size:
             log.warning("the grid holds %d points; running %d trials, not %d", grid_size, grid_size, n_trials)
             n_trials = grid_size
+    check_trial_config(algorithm, recipe_name, recipe, space, overrides)
     storage = open_storage(storage_url or default_storage(), heartbeat_interval, grace_period)
     study_name = study_name or f"{recipe_name}-{algorithm}"
     pruner = (optuna.pruners.MedianPruner(n_startup_trials=2) if prune and len(objectives) == 1

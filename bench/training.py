@@ -1,6 +1,7 @@
 """One training run: a recipe section and command-line overrides in, a LightningCLI run logged to MLflow out.
 `bench train`, every `bench compare` stage and every `bench sweep` trial go through `train_one`."""
 
+import argparse
 import hashlib
 import json
 import logging
@@ -17,6 +18,7 @@ import yaml
 
 from bench import recipes, tracking
 from bench.errors import BenchError
+from bench.paths import check_writable_dir
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +78,7 @@ def latest_unfinished_run_dir(recipe_name: str, algorithm: str, output_name: str
     return max(candidates, key=lambda run_dir: (run_dir / LAST_CHECKPOINT).stat().st_mtime)
 
 
-def earlier_run(run_dir: Path, client: mlflow.MlflowClient) -> dict | None:
+def earlier_run(run_dir: Path) -> dict | None:
     """The record of the run that `run_dir` already holds, if any; a finished one is never trained over."""
     record_file = run_dir / RUN_RECORD
     if not record_file.exists():
@@ -86,7 +88,7 @@ def earlier_run(run_dir: Path, client: mlflow.MlflowClient) -> dict | None:
         return None
     try:
         record = json.loads(record_file.read_text())
-        status = client.get_run(record["mlflow_run_id"]).info.status
+        status = mlflow.MlflowClient(tracking.tracking_uri()).get_run(record["mlflow_run_id"]).info.status
     except Exception as err:  # a damaged record, or a run this tracking store does not hold
         raise BenchError(f"{record_file}: cannot read its MLflow run from {tracking.tracking_uri()}: "
                          f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from err
@@ -120,13 +122,16 @@ def train_one(
     callbacks: list | None = None,
     reuse: bool = False,
     resume: str | None = None,
-) -> TrainResult:
+    check_only: bool = False,
+) -> TrainResult | None:
     """Train one module with LightningCLI and log it to MLflow.
 
     `tags` go on the run (`mlflow.parentRunId` nests it under a comparison or a study), `callbacks` join the
     recipe's, and with `reuse` a finished run of the same experiment with the same config is returned instead.
     A run directory that holds a checkpoint is resumed from it, in the same MLflow run; `resume` names that
     directory, or is "latest" for the newest unfinished run of this algorithm and recipe.
+    With `check_only`, the config is parsed and its model and data classes built (which checks every value),
+    and nothing else: no trainer, run, folder or MLflow store.
     """
     from lightning.pytorch.cli import LightningCLI
 
@@ -154,7 +159,6 @@ def train_one(
         raise BenchError("started as one of several processes (torchrun, SLURM): pass --trainer.default_root_dir "
                          "so that every process trains in the same run directory")
     run_name = run_name or f"{algorithm}-{datetime.now():%Y%m%d-%H%M%S}"
-    client = mlflow.MlflowClient(tracking.tracking_uri())
 
     class TrainCLI(LightningCLI):
         def add_arguments_to_parser(self, parser):
@@ -171,7 +175,9 @@ def train_one(
                 parser.set_defaults({"data.proxy": "latest"})
 
         def before_instantiate_classes(self):
-            self.run_dir = Path(self.config["trainer"].get("default_root_dir") or Path("runs") / recipe_name / run_name)
+            given_dir = self.config["trainer"].get("default_root_dir")
+            self.run_dir = Path(given_dir or Path("runs") / recipe_name / run_name)
+            check_writable_dir(self.run_dir, "--trainer.default_root_dir" if given_dir else "the run directory")
             checkpoint = self.config["checkpoint"]
             checkpoint["dirpath"] = checkpoint.get("dirpath") or str(self.run_dir / LAST_CHECKPOINT.parent)
             if self.config["trainer"].get("enable_checkpointing") is False:  # the resume checkpoint is a callback
@@ -181,7 +187,7 @@ def train_one(
             last = Path(checkpoint["dirpath"]) / LAST_CHECKPOINT.name
             self.resume_from = last if last.exists() else None
             # Rank 0 keeps the run's records; the other processes only train with it.
-            self.earlier = earlier_run(self.run_dir, client) if is_rank_zero else None
+            self.earlier = earlier_run(self.run_dir) if is_rank_zero and not check_only else None
             # PPO's model.proxy and the ranked view's data.proxy: "latest" is the experiment's newest proxy.
             for section in ("model", "data"):
                 if self.config[section].get("proxy") == "latest":
@@ -190,6 +196,8 @@ def train_one(
                              self.config[section]["proxy"])
 
         def instantiate_trainer(self, **kwargs):
+            if check_only:
+                return None
             resumed_run_id = self.earlier["mlflow_run_id"] if self.resume_from and self.earlier else None
             self.run_logger = tracking.make_logger(recipe_name, self.run_dir.name, tags, run_id=resumed_run_id)
             trainer = super().instantiate_trainer(logger=self.run_logger, default_root_dir=str(self.run_dir), **kwargs)
@@ -200,14 +208,22 @@ def train_one(
         yaml.safe_dump(recipe_config, recipe_file)
         recipe_file.flush()
         # sys.argv stays as it is: Lightning's DDP launcher reruns it in the processes it starts.
-        cli = TrainCLI(
-            module_class,
-            HHRLHFDataModule,
-            args=["--config", recipe_file.name, *argv],
-            run=False,
-            save_config_callback=None,
-            parser_kwargs={"prog": f"bench train {algorithm}"},
-        )
+        try:
+            cli = TrainCLI(
+                module_class,
+                HHRLHFDataModule,
+                args=["--config", recipe_file.name, *argv],
+                run=False,
+                save_config_callback=None,
+                # LightningCLI's --optimizer/--lr_scheduler would replace the modules' own configure_optimizers,
+                # which build their parameter groups after configure_model: not offered.
+                auto_configure_optimizers=False,
+                parser_kwargs={"prog": f"bench train {algorithm}", "exit_on_error": False},
+            )
+        except argparse.ArgumentError as err:  # jsonargparse's, with exit_on_error off: one line, not its usage
+            raise BenchError(f"{' '.join(str(err).split())}; see `bench train {algorithm} --help`") from None
+    if check_only:
+        return None
     config = yaml.safe_load(cli.parser.dump(cli.config, skip_none=False))
     # What the trainer and datamodule really got: the parser's dump leaves out linked and overridden values.
     config["trainer"].update(logger="MLFlowLogger", default_root_dir=str(cli.run_dir))
@@ -219,9 +235,12 @@ def train_one(
         log.info("%s: reusing finished run %s with the same config (fingerprint %s)", algorithm, found[0], fingerprint)
         return TrainResult(run_id=found[0], output_path=found[1], reused=True)
     output_path = (cli.run_dir / module_class.output_name).resolve()
+    # The data is read now, not in fit: a fault in it then stops the command before any run or folder exists.
+    cli.datamodule.setup("fit")
     if not is_rank_zero:
         return fit(cli, output_path)
     earlier = cli.earlier
+    client = mlflow.MlflowClient(tracking.tracking_uri())
     if cli.resume_from is not None:
         if earlier["config_fingerprint"] != fingerprint:
             raise BenchError(f"{cli.run_dir} holds a run with another config (fingerprint {earlier['config_fingerprint']}, "
@@ -288,7 +307,8 @@ def evaluate_after_training(run_id: str, recipe_name: str, recipe: dict, require
         try:
             find_reward_model(recipe_name, "judge")
         except BenchError as err:
-            log.warning("evaluation skipped: %s. Run `bench eval %s` after training the judge.", err, run_id)
+            log.warning("evaluation skipped: %s. Run `bench eval %s --recipe %s` after training the judge.",
+                        err, run_id, recipe_name)
             mlflow.MlflowClient(tracking.tracking_uri()).set_tag(run_id, "eval_skipped", str(err))
             return
     evaluate(resolve_target(run_id, None, {}, recipe_name), settings)

@@ -1,0 +1,69 @@
+"""What a newcomer meets in the first hour (issue 17): the right recipe by default, sweeps that check
+before they create, help that helps, and interrupts that say how to resume."""
+
+import lightning.pytorch  # noqa: F401 - its log handler binds sys.stderr at import: not a test's capsys
+import mlflow
+import pytest
+
+from bench.cli import main
+
+TINY_TRAIN = ["--recipe", "tiny", "--trainer.max_steps=2", "--trainer.val_check_interval=2",
+              "--trainer.limit_val_batches=1"]
+
+
+def runs_of(experiment: str) -> list:
+    client = mlflow.MlflowClient()
+    found = client.get_experiment_by_name(experiment)
+    return client.search_runs([found.experiment_id]) if found else []
+
+
+def test_bench_eval_takes_the_recipe_and_experiment_of_the_run(workdir, hh_path, capsys, reward_models):
+    main(["train", "dpo", *TINY_TRAIN, f"--data.path={hh_path}"])
+    (run,) = runs_of("tiny")
+    run_id = run.info.run_id
+    # No judge in the experiment yet: the closing hint is a command that works as printed.
+    assert f"Run `bench eval {run_id} --recipe tiny` after training the judge" in capsys.readouterr().err
+    assert "eval_skipped" in run.data.tags
+    main(["eval", run_id, "--judge", reward_models["judge"], "--proxy", "none"])  # no --recipe
+    run = mlflow.MlflowClient().get_run(run_id)
+    params = run.data.params
+    # tiny's eval section (8 prompts of up to 12 tokens), not smol-hh's (64 of 128)
+    assert params["eval.n_prompts"] == "8" and params["eval.sampling.max_new_tokens"] == "12"
+    assert 0 <= run.data.metrics["eval/win_rate_vs_chosen"] <= 1
+    assert "eval_skipped" not in run.data.tags
+    assert mlflow.MlflowClient().get_experiment_by_name("smol-hh") is None
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("--data.max_length=-5", 'Parser key "data.max_length"'),
+    ("--model.nope=1", "unrecognized arguments: --model.nope=1"),
+    ("--eval.n_prompts=0", "eval.n_prompts"),
+])
+def test_a_sweep_checks_its_overrides_before_creating_anything(workdir, hh_path, capsys, override, needle):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["sweep", "dpo", "--recipe", "tiny", "--n-trials", "1", f"--data.path={hh_path}", override])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    (line,) = [line for line in err.splitlines() if ": error: " in line]
+    assert line.startswith("bench sweep: error: a trial's config: ") and needle in line
+    assert sorted(p.name for p in workdir.iterdir()) == []  # no optuna.db, mlflow.db or run folder
+
+
+def test_a_trial_folder_left_by_an_earlier_study_is_set_aside(workdir, hh_path, reward_models, capsys):
+    """After deleting optuna.db and mlflow.db to start over, trial 0's old folder names a run no store holds."""
+    stale = workdir / "runs" / "tiny" / "tiny-dpo-trial-0"
+    (stale / "checkpoints").mkdir(parents=True)
+    (stale / "run.json").write_text('{"mlflow_run_id": "0123456789abcdef", "config_fingerprint": "x"}')
+    (stale / "checkpoints" / "last.ckpt").write_bytes(b"old")
+    main(["sweep", "dpo", "--recipe", "tiny", "--n-trials", "1", f"--data.path={hh_path}", "--trainer.max_steps=1",
+          "--trainer.limit_val_batches=1", "--eval.n_prompts=2", f"--eval.judge={reward_models['judge']}",
+          f"--eval.proxy={reward_models['proxy']}"])
+    captured = capsys.readouterr()
+    assert "study 'tiny-dpo': complete 1" in captured.out
+    (aside,) = (workdir / "runs" / "tiny").glob("tiny-dpo-trial-0.old-*")
+    assert f"{stale} was left by an earlier study" not in captured.err  # relative path in the message
+    assert "tiny-dpo-trial-0 was left by an earlier study named like this one; moved it to" in captured.err
+    assert (aside / "checkpoints" / "last.ckpt").read_bytes() == b"old"
+    (trial,) = [r for r in runs_of("tiny") if r.data.tags.get("optuna.trial") == "0"]
+    assert trial.info.status == "FINISHED" and (stale / "run.json").exists()
