@@ -67,3 +67,38 @@ def test_a_trial_folder_left_by_an_earlier_study_is_set_aside(workdir, hh_path, 
     assert (aside / "checkpoints" / "last.ckpt").read_bytes() == b"old"
     (trial,) = [r for r in runs_of("tiny") if r.data.tags.get("optuna.trial") == "0"]
     assert trial.info.status == "FINISHED" and (stale / "run.json").exists()
+
+
+def test_bench_train_help_shows_benchs_options_and_writes_nothing(workdir, capsys):
+    for argv in (["train", "--help"], ["train", "-h"]):
+        main(argv)
+        out = capsys.readouterr().out
+        assert out.startswith("usage: bench train ALGO") and "dpo, ipo, kto" in out and "tiny" in out
+        assert all(option in out for option in ("--recipe", "--eval auto|true|false", "--resume [RUN_DIR]"))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "dpo", "--recipe", "tiny", "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: bench train ALGO") and out.index("--resume") < out.index("--trainer.max_steps")
+    assert "--optimizer" not in out and "--lr_scheduler" not in out  # not offered: the modules build their own
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "kto", "--recipe", "tiny", "--print_config"])
+    assert exit_info.value.code == 0 and "policy: tiny" in capsys.readouterr().out
+    assert sorted(p.name for p in workdir.iterdir()) == []  # no mlflow.db, no runs/
+
+
+@pytest.mark.parametrize("argv, needles", [
+    (["train"], ["bench train: error: no algorithm given; choose one of sft, dpo", "`bench train --help`"]),
+    (["train", "dpo", "--recipe", "tiny", "--trainer.max_stepz=3"],
+     ["unrecognized arguments: --trainer.max_stepz=3", "see `bench train dpo --help`"]),
+    (["data", "--max-length", "many"], ["argument --max-length: invalid int value: 'many'", "`bench data --help`"]),
+    (["compare", "--seeds", "0,x"], ["--seeds", "comma-separated integers", "`bench compare --help`"]),
+])
+def test_a_bad_argument_is_one_line_not_the_usage(workdir, capsys, argv, needles):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "usage:" not in err
+    (line,) = [line for line in err.splitlines() if line.strip()]
+    assert all(needle in line for needle in needles), line
