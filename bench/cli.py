@@ -17,6 +17,7 @@ import argparse
 import gc
 import json
 import logging
+import os
 import sys
 from datetime import datetime
 from pathlib import Path
@@ -41,7 +42,8 @@ def data_command(argv: list[str]) -> None:
     from datamodules.hh_rlhf import HUB_ID
 
     parser = OneLineParser(prog="bench data", description="Report what an HH-RLHF source holds.")
-    parser.add_argument("path", nargs="?", default=HUB_ID, help="hub id or local folder <subset>/<split>.jsonl.gz")
+    parser.add_argument("path", nargs="?", default=os.environ.get("HH_RLHF_PATH") or HUB_ID,
+                        help="hub id or local folder <subset>/<split>.jsonl.gz (default: $HH_RLHF_PATH, else the hub)")
     parser.add_argument("--subsets", nargs="*", default=None, help="subset folders (the hub's data_dir)")
     parser.add_argument("--tokenizer", default="smollm2-135m-instruct", help="model spec for token lengths")
     parser.add_argument("--no-chat-template", dest="chat_template", action="store_false")
@@ -329,7 +331,7 @@ def eval_command(argv: list[str]) -> None:
 
 
 def perf_command(argv: list[str]) -> None:
-    from bench import perf
+    from bench import perf, recipes
     from bench.table import RESULTS_DIR, check_not_anothers, result_owner, write_result
     from bench.training import default_precision
 
@@ -342,7 +344,8 @@ def perf_command(argv: list[str]) -> None:
     parser.add_argument("--max-prompt-length", type=int, default=defaults.max_prompt_length)
     parser.add_argument("--lr", type=float, default=defaults.lr)
     parser.add_argument("--policy", default=defaults.policy)
-    parser.add_argument("--data-path", default=defaults.data_path)
+    parser.add_argument("--data-path", default=recipes.resolve_data_path(defaults.data_path),
+                        help="HH-RLHF source (default: $HH_RLHF_PATH, else ../shared/data/hh-rlhf beside the repository)")
     parser.add_argument("--precision", default=default_precision(), choices=("bf16-mixed", "32-true"))
     parser.add_argument("--variants", nargs="+", choices=perf.VARIANTS, default=list(perf.VARIANTS),
                         help="training variants")

@@ -102,3 +102,24 @@ def test_a_bad_argument_is_one_line_not_the_usage(workdir, capsys, argv, needles
     assert "Traceback" not in err and "usage:" not in err
     (line,) = [line for line in err.splitlines() if line.strip()]
     assert all(needle in line for needle in needles), line
+
+
+def test_recipes_find_their_data_from_any_folder(workdir, hh_path, monkeypatch, capsys):
+    from bench.recipes import PROJECT_ROOT
+
+    def printed_data_path(*argv):
+        with pytest.raises(SystemExit):
+            main(["train", "dpo", *argv, "--print_config"])
+        (line,) = [line for line in capsys.readouterr().out.splitlines() if line.startswith("  path: ")]
+        return line.removeprefix("  path: ")
+
+    monkeypatch.delenv("HH_RLHF_PATH", raising=False)
+    # A shipped recipe's relative path is the repository's, wherever bench runs; one's own recipe's is its folder's.
+    assert printed_data_path("--recipe", "tiny") == str(PROJECT_ROOT.parent / "shared" / "data" / "hh-rlhf")
+    (workdir / "mine").mkdir()
+    (workdir / "mine" / "recipe.yaml").write_text("data:\n  path: ./hh\nmodel:\n  policy: tiny\n")
+    assert printed_data_path("--recipe", "mine/recipe.yaml") == str(workdir / "mine" / "hh")
+    monkeypatch.setenv("HH_RLHF_PATH", hh_path)  # one variable, honoured by every command
+    assert printed_data_path("--recipe", "tiny") == hh_path
+    assert printed_data_path("--recipe", "mine/recipe.yaml") == hh_path
+    assert printed_data_path("--recipe", "tiny", "--data.path=elsewhere") == "elsewhere"
