@@ -394,6 +394,9 @@ COMMANDS = {"ui": ui_command, "data": data_command, "train": train_command, "eva
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     configure_logging()
+    from bench.quiet import quiet_libraries
+
+    quiet_libraries()
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         return
@@ -410,6 +413,9 @@ def main(argv: list[str] | None = None) -> None:
     except BenchError as err:
         print(f"bench {argv[0]}: error: {err}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:  # outside training (which says how to resume): no traceback
+        print(f"bench {argv[0]}: interrupted", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -9,9 +9,7 @@ child run per trial.
 
 import copy
 import logging
-import os
 import shutil
-import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +26,7 @@ from optuna_integration import PyTorchLightningPruningCallback
 
 from bench import figures, tracking
 from bench.errors import BenchError, ConfigError
+from bench.workers import is_dead_local_worker, this_worker
 
 log = logging.getLogger(__name__)
 
@@ -208,31 +207,6 @@ class SweepPruning(PyTorchLightningPruningCallback):
             raise optuna.TrialPruned(f"pruned at step {trainer.global_step} ({self.monitor} = {value.item():.4f})")
 
 
-def this_worker() -> str:
-    """host:pid:start-time. The start time tells a live worker from a later process that reuses its pid."""
-    return f"{socket.gethostname()}:{os.getpid()}:{process_start_time(os.getpid())}"
-
-
-def process_start_time(pid: int) -> str:
-    try:  # field 22 of /proc/PID/stat, after the parenthesised command name
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return "?"
-
-
-def is_dead_local_worker(worker: str) -> bool:
-    host, pid, started = worker.rsplit(":", 2)
-    if host != socket.gethostname():
-        return False  # another machine's worker: its heartbeat says when it died
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:  # alive, under another user
-        return False
-    return started != "?" and process_start_time(int(pid)) != started
-
-
 def fail_dead_local_trials(study: optuna.Study, experiment: str) -> None:
     """Fail, and retry with the same parameters, the running trials of workers on this machine that are
     gone (a killed `bench sweep`), now rather than after the heartbeat's grace period."""
@@ -301,6 +275,7 @@ class Sweep:
                  if t.number < trial.number and t.state in (*FINISHED, TrialState.RUNNING, TrialState.WAITING)]
         if len(ahead) >= self.n_trials:
             trial.set_user_attr("surplus", True)
+            log.info("trial %d is not needed: %d trials are already finished or running", trial.number, len(ahead))
             raise SurplusTrial(f"trial {trial.number} is surplus: {len(ahead)} trials are already finished or running")
 
     def run_trial(self, trial: optuna.Trial, params: dict):

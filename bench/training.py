@@ -6,7 +6,9 @@ import hashlib
 import json
 import logging
 import os
+import shlex
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass
 from datetime import datetime
@@ -19,6 +21,7 @@ import yaml
 from bench import recipes, tracking
 from bench.errors import BenchError
 from bench.paths import check_writable_dir
+from bench.workers import WORKER_TAG, close_dead_runs, this_worker
 
 log = logging.getLogger(__name__)
 
@@ -70,9 +73,15 @@ RUN_DIR_ENV = "BENCH_RUN_DIR"
 
 
 def latest_unfinished_run_dir(recipe_name: str, algorithm: str, output_name: str) -> Path:
-    """The newest `runs/<recipe>/<algorithm>-*` directory with a checkpoint and no saved model."""
-    candidates = [last.parent.parent for last in Path("runs", recipe_name).glob(f"{algorithm}-*/{LAST_CHECKPOINT}")
-                  if not (last.parent.parent / output_name).exists()]
+    """The newest run directory of this algorithm with a checkpoint and no saved model: the experiment's
+    unfinished runs (wherever --trainer.default_root_dir put them), and `runs/<recipe>/<algorithm>-*`."""
+    dirs = {last.parent.parent for last in Path("runs", recipe_name).glob(f"{algorithm}-*/{LAST_CHECKPOINT}")}
+    client = mlflow.MlflowClient(tracking.tracking_uri())
+    if (experiment := client.get_experiment_by_name(recipe_name)) is not None:
+        query = f"tags.algorithm = '{algorithm}' and attributes.status != 'FINISHED'"
+        dirs |= {Path(run.data.tags["output_path"]).parent for run in client.search_runs([experiment.experiment_id], query)
+                 if run.data.tags.get("output_path")}
+    candidates = [d for d in dirs if (d / LAST_CHECKPOINT).exists() and not (d / output_name).exists()]
     if not candidates:
         raise BenchError(f"--resume: no unfinished {algorithm} run with a checkpoint under {Path('runs', recipe_name)}")
     return max(candidates, key=lambda run_dir: (run_dir / LAST_CHECKPOINT).stat().st_mtime)
@@ -178,6 +187,10 @@ def train_one(
             given_dir = self.config["trainer"].get("default_root_dir")
             self.run_dir = Path(given_dir or Path("runs") / recipe_name / run_name)
             check_writable_dir(self.run_dir, "--trainer.default_root_dir" if given_dir else "the run directory")
+            trainer_config = self.config["trainer"]
+            for key in ("max_steps", "max_epochs", "limit_train_batches"):
+                if trainer_config.get(key) == 0:  # Lightning would save the untrained model as a finished run
+                    raise BenchError(f"--trainer.{key}=0 trains nothing; give it a positive value")
             checkpoint = self.config["checkpoint"]
             checkpoint["dirpath"] = checkpoint.get("dirpath") or str(self.run_dir / LAST_CHECKPOINT.parent)
             if self.config["trainer"].get("enable_checkpointing") is False:  # the resume checkpoint is a callback
@@ -241,11 +254,17 @@ def train_one(
         return fit(cli, output_path)
     earlier = cli.earlier
     client = mlflow.MlflowClient(tracking.tracking_uri())
+    resume_argv = [a for a in argv if not a.startswith("--trainer.default_root_dir")]
+    cli.resume_command = shlex.join(["bench", "train", algorithm, "--recipe", recipe_name, *resume_argv,
+                                     f"--resume={cli.run_dir}"])
+    close_dead_runs(client, recipe_name)
     if cli.resume_from is not None:
         if earlier["config_fingerprint"] != fingerprint:
             raise BenchError(f"{cli.run_dir} holds a run with another config (fingerprint {earlier['config_fingerprint']}, "
                              f"this one {fingerprint}); resume with the same recipe and overrides, or train in a new directory")
         client.set_tag(earlier["mlflow_run_id"], "resumed_from", str(cli.resume_from))
+        client.set_tag(earlier["mlflow_run_id"], WORKER_TAG, this_worker())
+        client.update_run(earlier["mlflow_run_id"], status="RUNNING")  # it was KILLED (or left RUNNING by a SIGKILL)
         log.info("resuming MLflow run %s from %s", earlier["mlflow_run_id"], cli.resume_from)
         return fit(cli, output_path)
     if earlier:  # it died before its first checkpoint: start over, and say so on its MLflow run
@@ -267,6 +286,7 @@ def train_one(
         "output_path": str(output_path),
         "config_fingerprint": fingerprint,
         "mlflow.source.name": f"bench train {algorithm}",  # the UI's Source column; MLflow would show sys.argv[0]
+        WORKER_TAG: this_worker(),  # a later bench closes the run if this process dies without a word (SIGKILL)
     }
     if is_reward_model:
         run_tags["role"] = config["model"]["role"]
@@ -284,6 +304,11 @@ def fit(cli, output_path: Path) -> TrainResult:
     os.environ[RUN_DIR_ENV] = str(cli.run_dir.resolve())
     try:
         cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.resume_from)
+    except SystemExit:  # Lightning exits after Ctrl-C, with the run marked FAILED
+        if cli.trainer.interrupted and cli.trainer.is_global_zero:
+            interrupted(cli)
+            sys.exit(130)
+        raise
     finally:
         os.environ.pop(RUN_DIR_ENV, None)
     if cli.trainer.interrupted or not cli.trainer.is_global_zero:
@@ -295,6 +320,18 @@ def fit(cli, output_path: Path) -> TrainResult:
         last.unlink()
     print(f"run {cli.run_logger.run_id} finished; model saved to {cli.model.output_dir}")
     return TrainResult(run_id=cli.run_logger.run_id, output_path=output_path)
+
+
+def interrupted(cli) -> None:
+    """A run stopped on purpose is KILLED, not FAILED, and the user is told how to continue it."""
+    mlflow.MlflowClient(tracking.tracking_uri()).set_terminated(cli.run_logger.run_id, "KILLED")
+    last = Path(cli.trainer.checkpoint_callback.dirpath or cli.run_dir / LAST_CHECKPOINT.parent) / LAST_CHECKPOINT.name
+    if last.exists():
+        log.warning("interrupted; MLflow run %s is marked KILLED. Continue it from its last checkpoint with:  %s",
+                    cli.run_logger.run_id, cli.resume_command)
+    else:
+        log.warning("interrupted before the run's first checkpoint; MLflow run %s is marked KILLED. The same "
+                    "command with --trainer.default_root_dir=%s starts it over", cli.run_logger.run_id, cli.run_dir)
 
 
 def evaluate_after_training(run_id: str, recipe_name: str, recipe: dict, required: bool) -> None:

@@ -123,3 +123,91 @@ def test_recipes_find_their_data_from_any_folder(workdir, hh_path, monkeypatch, 
     assert printed_data_path("--recipe", "tiny") == hh_path
     assert printed_data_path("--recipe", "mine/recipe.yaml") == hh_path
     assert printed_data_path("--recipe", "tiny", "--data.path=elsewhere") == "elsewhere"
+
+
+def test_ctrl_c_while_bench_ui_starts_prints_no_traceback(tmp_path):
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
+           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    with open(tmp_path / "out", "w") as out_file, open(tmp_path / "err", "w") as err_file:
+        process = subprocess.Popen([sys.executable, "-m", "bench.cli", "ui", "--port", str(port)], cwd=tmp_path,
+                                   env=env, stdout=out_file, stderr=err_file)
+        time.sleep(2)  # bench is up and waiting; the MLflow server is still importing
+        process.send_signal(signal.SIGINT)
+        process.wait(timeout=60)
+    out, err = (tmp_path / "out").read_text(), (tmp_path / "err").read_text()
+    assert "MLflow UI:" not in out  # it was stopped during start-up
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+
+
+@pytest.fixture
+def ctrl_c_at_third_batch(monkeypatch):
+    """Ctrl-C during the DPO loss of the third training batch (step 2), as a user would press it."""
+    import signal
+
+    import modules.dpo
+
+    calls, real_loss, armed = [], modules.dpo.dpo_loss, {"armed": True}
+
+    def dpo_loss(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3 and armed["armed"]:
+            raise KeyboardInterrupt
+        return real_loss(*args, **kwargs)
+
+    monkeypatch.setattr(modules.dpo, "dpo_loss", dpo_loss)
+    handler = signal.getsignal(signal.SIGINT)
+    yield armed
+    signal.signal(signal.SIGINT, handler)  # Lightning ignores SIGINT once interrupted
+
+
+def test_ctrl_c_then_resume_anywhere_and_dead_runs_are_closed(workdir, hh_path, capsys, monkeypatch,
+                                                               ctrl_c_at_third_batch):
+    from bench.workers import WORKER_TAG, this_worker
+
+    train = ["train", "dpo", "--recipe", "tiny", f"--data.path={hh_path}", "--eval", "false",
+             "--checkpoint.every_n_train_steps=1"]
+    with pytest.raises(SystemExit) as exit_info:
+        main([*train, "--trainer.default_root_dir=elsewhere/dpo-a"])
+    assert exit_info.value.code == 130
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    (run,) = runs_of("tiny")
+    assert run.info.status == "KILLED" and run.data.tags[WORKER_TAG] == this_worker()
+    assert (f"interrupted; MLflow run {run.info.run_id} is marked KILLED. Continue it from its last checkpoint with:  "
+            f"bench train dpo --recipe tiny --data.path={hh_path} --checkpoint.every_n_train_steps=1 "
+            "--resume=elsewhere/dpo-a") in err
+    # A run whose process died without a word (SIGKILL) is RUNNING until a later bench sees its process is gone.
+    client = mlflow.MlflowClient()
+    orphan = client.create_run(run.info.experiment_id, run_name="sigkilled",
+                               tags={WORKER_TAG: this_worker().rsplit(":", 2)[0] + ":999999999:1"}).info.run_id
+    ctrl_c_at_third_batch["armed"] = False
+    main([*train, "--resume"])  # alone: finds the run outside runs/tiny through its MLflow run
+    run = client.get_run(run.info.run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["resumed_from"] == str(workdir / "elsewhere/dpo-a/checkpoints/last.ckpt")
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]
+    assert sorted(steps) == [0, 1, 2, 3]  # each step once: the checkpointed step is not logged again
+    assert client.get_run(orphan).info.status == "KILLED"
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("--data.max_length=-5", 'Parser key "data.max_length"'),
+    ("--trainer.max_steps=0", "--trainer.max_steps=0 trains nothing"),
+])
+def test_values_that_cannot_train_fail_before_any_run(workdir, hh_path, capsys, override, needle):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "dpo", "--recipe", "tiny", f"--data.path={hh_path}", override])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and needle in err
+    assert sorted(p.name for p in workdir.iterdir()) == []
