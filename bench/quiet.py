@@ -42,10 +42,18 @@ class _DropTrialException(logging.Filter):
         return not (message.endswith("failed with value None.") and message.split(" failed", 1)[0] in self.dropped)
 
 
+_FILTERS: dict[str, logging.Filter] = {}
+
+
 def quiet_libraries() -> None:
+    """Idempotent: `bench` may run main() many times in one process (tests, notebooks)."""
     for message in HIDDEN_WARNINGS:
         warnings.filterwarnings("ignore", message=message)
+    if _FILTERS:
+        return
     # Lightning's advertisement for its cloud logger, at every Trainer without one.
-    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DropMessages(("💡 Tip:",)))
+    _FILTERS["lightning.pytorch.utilities.rank_zero"] = _DropMessages(("💡 Tip:",))
     # A surplus sweep trial (another worker took the study's last place) is normal, not a failure.
-    logging.getLogger("optuna.study._optimize").addFilter(_DropTrialException("SurplusTrial"))
+    _FILTERS["optuna.study._optimize"] = _DropTrialException("SurplusTrial")
+    for name, log_filter in _FILTERS.items():
+        logging.getLogger(name).addFilter(log_filter)

@@ -50,7 +50,7 @@ def test_a_sweep_checks_its_overrides_before_creating_anything(workdir, hh_path,
     assert sorted(p.name for p in workdir.iterdir()) == []  # no optuna.db, mlflow.db or run folder
 
 
-def test_a_trial_folder_left_by_an_earlier_study_is_set_aside(workdir, hh_path, reward_models, capsys):
+def test_a_trial_folder_left_by_an_earlier_study_is_set_aside(workdir, hh_path, reward_models, capsys, recwarn):
     """After deleting optuna.db and mlflow.db to start over, trial 0's old folder names a run no store holds."""
     stale = workdir / "runs" / "tiny" / "tiny-dpo-trial-0"
     (stale / "checkpoints").mkdir(parents=True)
@@ -67,6 +67,29 @@ def test_a_trial_folder_left_by_an_earlier_study_is_set_aside(workdir, hh_path, 
     assert (aside / "checkpoints" / "last.ckpt").read_bytes() == b"old"
     (trial,) = [r for r in runs_of("tiny") if r.data.tags.get("optuna.trial") == "0"]
     assert trial.info.status == "FINISHED" and (stale / "run.json").exists()
+    # Optuna's experimental-feature warnings and Lightning's pytree deprecation are not the user's business.
+    assert not [w for w in recwarn if "experimental" in str(w.message) or "LeafSpec" in str(w.message)]
+
+
+def test_a_surplus_sweep_trial_is_one_line_not_a_traceback(caplog):
+    import logging
+
+    import optuna
+
+    from bench.quiet import quiet_libraries
+    from bench.sweep import SurplusTrial
+
+    quiet_libraries()
+    optuna.logging.enable_propagation()  # to caplog, through the root logger
+    try:
+        def objective(trial):
+            raise SurplusTrial(f"trial {trial.number} is surplus: 3 trials are already finished or running")
+
+        with caplog.at_level(logging.INFO):
+            optuna.create_study().optimize(objective, n_trials=1, catch=(SurplusTrial,))
+    finally:
+        optuna.logging.disable_propagation()
+    assert not [r for r in caplog.records if r.exc_info or "failed" in r.getMessage()], caplog.text
 
 
 def test_bench_train_help_shows_benchs_options_and_writes_nothing(workdir, capsys):
