@@ -165,7 +165,12 @@ def test_ctrl_c_while_bench_ui_starts_prints_no_traceback(tmp_path):
     with open(tmp_path / "out", "w") as out_file, open(tmp_path / "err", "w") as err_file:
         process = subprocess.Popen([sys.executable, "-m", "bench.cli", "ui", "--port", str(port)], cwd=tmp_path,
                                    env=env, stdout=out_file, stderr=err_file)
-        time.sleep(2)  # bench is up and waiting; the MLflow server is still importing
+        # Once bench has started the server (a child process), the server is still importing for seconds.
+        children = Path(f"/proc/{process.pid}/task/{process.pid}/children")
+        deadline = time.monotonic() + 120
+        while not children.read_text().strip() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.5)
         process.send_signal(signal.SIGINT)
         process.wait(timeout=60)
     out, err = (tmp_path / "out").read_text(), (tmp_path / "err").read_text()
