@@ -17,6 +17,7 @@ import argparse
 import gc
 import json
 import logging
+import os
 import sys
 from datetime import datetime
 from pathlib import Path
@@ -30,12 +31,19 @@ log = logging.getLogger("bench")
 USAGE = __doc__
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """Reports a bad argument in one line, which main prints, rather than after its whole usage."""
+
+    def error(self, message: str):
+        raise BenchError(f"{message}; see `{self.prog} --help`")
+
+
 def data_command(argv: list[str]) -> None:
-    from bench.data_report import describe, format_report
     from datamodules.hh_rlhf import HUB_ID
 
-    parser = argparse.ArgumentParser(prog="bench data", description="Report what an HH-RLHF source holds.")
-    parser.add_argument("path", nargs="?", default=HUB_ID, help="hub id or local folder <subset>/<split>.jsonl.gz")
+    parser = OneLineParser(prog="bench data", description="Report what an HH-RLHF source holds.")
+    parser.add_argument("path", nargs="?", default=os.environ.get("HH_RLHF_PATH") or HUB_ID,
+                        help="hub id or local folder <subset>/<split>.jsonl.gz (default: $HH_RLHF_PATH, else the hub)")
     parser.add_argument("--subsets", nargs="*", default=None, help="subset folders (the hub's data_dir)")
     parser.add_argument("--tokenizer", default="smollm2-135m-instruct", help="model spec for token lengths")
     parser.add_argument("--no-chat-template", dest="chat_template", action="store_false")
@@ -45,6 +53,8 @@ def data_command(argv: list[str]) -> None:
     parser.add_argument("--test-fraction", type=float, default=0.1)
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = parser.parse_args(argv)
+    from bench.data_report import describe, format_report
+
     report = describe(
         args.path, args.subsets, args.tokenizer, args.chat_template, args.max_length, args.max_prompt_length,
         args.val_fraction, args.test_fraction,
@@ -69,20 +79,57 @@ def _pop_option(argv: list[str], name: str, default: str | None, bare: str | Non
     return value, rest
 
 
-def train_command(argv: list[str]) -> None:
-    from bench import gold, recipes
-    from bench.training import evaluate_after_training, train_one
+TRAIN_HELP = """usage: bench train ALGO [--recipe NAME|PATH] [--eval auto|true|false] [--resume [RUN_DIR]] [overrides]
+
+Train one algorithm with a recipe, log the run to MLflow, then evaluate it.
+
+ALGO: {algorithms}
+
+bench's own options:
+  --recipe NAME|PATH    a recipe in bench/recipes ({recipes}) or a YAML file (default: smol-hh)
+  --eval auto|true|false
+                        evaluate the policy after training: auto (default) when the recipe's experiment has
+                        a judge reward model, true to insist, false to skip
+  --resume [RUN_DIR]    continue a killed run from its last checkpoint; alone: this algorithm's newest
+                        unfinished run of the recipe
+  --print_config        print the resolved config as YAML and stop
+
+Overrides are LightningCLI's: --trainer.max_steps=50, --model.beta=0.3, --data.batch_size=4, --config FILE.
+{more}"""
+
+
+def train_help(algorithm: str | None) -> str:
+    from bench import recipes
     from modules import TRAINABLE
 
+    more = (f"LightningCLI's options of {algorithm} follow." if algorithm else
+            "`bench train ALGO --help` lists every option of ALGO (its model, data and trainer settings).")
+    return TRAIN_HELP.format(algorithms=", ".join(TRAINABLE), recipes=", ".join(recipes.available()), more=more)
+
+
+def train_command(argv: list[str]) -> None:
+    from bench import recipes
+    from modules import TRAINABLE
+
+    wants_help = bool({"-h", "--help"} & set(argv))
+    if wants_help and (not argv or argv[0] not in TRAINABLE):
+        print(train_help(None))
+        return
     if not argv or argv[0] not in TRAINABLE:
-        given = argv[0] if argv else "nothing"
-        raise BenchError(f"bench train: unknown algorithm {given!r}; choose one of {', '.join(TRAINABLE)}")
+        given = f"unknown algorithm {argv[0]!r}" if argv else "no algorithm given"
+        raise BenchError(f"{given}; choose one of {', '.join(TRAINABLE)} (see `bench train --help`)")
     algorithm, argv = argv[0], argv[1:]
+    if wants_help:  # bench's own options first, then LightningCLI's
+        print(train_help(algorithm) + "\n")
     recipe_arg, argv = _pop_option(argv, "--recipe", "smol-hh")
     run_eval, argv = _pop_option(argv, "--eval", "auto")
     # `--resume` alone: this algorithm's newest unfinished run in the recipe.
     resume, argv = _pop_option(argv, "--resume", None, bare="latest")
     recipe_name, recipe = recipes.load(recipe_arg)
+    # torch and Lightning load here, after the cheap checks: help and argument errors stay fast.
+    from bench import gold
+    from bench.training import evaluate_after_training, train_one
+
     recipe = gold.gold_world(recipe_name, recipe)  # a gold-labelled recipe trains on its labels
     if algorithm == "rm" and not any(a.startswith("--model.role") for a in argv):
         if resume:
@@ -126,9 +173,7 @@ def split_eval_overrides(recipe: dict, argv: list[str]) -> tuple[dict, list[str]
 
 
 def sweep_command(argv: list[str]) -> None:
-    from bench.sweep import SAMPLERS, sweep
-
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="bench sweep", description="Optuna study over sweeps/ALGO.yaml; trials are judged on validation prompts.",
         epilog="Other arguments override the recipe: LightningCLI's (--trainer.max_steps=2) and --eval.KEY=VALUE.")
     parser.add_argument("algorithm")
@@ -136,7 +181,7 @@ def sweep_command(argv: list[str]) -> None:
     parser.add_argument("--n-trials", type=int, default=10, help="finished trials the study should hold in total")
     parser.add_argument("--study-name", help="default: RECIPE-ALGO; the same name resumes the study")
     parser.add_argument("--storage", help="any SQLAlchemy URL (default: sqlite:///optuna.db in the working directory)")
-    parser.add_argument("--sampler", choices=SAMPLERS, default="tpe")
+    parser.add_argument("--sampler", choices=("tpe", "grid", "cmaes"), default="tpe")  # bench.sweep.SAMPLERS
     parser.add_argument("--objective", action="append", help="an eval/ metric, optionally :max or :min; twice "
                         "for a multi-objective study (default: eval/win_rate_vs_chosen)")
     parser.add_argument("--seed", type=int, default=0, help="sampler seed")
@@ -144,6 +189,7 @@ def sweep_command(argv: list[str]) -> None:
     parser.add_argument("--no-prune", dest="prune", action="store_false", help="turn off median pruning")
     args, rest = parser.parse_known_args(argv)
     from bench import gold, recipes
+    from bench.sweep import sweep
 
     recipe_name, recipe = recipes.load(args.recipe)
     recipe = gold.gold_world(recipe_name, recipe)
@@ -162,7 +208,7 @@ def seed_list(text: str) -> list[int]:
 def label_command(argv: list[str]) -> None:
     from bench import gold, recipes
 
-    parser = argparse.ArgumentParser(prog="bench label", description="Label every pair of a recipe's HH source "
+    parser = OneLineParser(prog="bench label", description="Label every pair of a recipe's HH source "
                                      "with a gold reward model: a relabelled copy in the dataset's own layout, cached.")
     parser.add_argument("--recipe", default="smol-gold")
     parser.add_argument("--gold", help="gold reward model: a folder or hub id of a one-output sequence classifier, "
@@ -187,9 +233,8 @@ def label_command(argv: list[str]) -> None:
 
 def compare_command(argv: list[str]) -> None:
     from bench import recipes
-    from bench.compare import compare
 
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="bench compare", description="Run every stage of a recipe under one MLflow parent run.",
         epilog="Other arguments override every stage: LightningCLI's (--trainer.max_steps=2) and --eval.KEY=VALUE.")
     parser.add_argument("--recipe", default="smol-hh")
@@ -199,6 +244,8 @@ def compare_command(argv: list[str]) -> None:
     parser.add_argument("--seeds", type=seed_list, help="comma-separated seeds, each stage under each "
                         "(default: the recipe's compare.seeds, else its seed_everything)")
     args, rest = parser.parse_known_args(argv)
+    from bench.compare import compare
+
     recipe_name, recipe = recipes.load(args.recipe)
     recipe, overrides = split_eval_overrides(recipe, rest)
     runs = compare(recipe_name, recipe, overrides, dry_run=args.dry_run, data_path=args.data_path, seeds=args.seeds)
@@ -207,13 +254,16 @@ def compare_command(argv: list[str]) -> None:
 
 
 def table_command(argv: list[str]) -> None:
-    from bench.table import RESULTS_DIR, table
-
-    parser = argparse.ArgumentParser(prog="bench table", description="results/NAME.md and .csv from an experiment",
+    parser = OneLineParser(prog="bench table", description="results/NAME.md and .csv from an experiment",
                                      allow_abbrev=False)  # the Command: line must say --experiment (results ownership)
     parser.add_argument("--experiment", required=True, help="MLflow experiment (a recipe's runs go to its name)")
-    parser.add_argument("--output-dir", default=str(RESULTS_DIR))
+    parser.add_argument("--output-dir", default="results", help="folder for NAME.md, NAME.csv and the figures "
+                        "(default: results/ in the working directory)")
     args = parser.parse_args(argv)
+    from bench.table import table
+    from bench.paths import check_writable_dir
+
+    check_writable_dir(args.output_dir, "--output-dir")  # before reading the experiment's runs
     md_path, csv_path = table(args.experiment, "bench table " + " ".join(argv), Path(args.output_dir))
     print(md_path.read_text())
     print(f"wrote {md_path} and {csv_path}")
@@ -236,12 +286,10 @@ def configure_logging() -> None:
 
 
 def eval_command(argv: list[str]) -> None:
-    from bench import gold, recipes
-    from bench.evaluation import EvalSettings, evaluate, resolve_target
-
-    parser = argparse.ArgumentParser(prog="bench eval", description="Evaluate a policy: win rates, scores, KL.")
+    parser = OneLineParser(prog="bench eval", description="Evaluate a policy: win rates, scores, KL.")
     parser.add_argument("target", help="MLflow run id of a `bench train` run, or a policy folder / model spec")
-    parser.add_argument("--recipe", default="smol-hh", help="recipe whose eval settings, data and experiment to use")
+    parser.add_argument("--recipe", help="recipe whose eval settings to use (default: a run's own recipe; for a "
+                        "checkpoint, smol-hh, whose data and experiment it also takes)")
     parser.add_argument("--reference", help="reference policy (default: the run's reference, or the target itself)")
     parser.add_argument("--data-path", help="HH-RLHF source, for a checkpoint (a run id brings its own)")
     parser.add_argument("--n-prompts", type=int)
@@ -256,7 +304,14 @@ def eval_command(argv: list[str]) -> None:
     parser.add_argument("--seed", type=int)
     parser.add_argument("--backend", help="sampling backend: harness (default) or hf (model.generate)")
     args = parser.parse_args(argv)
-    recipe_name, recipe_config = recipes.load(args.recipe)
+    from bench import gold, recipes
+    from bench.evaluation import EvalSettings, evaluate, recipe_of_run, resolve_target
+
+    run_recipe = recipe_of_run(args.target)
+    if args.recipe and run_recipe and recipes.load(args.recipe)[0] != run_recipe:
+        log.warning("run %s was trained with recipe %s; evaluating with %s's eval settings, as --recipe asks",
+                    args.target, run_recipe, args.recipe)
+    recipe_name, recipe_config = recipes.load(args.recipe or run_recipe or "smol-hh")
     recipe_config = gold.gold_world(recipe_name, recipe_config)
     eval_config = dict(recipe_config.get("eval") or {})
     for key in ("n_prompts", "judge", "judge_model", "judge_prompt", "proxy"):
@@ -276,12 +331,12 @@ def eval_command(argv: list[str]) -> None:
 
 
 def perf_command(argv: list[str]) -> None:
-    from bench import perf
+    from bench import perf, recipes
     from bench.table import RESULTS_DIR, check_not_anothers, result_owner, write_result
     from bench.training import default_precision
 
     defaults = perf.PerfSettings()
-    parser = argparse.ArgumentParser(prog="bench perf", description="DPO pairs/s, tokens/s, MFU and memory: this "
+    parser = OneLineParser(prog="bench perf", description="DPO pairs/s, tokens/s, MFU and memory: this "
                                      "harness (cold and warm reference cache) against TRL's DPOTrainer")
     parser.add_argument("--steps", type=int, default=defaults.steps)
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
@@ -289,7 +344,8 @@ def perf_command(argv: list[str]) -> None:
     parser.add_argument("--max-prompt-length", type=int, default=defaults.max_prompt_length)
     parser.add_argument("--lr", type=float, default=defaults.lr)
     parser.add_argument("--policy", default=defaults.policy)
-    parser.add_argument("--data-path", default=defaults.data_path)
+    parser.add_argument("--data-path", default=recipes.resolve_data_path(defaults.data_path),
+                        help="HH-RLHF source (default: $HH_RLHF_PATH, else ../shared/data/hh-rlhf beside the repository)")
     parser.add_argument("--precision", default=default_precision(), choices=("bf16-mixed", "32-true"))
     parser.add_argument("--variants", nargs="+", choices=perf.VARIANTS, default=list(perf.VARIANTS),
                         help="training variants")
@@ -307,6 +363,9 @@ def perf_command(argv: list[str]) -> None:
             raise BenchError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     command = "bench perf " + " ".join(argv)
     if args.output:  # before the run, not after it
+        from bench.paths import check_writable_file
+
+        check_writable_file(args.output, "--output")
         check_not_anothers(Path(args.output), result_owner(command))
     settings = perf.PerfSettings(data_path=args.data_path, policy=args.policy, steps=args.steps,
                                  batch_size=args.batch_size, max_length=args.max_length,
@@ -335,6 +394,9 @@ COMMANDS = {"ui": ui_command, "data": data_command, "train": train_command, "eva
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     configure_logging()
+    from bench.quiet import quiet_libraries
+
+    quiet_libraries()
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         return
@@ -351,6 +413,9 @@ def main(argv: list[str] | None = None) -> None:
     except BenchError as err:
         print(f"bench {argv[0]}: error: {err}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:  # outside training (which says how to resume): no traceback
+        print(f"bench {argv[0]}: interrupted", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

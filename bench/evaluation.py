@@ -124,6 +124,16 @@ def resolve_target(target: str, reference: str | None, data: dict, experiment: s
                   data={**data, **run_data}, run_id=target)
 
 
+def recipe_of_run(target: str) -> str | None:
+    """The recipe a `bench train` run was trained with (its `recipe` tag); None for a checkpoint."""
+    if Path(target).expanduser().exists() or target in BUILTIN_SPECS or "/" in target:
+        return None
+    try:
+        return mlflow.MlflowClient(tracking.tracking_uri()).get_run(target).data.tags.get("recipe")
+    except MlflowException:
+        return None  # resolve_target says what is wrong with it
+
+
 def _param(value: str | None):
     """MLflow stores params as strings; the config values were YAML scalars."""
     if value is None or value == "None":
@@ -366,6 +376,8 @@ def record_eval(target: Target, settings: EvalSettings, judge, proxy, metrics: d
     tags["eval.proxy"] = getattr(getattr(proxy, "hparams", None), "backbone", "none") if proxy is not None else "none"
     for key, value in tags.items():
         client.set_tag(run_id, key, str(value))
+    if "eval_skipped" in client.get_run(run_id).data.tags:  # left by a `bench train` that had no judge yet
+        client.delete_tag(run_id, "eval_skipped")
     params = {"eval.n_prompts": settings.n_prompts, "eval.confidence": settings.confidence, "eval.split": settings.split,
               "eval.prompt_seed": settings.prompt_seed,
               **{f"eval.sampling.{k}": v for k, v in asdict(settings.sampling).items()}}

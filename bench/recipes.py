@@ -4,9 +4,14 @@ The `trainer`, `data` and `model` sections are shared by all algorithms; `algori
 sections one algorithm overrides. Resolving a recipe for an algorithm merges the two. The shared
 `model` section describes the policy, so the reward model (`rm`) takes its `model` section from
 `algorithms.rm` alone. The `eval` section holds `bench eval`'s settings (bench/evaluation.py).
+
+Where the data is does not depend on the working directory: `HH_RLHF_PATH`, when set, replaces every
+`data.path` of a recipe; otherwise a relative local `data.path` is taken relative to the repository root
+for the recipes shipped in bench/recipes, and relative to the recipe file's folder for any other.
 """
 
 import copy
+import os
 from pathlib import Path
 
 import yaml
@@ -14,6 +19,8 @@ import yaml
 from bench.errors import ConfigError
 
 RECIPE_DIR = Path(__file__).resolve().parent / "recipes"
+PROJECT_ROOT = RECIPE_DIR.parents[1]
+DATA_ENV = "HH_RLHF_PATH"  # the one place the HH-RLHF source is set for every command
 CLI_SECTIONS = ("seed_everything", "trainer", "data", "model")
 
 
@@ -43,8 +50,28 @@ def deep_merge(base: dict, override: dict) -> dict:
     return merged
 
 
+def resolve_data_path(path: str, base: Path = PROJECT_ROOT) -> str:
+    """`HH_RLHF_PATH` if set; else a relative local folder anchored at `base`; a hub id as it is."""
+    from datamodules.hh_rlhf import is_local
+
+    if os.environ.get(DATA_ENV):
+        return os.environ[DATA_ENV]
+    expanded = Path(path).expanduser()
+    if expanded.is_absolute() or not (path.startswith(".") or is_local(path)):
+        return str(expanded) if expanded.is_absolute() else path
+    return os.path.normpath(base / expanded)
+
+
+def _resolve_data_paths(recipe: dict, base: Path) -> None:
+    sections = [recipe.get("data"), *((overrides or {}).get("data") for overrides in
+                                      (recipe.get("algorithms") or {}).values() if isinstance(overrides, dict))]
+    for section in sections:
+        if isinstance(section, dict) and isinstance(section.get("path"), str):
+            section["path"] = resolve_data_path(section["path"], base)
+
+
 def load(name_or_path: str) -> tuple[str, dict]:
-    """(recipe name, the recipe as written)."""
+    """(recipe name, the recipe with its data paths resolved)."""
     path = recipe_path(name_or_path)
     try:
         recipe = yaml.safe_load(path.read_text()) or {}
@@ -52,6 +79,7 @@ def load(name_or_path: str) -> tuple[str, dict]:
         raise ConfigError(f"recipe {path} is not valid YAML: {err}") from err
     if not isinstance(recipe, dict):
         raise ConfigError(f"recipe {path} must be a mapping of config sections")
+    _resolve_data_paths(recipe, PROJECT_ROOT if path.resolve().parent == RECIPE_DIR else path.resolve().parent)
     return path.stem, recipe
 
 

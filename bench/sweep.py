@@ -9,9 +9,7 @@ child run per trial.
 
 import copy
 import logging
-import os
 import shutil
-import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +27,7 @@ from optuna_integration import PyTorchLightningPruningCallback
 import modules
 from bench import figures, tracking
 from bench.errors import BenchError, ConfigError
+from bench.workers import is_dead_local_worker, this_worker
 
 log = logging.getLogger(__name__)
 
@@ -139,6 +138,25 @@ def make_sampler(name: str, space: SearchSpace, seed: int, n_objectives: int) ->
     raise ConfigError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
 
 
+def check_trial_config(algorithm: str, recipe_name: str, recipe: dict, space: SearchSpace,
+                       overrides: list[str]) -> None:
+    """Parse and build a trial's config (the overrides, with each searched value at one end of its range)
+    and its eval settings before the study or any MLflow run exists: a bad override then fails here,
+    not inside trial 0."""
+    from bench.evaluation import EvalSettings
+    from bench.training import train_one
+
+    def example(distribution):
+        return distribution.choices[0] if isinstance(distribution, CategoricalDistribution) else distribution.low
+
+    params = [f"--{name}={example(distribution)}" for name, distribution in space.distributions.items()]
+    try:
+        EvalSettings.from_dict({**(recipe.get("eval") or {}), "split": "validation"})
+        train_one(algorithm, recipe_name, recipe, [*overrides, *params], check_only=True)
+    except BenchError as err:
+        raise BenchError(f"a trial's config: {err}") from None
+
+
 def default_storage() -> str:
     return f"sqlite:///{Path.cwd() / 'optuna.db'}"
 
@@ -182,31 +200,6 @@ class SweepPruning(PyTorchLightningPruningCallback):
             raise optuna.TrialPruned(f"pruned at step {trainer.global_step} ({self.monitor} = {value.item():.4f})")
 
 
-def this_worker() -> str:
-    """host:pid:start-time. The start time tells a live worker from a later process that reuses its pid."""
-    return f"{socket.gethostname()}:{os.getpid()}:{process_start_time(os.getpid())}"
-
-
-def process_start_time(pid: int) -> str:
-    try:  # field 22 of /proc/PID/stat, after the parenthesised command name
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return "?"
-
-
-def is_dead_local_worker(worker: str) -> bool:
-    host, pid, started = worker.rsplit(":", 2)
-    if host != socket.gethostname():
-        return False  # another machine's worker: its heartbeat says when it died
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:  # alive, under another user
-        return False
-    return started != "?" and process_start_time(int(pid)) != started
-
-
 def fail_dead_local_trials(study: optuna.Study, experiment: str) -> None:
     """Fail, and retry with the same parameters, the running trials of workers on this machine that are
     gone (a killed `bench sweep`), now rather than after the heartbeat's grace period."""
@@ -233,6 +226,16 @@ def tag_trial_run(experiment: str, study_name: str, number: int, state: str, sta
     for run in client.search_runs([tracking.experiment_id(client, experiment)], query):
         client.set_tag(run.info.run_id, "optuna.state", state)
         client.set_terminated(run.info.run_id, status)
+
+
+def set_aside_stale_trial_dir(run_dir: Path) -> None:
+    """A trial number starts once (a retried trial gets a new number), so a folder already named after it was
+    left by an earlier study of the same name, perhaps in a store since deleted: moved aside, not trained in."""
+    if not run_dir.exists():
+        return
+    aside = run_dir.with_name(f"{run_dir.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+    run_dir.rename(aside)
+    log.warning("%s was left by an earlier study named like this one; moved it to %s", run_dir, aside)
 
 
 class SurplusTrial(Exception):
@@ -265,6 +268,7 @@ class Sweep:
                  if t.number < trial.number and t.state in (*FINISHED, TrialState.RUNNING, TrialState.WAITING)]
         if len(ahead) >= self.n_trials:
             trial.set_user_attr("surplus", True)
+            log.info("trial %d is not needed: %d trials are already finished or running", trial.number, len(ahead))
             raise SurplusTrial(f"trial {trial.number} is surplus: {len(ahead)} trials are already finished or running")
 
     def run_trial(self, trial: optuna.Trial, params: dict):
@@ -281,6 +285,7 @@ class Sweep:
         pruning = SweepPruning(trial, monitor) if self.prune and monitor else None
         log.info("trial %d: %s", trial.number, ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                                          for k, v in params.items()))
+        set_aside_stale_trial_dir(Path("runs", self.recipe_name, run_name))
         try:
             result = train_one(self.algorithm, self.recipe_name, self.recipe, argv, run_name=run_name, tags=tags,
                                callbacks=[pruning] if pruning else None)
@@ -422,6 +427,7 @@ def sweep(
         if n_trials > grid_size:
             log.warning("the grid holds %d points; running %d trials, not %d", grid_size, grid_size, n_trials)
             n_trials = grid_size
+    check_trial_config(algorithm, recipe_name, recipe, space, overrides)
     storage = open_storage(storage_url or default_storage(), heartbeat_interval, grace_period)
     study_name = study_name or f"{recipe_name}-{algorithm}"
     pruner = (optuna.pruners.MedianPruner(n_startup_trials=2) if prune and len(objectives) == 1

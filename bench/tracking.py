@@ -4,8 +4,6 @@ import os
 import subprocess
 from pathlib import Path
 
-from lightning.pytorch.loggers import MLFlowLogger
-
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -24,6 +22,8 @@ def check_reachable(timeout: float = 5.0) -> None:
     from bench.errors import BenchError
 
     uri = tracking_uri()
+    if uri.startswith("sqlite:///"):
+        check_local_store(Path(uri.removeprefix("sqlite:///")))
     if not uri.startswith(("http://", "https://")):
         return
     try:
@@ -35,6 +35,22 @@ def check_reachable(timeout: float = 5.0) -> None:
         reason = getattr(err, "reason", err)
         raise BenchError(f"the MLflow tracking server {uri} (MLFLOW_TRACKING_URI) is unreachable: {reason}. Start it "
                          "(`mlflow server`, see the README's Scale-out), or unset MLFLOW_TRACKING_URI to log to ./mlflow.db") from err
+
+
+def check_local_store(database: Path) -> None:
+    """A sqlite store in a folder that cannot be written makes MLflow retry for minutes, then fail with a
+    SQLAlchemy traceback."""
+    from bench.errors import BenchError
+    from bench.paths import check_writable_dir
+
+    default = not os.environ.get("MLFLOW_TRACKING_URI")
+    what = "the MLflow store (mlflow.db in the working directory)" if default else "the MLflow store (MLFLOW_TRACKING_URI)"
+    try:
+        check_writable_dir(database.parent, what)
+    except BenchError as err:
+        raise BenchError(f"{err}; run bench from a folder you can write, or set MLFLOW_TRACKING_URI") from None
+    if database.exists() and not os.access(database, os.W_OK):
+        raise BenchError(f"{what} {database} is read-only")
 
 
 def artifact_location() -> str | None:
@@ -75,7 +91,9 @@ def git_commit() -> str:
 
 
 def make_logger(experiment: str, run_name: str, tags: dict[str, str] | None = None,
-                run_id: str | None = None) -> MLFlowLogger:
+                run_id: str | None = None):
+    from lightning.pytorch.loggers import MLFlowLogger
+
     return MLFlowLogger(
         run_id=run_id,
         experiment_name=experiment,
@@ -98,7 +116,7 @@ def flatten(config: dict, prefix: str = "") -> dict[str, object]:
     return flat
 
 
-def record_run(logger: MLFlowLogger, config: dict, config_file: Path, tags: dict[str, str]) -> None:
+def record_run(logger, config: dict, config_file: Path, tags: dict[str, str]) -> None:
     """Tags, every resolved config value as a param, and the config YAML as an artifact. Done here
     rather than by LightningCLI's SaveConfigCallback, which fails with MLflow on sqlite (Lightning #16310)."""
     client, run_id = logger.experiment, logger.run_id

@@ -1,11 +1,14 @@
 """One training run: a recipe section and command-line overrides in, a LightningCLI run logged to MLflow out.
 `bench train`, every `bench compare` stage and every `bench sweep` trial go through `train_one`."""
 
+import argparse
 import hashlib
 import json
 import logging
 import os
+import shlex
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass
 from datetime import datetime
@@ -17,6 +20,8 @@ import yaml
 
 from bench import recipes, tracking
 from bench.errors import BenchError
+from bench.paths import check_writable_dir
+from bench.workers import WORKER_TAG, close_dead_runs, this_worker
 
 log = logging.getLogger(__name__)
 
@@ -68,15 +73,21 @@ RUN_DIR_ENV = "BENCH_RUN_DIR"
 
 
 def latest_unfinished_run_dir(recipe_name: str, algorithm: str, output_name: str) -> Path:
-    """The newest `runs/<recipe>/<algorithm>-*` directory with a checkpoint and no saved model."""
-    candidates = [last.parent.parent for last in Path("runs", recipe_name).glob(f"{algorithm}-*/{LAST_CHECKPOINT}")
-                  if not (last.parent.parent / output_name).exists()]
+    """The newest run directory of this algorithm with a checkpoint and no saved model: the experiment's
+    unfinished runs (wherever --trainer.default_root_dir put them), and `runs/<recipe>/<algorithm>-*`."""
+    dirs = {last.parent.parent for last in Path("runs", recipe_name).glob(f"{algorithm}-*/{LAST_CHECKPOINT}")}
+    client = mlflow.MlflowClient(tracking.tracking_uri())
+    if (experiment := client.get_experiment_by_name(recipe_name)) is not None:
+        query = f"tags.algorithm = '{algorithm}' and attributes.status != 'FINISHED'"
+        dirs |= {Path(run.data.tags["output_path"]).parent for run in client.search_runs([experiment.experiment_id], query)
+                 if run.data.tags.get("output_path")}
+    candidates = [d for d in dirs if (d / LAST_CHECKPOINT).exists() and not (d / output_name).exists()]
     if not candidates:
         raise BenchError(f"--resume: no unfinished {algorithm} run with a checkpoint under {Path('runs', recipe_name)}")
     return max(candidates, key=lambda run_dir: (run_dir / LAST_CHECKPOINT).stat().st_mtime)
 
 
-def earlier_run(run_dir: Path, client: mlflow.MlflowClient) -> dict | None:
+def earlier_run(run_dir: Path) -> dict | None:
     """The record of the run that `run_dir` already holds, if any; a finished one is never trained over."""
     record_file = run_dir / RUN_RECORD
     if not record_file.exists():
@@ -86,7 +97,7 @@ def earlier_run(run_dir: Path, client: mlflow.MlflowClient) -> dict | None:
         return None
     try:
         record = json.loads(record_file.read_text())
-        status = client.get_run(record["mlflow_run_id"]).info.status
+        status = mlflow.MlflowClient(tracking.tracking_uri()).get_run(record["mlflow_run_id"]).info.status
     except Exception as err:  # a damaged record, or a run this tracking store does not hold
         raise BenchError(f"{record_file}: cannot read its MLflow run from {tracking.tracking_uri()}: "
                          f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from err
@@ -120,13 +131,16 @@ def train_one(
     callbacks: list | None = None,
     reuse: bool = False,
     resume: str | None = None,
-) -> TrainResult:
+    check_only: bool = False,
+) -> TrainResult | None:
     """Train one module with LightningCLI and log it to MLflow.
 
     `tags` go on the run (`mlflow.parentRunId` nests it under a comparison or a study), `callbacks` join the
     recipe's, and with `reuse` a finished run of the same experiment with the same config is returned instead.
     A run directory that holds a checkpoint is resumed from it, in the same MLflow run; `resume` names that
     directory, or is "latest" for the newest unfinished run of this algorithm and recipe.
+    With `check_only`, the config is parsed and its model and data classes built (which checks every value),
+    and nothing else: no trainer, run, folder or MLflow store.
     """
     from lightning.pytorch.cli import LightningCLI
 
@@ -154,7 +168,6 @@ def train_one(
         raise BenchError("started as one of several processes (torchrun, SLURM): pass --trainer.default_root_dir "
                          "so that every process trains in the same run directory")
     run_name = run_name or f"{algorithm}-{datetime.now():%Y%m%d-%H%M%S}"
-    client = mlflow.MlflowClient(tracking.tracking_uri())
 
     class TrainCLI(LightningCLI):
         def add_arguments_to_parser(self, parser):
@@ -171,7 +184,13 @@ def train_one(
                 parser.set_defaults({"data.proxy": "latest"})
 
         def before_instantiate_classes(self):
-            self.run_dir = Path(self.config["trainer"].get("default_root_dir") or Path("runs") / recipe_name / run_name)
+            given_dir = self.config["trainer"].get("default_root_dir")
+            self.run_dir = Path(given_dir or Path("runs") / recipe_name / run_name)
+            check_writable_dir(self.run_dir, "--trainer.default_root_dir" if given_dir else "the run directory")
+            trainer_config = self.config["trainer"]
+            for key in ("max_steps", "max_epochs", "limit_train_batches"):
+                if trainer_config.get(key) == 0:  # Lightning would save the untrained model as a finished run
+                    raise BenchError(f"--trainer.{key}=0 trains nothing; give it a positive value")
             checkpoint = self.config["checkpoint"]
             checkpoint["dirpath"] = checkpoint.get("dirpath") or str(self.run_dir / LAST_CHECKPOINT.parent)
             if self.config["trainer"].get("enable_checkpointing") is False:  # the resume checkpoint is a callback
@@ -181,7 +200,7 @@ def train_one(
             last = Path(checkpoint["dirpath"]) / LAST_CHECKPOINT.name
             self.resume_from = last if last.exists() else None
             # Rank 0 keeps the run's records; the other processes only train with it.
-            self.earlier = earlier_run(self.run_dir, client) if is_rank_zero else None
+            self.earlier = earlier_run(self.run_dir) if is_rank_zero and not check_only else None
             # PPO's model.proxy and the ranked view's data.proxy: "latest" is the experiment's newest proxy.
             for section in ("model", "data"):
                 if self.config[section].get("proxy") == "latest":
@@ -190,6 +209,8 @@ def train_one(
                              self.config[section]["proxy"])
 
         def instantiate_trainer(self, **kwargs):
+            if check_only:
+                return None
             resumed_run_id = self.earlier["mlflow_run_id"] if self.resume_from and self.earlier else None
             self.run_logger = tracking.make_logger(recipe_name, self.run_dir.name, tags, run_id=resumed_run_id)
             trainer = super().instantiate_trainer(logger=self.run_logger, default_root_dir=str(self.run_dir), **kwargs)
@@ -200,14 +221,22 @@ def train_one(
         yaml.safe_dump(recipe_config, recipe_file)
         recipe_file.flush()
         # sys.argv stays as it is: Lightning's DDP launcher reruns it in the processes it starts.
-        cli = TrainCLI(
-            module_class,
-            HHRLHFDataModule,
-            args=["--config", recipe_file.name, *argv],
-            run=False,
-            save_config_callback=None,
-            parser_kwargs={"prog": f"bench train {algorithm}"},
-        )
+        try:
+            cli = TrainCLI(
+                module_class,
+                HHRLHFDataModule,
+                args=["--config", recipe_file.name, *argv],
+                run=False,
+                save_config_callback=None,
+                # LightningCLI's --optimizer/--lr_scheduler would replace the modules' own configure_optimizers,
+                # which build their parameter groups after configure_model: not offered.
+                auto_configure_optimizers=False,
+                parser_kwargs={"prog": f"bench train {algorithm}", "exit_on_error": False},
+            )
+        except argparse.ArgumentError as err:  # jsonargparse's, with exit_on_error off: one line, not its usage
+            raise BenchError(f"{' '.join(str(err).split())}; see `bench train {algorithm} --help`") from None
+    if check_only:
+        return None
     config = yaml.safe_load(cli.parser.dump(cli.config, skip_none=False))
     # What the trainer and datamodule really got: the parser's dump leaves out linked and overridden values.
     config["trainer"].update(logger="MLFlowLogger", default_root_dir=str(cli.run_dir))
@@ -219,14 +248,23 @@ def train_one(
         log.info("%s: reusing finished run %s with the same config (fingerprint %s)", algorithm, found[0], fingerprint)
         return TrainResult(run_id=found[0], output_path=found[1], reused=True)
     output_path = (cli.run_dir / module_class.output_name).resolve()
+    # The data is read now, not in fit: a fault in it then stops the command before any run or folder exists.
+    cli.datamodule.setup("fit")
     if not is_rank_zero:
         return fit(cli, output_path)
     earlier = cli.earlier
+    client = mlflow.MlflowClient(tracking.tracking_uri())
+    resume_argv = [a for a in argv if not a.startswith("--trainer.default_root_dir")]
+    cli.resume_command = shlex.join(["bench", "train", algorithm, "--recipe", recipe_name, *resume_argv,
+                                     f"--resume={cli.run_dir}"])
+    close_dead_runs(client, recipe_name)
     if cli.resume_from is not None:
         if earlier["config_fingerprint"] != fingerprint:
             raise BenchError(f"{cli.run_dir} holds a run with another config (fingerprint {earlier['config_fingerprint']}, "
                              f"this one {fingerprint}); resume with the same recipe and overrides, or train in a new directory")
         client.set_tag(earlier["mlflow_run_id"], "resumed_from", str(cli.resume_from))
+        client.set_tag(earlier["mlflow_run_id"], WORKER_TAG, this_worker())
+        client.update_run(earlier["mlflow_run_id"], status="RUNNING")  # it was KILLED (or left RUNNING by a SIGKILL)
         log.info("resuming MLflow run %s from %s", earlier["mlflow_run_id"], cli.resume_from)
         return fit(cli, output_path)
     if earlier:  # it died before its first checkpoint: start over, and say so on its MLflow run
@@ -248,6 +286,7 @@ def train_one(
         "output_path": str(output_path),
         "config_fingerprint": fingerprint,
         "mlflow.source.name": f"bench train {algorithm}",  # the UI's Source column; MLflow would show sys.argv[0]
+        WORKER_TAG: this_worker(),  # a later bench closes the run if this process dies without a word (SIGKILL)
     }
     if is_reward_model:
         run_tags["role"] = config["model"]["role"]
@@ -265,6 +304,11 @@ def fit(cli, output_path: Path) -> TrainResult:
     os.environ[RUN_DIR_ENV] = str(cli.run_dir.resolve())
     try:
         cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.resume_from)
+    except SystemExit:  # Lightning exits after Ctrl-C, with the run marked FAILED
+        if cli.trainer.interrupted and cli.trainer.is_global_zero:
+            interrupted(cli)
+            sys.exit(130)
+        raise
     finally:
         os.environ.pop(RUN_DIR_ENV, None)
     if cli.trainer.interrupted or not cli.trainer.is_global_zero:
@@ -278,6 +322,18 @@ def fit(cli, output_path: Path) -> TrainResult:
     return TrainResult(run_id=cli.run_logger.run_id, output_path=output_path)
 
 
+def interrupted(cli) -> None:
+    """A run stopped on purpose is KILLED, not FAILED, and the user is told how to continue it."""
+    mlflow.MlflowClient(tracking.tracking_uri()).set_terminated(cli.run_logger.run_id, "KILLED")
+    last = Path(cli.trainer.checkpoint_callback.dirpath or cli.run_dir / LAST_CHECKPOINT.parent) / LAST_CHECKPOINT.name
+    if last.exists():
+        log.warning("interrupted; MLflow run %s is marked KILLED. Continue it from its last checkpoint with:  %s",
+                    cli.run_logger.run_id, cli.resume_command)
+    else:
+        log.warning("interrupted before the run's first checkpoint; MLflow run %s is marked KILLED. The same "
+                    "command with --trainer.default_root_dir=%s starts it over", cli.run_logger.run_id, cli.run_dir)
+
+
 def evaluate_after_training(run_id: str, recipe_name: str, recipe: dict, required: bool) -> None:
     """`bench eval` on the run just trained. Without a judge reward model in the recipe's experiment
     this warns and skips, unless `--eval true` asked for it."""
@@ -288,7 +344,8 @@ def evaluate_after_training(run_id: str, recipe_name: str, recipe: dict, require
         try:
             find_reward_model(recipe_name, "judge")
         except BenchError as err:
-            log.warning("evaluation skipped: %s. Run `bench eval %s` after training the judge.", err, run_id)
+            log.warning("evaluation skipped: %s. Run `bench eval %s --recipe %s` after training the judge.",
+                        err, run_id, recipe_name)
             mlflow.MlflowClient(tracking.tracking_uri()).set_tag(run_id, "eval_skipped", str(err))
             return
     evaluate(resolve_target(run_id, None, {}, recipe_name), settings)

@@ -47,8 +47,10 @@ def ui_command(argv: list[str]) -> None:
     # background, where the shell ignores SIGINT): mlflow runs uvicorn and job-runner processes under it.
     handlers = signal.signal(signal.SIGINT, signal.default_int_handler), signal.signal(signal.SIGTERM, interrupt)
     server = subprocess.Popen(command, start_new_session=True)
+    up = False
     try:
         wait_until_up(server, urls[0], args.port)
+        up = True
         for url in urls:
             print(f"MLflow UI: {url}", flush=True)
         if server.wait() != 0:
@@ -58,7 +60,7 @@ def ui_command(argv: list[str]) -> None:
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not leave the server running
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        stop(server)
+        stop(server, graceful=up)
         signal.signal(signal.SIGINT, handlers[0])
         signal.signal(signal.SIGTERM, handlers[1])
 
@@ -129,9 +131,12 @@ def wait_until_up(server: subprocess.Popen, url: str, port: int) -> None:
     raise BenchError(f"the MLflow server did not answer at {url} within {STARTUP_TIMEOUT_S} s")
 
 
-def stop(server: subprocess.Popen) -> None:
-    """SIGINT to the server's process group (mlflow and its uvicorn), then SIGTERM, then SIGKILL."""
-    for sig, wait_s in ((signal.SIGINT, 10), (signal.SIGTERM, 5), (signal.SIGKILL, 5)):
+def stop(server: subprocess.Popen, graceful: bool = True) -> None:
+    """SIGINT to the server's process group (mlflow and its uvicorn), then SIGTERM, then SIGKILL. A server
+    still starting gets SIGTERM first: SIGINT would make each of its processes print a KeyboardInterrupt
+    traceback from wherever its imports were."""
+    signals = ((signal.SIGINT, 10), (signal.SIGTERM, 5), (signal.SIGKILL, 5))
+    for sig, wait_s in signals if graceful else signals[1:]:
         try:
             os.killpg(server.pid, sig)
         except ProcessLookupError:

@@ -9,6 +9,7 @@ import gzip
 import hashlib
 import json
 import re
+import zlib
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -88,17 +89,29 @@ def hh_to_messages(prompt: str) -> list[dict[str, str]]:
 
 
 def _read_jsonl_gz(path: Path) -> Iterator[tuple[str, dict]]:
+    if path.stat().st_size == 0:
+        raise DataError(f"{path}: empty file (0 bytes)")
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as lines:
-        for line_number, line in enumerate(lines, start=1):
-            where = f"{path}:{line_number}"
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{where}: malformed JSON ({err.msg} at column {err.colno})") from err
-            yield where, record
+    line_number = 0
+    try:
+        with opener(path, "rt", encoding="utf-8") as lines:
+            for line_number, line in enumerate(lines, start=1):
+                where = f"{path}:{line_number}"
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise DataError(f"{where}: malformed JSON ({err.msg} at column {err.colno})") from err
+                yield where, record
+    except EOFError:
+        raise DataError(f"{path}: truncated gzip file (it ends after line {line_number})") from None
+    except gzip.BadGzipFile:
+        raise DataError(f"{path}: not a gzip file, though its name ends in .gz") from None
+    except (OSError, zlib.error) as err:  # a corrupt gzip stream, or a read error
+        raise DataError(f"{path}: cannot be read ({err})") from None
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path}:{line_number + 1}: not UTF-8 text ({err.reason})") from None
 
 
 def _check_keys(where: str, record) -> dict:
@@ -165,6 +178,9 @@ def read_pairs(path: str, subsets: list[str] | None = None) -> tuple[dict[str, l
                 report.dropped[parsed] += 1
             else:
                 kept.append(parsed)
+    if not any(pairs.values()):
+        raise DataError(f"data path {path} holds no usable pairs ({report.pairs_read} read, "
+                        f"{sum(report.dropped.values())} dropped)")
     return pairs, report
 
 

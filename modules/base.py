@@ -40,6 +40,14 @@ def require_non_negative(**values: float) -> None:
             raise ConfigError(f"model.{name} must be >= 0, got {value}")
 
 
+def _logged_at(logger, pending: dict) -> bool:
+    """Whether the run already holds the checkpointed step's metrics (MLflow keeps every value it is sent)."""
+    if not hasattr(logger, "run_id") or not hasattr(logger.experiment, "get_metric_history"):
+        return False
+    key = next(iter(pending["metrics"]))
+    return any(m.step == pending["step"] for m in logger.experiment.get_metric_history(logger.run_id, key))
+
+
 @dataclass
 class SequenceLogps:
     """Per-sequence sums of response-token log-probs, and the token counts they sum over."""
@@ -261,7 +269,8 @@ class TrainedHFModel(L.LightningModule):
 
     def on_train_start(self) -> None:
         pending, self.step_metrics_to_log = self.step_metrics_to_log, None
-        if pending and pending["metrics"] and self.logger and (pending["step"] + 1) % self.trainer.log_every_n_steps == 0:
+        if pending and pending["metrics"] and self.logger and (pending["step"] + 1) % self.trainer.log_every_n_steps == 0 \
+                and not _logged_at(self.logger, pending):  # unless the killed run lived to log them
             self.logger.log_metrics(pending["metrics"], step=pending["step"])
 
     def on_train_end(self) -> None:

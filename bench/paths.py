@@ -1,0 +1,34 @@
+"""Checks that a folder or file bench is about to write can be written, made before the work that leads up
+to the write: a run, a benchmark or a table should not be computed only to fail on its output."""
+
+import tempfile
+from pathlib import Path
+
+from bench.errors import BenchError
+
+
+def check_writable_dir(path: Path | str, what: str) -> None:
+    """`path` is a folder, or can be made one, and a file can be created in it. `what` names where the
+    path came from (a flag) for the message. Nothing is left behind."""
+    path = Path(path).expanduser()
+    existing = next(p for p in (path.absolute(), *path.absolute().parents) if p.exists())
+    if not existing.is_dir():
+        where = "is" if existing == path.absolute() else f"is inside {existing}, which is"
+        raise BenchError(f"{what} {path} {where} a file, not a folder")
+    try:
+        # Root passes every permission check but not a read-only mount, so try rather than os.access.
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as err:
+        raise BenchError(f"{what} {path}: cannot write in {existing} ({err.strerror or err})") from None
+
+
+def check_writable_file(path: Path | str, what: str) -> None:
+    """A file can be written at `path` (results are written as a temporary file beside it, then renamed)."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise BenchError(f"{what} {path} is a folder; give a file name")
+    try:
+        check_writable_dir(path.parent, what)
+    except BenchError as err:  # name the file the user gave, not its folder
+        raise BenchError(str(err).replace(f"{what} {path.parent}", f"{what} {path}", 1)) from None
