@@ -111,7 +111,7 @@ def test_bench_train_help_shows_benchs_options_and_writes_nothing(workdir, capsy
 
 
 @pytest.mark.parametrize("argv, needles", [
-    (["train"], ["bench train: error: no algorithm given; choose one of sft, dpo", "`bench train --help`"]),
+    (["train"], ["bench train: error: no algorithm given; choose one of ", "sft, dpo, ipo", "`bench train --help`"]),
     (["train", "dpo", "--recipe", "tiny", "--trainer.max_stepz=3"],
      ["unrecognized arguments: --trainer.max_stepz=3", "see `bench train dpo --help`"]),
     (["data", "--max-length", "many"], ["argument --max-length: invalid int value: 'many'", "`bench data --help`"]),

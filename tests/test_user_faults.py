@@ -27,7 +27,7 @@ def fails_in_one_line(capsys, argv: list[str], *needles: str) -> str:
 def nothing_written(workdir: Path) -> None:
     assert not (workdir / "runs").exists()
     if (workdir / "mlflow.db").exists():
-        client = mlflow.MlflowClient()
+        client = mlflow.MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")  # not an earlier test's global URI
         assert not client.search_runs([e.experiment_id for e in client.search_experiments()])
 
 
