@@ -10,7 +10,7 @@ import torch
 import bench.generation
 from bench.cli import main
 from bench.errors import ConfigError
-from bench.generation import KVCacheSampler, Sampling, sample
+from bench.generation import KVCacheSampler, Sampling, invert_cdf, sample
 
 PROMPTS = [list(range(5, 5 + n)) for n in (9, 3, 14, 6, 11, 20, 2)]  # mixed lengths: left padding in every batch
 
@@ -72,6 +72,54 @@ def test_sampling_is_deterministic_for_a_seed(tiny):
     # Repeated prompts draw from their own streams: RRHF's candidates and best-of-N need distinct samples.
     repeated = sample(model, tokenizer, [PROMPTS[0]] * 4, settings, desc="repeated")
     assert len({tuple(ids) for ids in repeated}) > 1
+
+
+def test_full_width_cache_reads_change_no_output(tiny, monkeypatch):
+    """Decode steps read the whole preallocated buffers, their unfilled slots masked: the same tokens as
+    reading only the filled slots, greedy and seeded."""
+    model, tokenizer = tiny
+    original = bench.generation.decode_cache
+    widths = []
+
+    def recording(model, capacity, full_width=None):
+        cache = original(model, capacity)
+        for layer in cache.layers:
+            widths.append(layer.full_width)
+            layer.full_width = layer.full_width if full_width is None else full_width
+        return cache
+
+    settings = [Sampling(temperature=0, max_new_tokens=10, batch_size=4),
+                Sampling(temperature=1.0, max_new_tokens=10, batch_size=4, seed=3)]
+    monkeypatch.setattr(bench.generation, "decode_cache", recording)
+    full = [sample(model, tokenizer, PROMPTS, s, desc="full width") for s in settings]
+    assert widths and all(widths)  # the tiny model takes the full-width path
+    monkeypatch.setattr(bench.generation, "decode_cache", lambda model, capacity: recording(model, capacity, False))
+    assert [sample(model, tokenizer, PROMPTS, s, desc="filled slots") for s in settings] == full
+
+
+def test_draws_invert_the_float64_cumulative_distribution():
+    """The two-level inversion picks the token a float64 cumulative sum over the whole vocabulary picks (up to
+    float rounding at a boundary), on a vocabulary that is not a multiple of the block, and never a token of
+    probability 0."""
+    generator = torch.Generator().manual_seed(0)
+    agree = total = 0
+    for scale in (0.5, 2.0, 8.0):
+        logits = torch.randn(64, 1000, generator=generator) * scale
+        logits[:, ::7] = float("-inf")  # tokens a warper removed
+        probs = torch.softmax(logits, -1)
+        for _ in range(20):
+            uniform = torch.rand(64, generator=generator, dtype=torch.float64)
+            cumulative = probs.cumsum(-1, dtype=torch.float64)
+            exact = torch.searchsorted(cumulative, (uniform * cumulative[:, -1])[:, None], right=True).squeeze(1)
+            drawn = invert_cdf(probs, uniform, block=64)
+            assert (probs.gather(1, drawn[:, None]) > 0).all()
+            agree += int((drawn == exact.clamp(max=999)).sum())
+            total += len(drawn)
+    assert agree >= 0.999 * total
+    # The edges: a draw at 0 takes the first possible token, a draw at 1 the last one.
+    probs = torch.tensor([[0.0, 0.5, 0.5, 0.0, 0.0]])
+    assert invert_cdf(probs, torch.tensor([0.0], dtype=torch.float64), block=2).tolist() == [1]
+    assert invert_cdf(probs, torch.tensor([1.0], dtype=torch.float64), block=2).tolist() == [2]
 
 
 def test_top_p_and_temperature_go_through_hf_warpers():
