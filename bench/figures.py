@@ -34,6 +34,7 @@ from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 import modules  # noqa: E402
+from bench.atomic import write_atomically  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -552,10 +553,8 @@ def log_figures_of_finished_run(client, parent_run_id: str, run_ids: Sequence[st
 
 
 def save_pngs(figures: Mapping[str, Figure], directory: str | os.PathLike, stem: str) -> dict[str, Path]:
-    """Write each figure to `<directory>/<stem>-<name>.png` atomically (`bench.table.write_atomically`);
+    """Write each figure to `<directory>/<stem>-<name>.png` atomically (`bench.atomic.write_atomically`);
     returns {name: path}. The figures stay open: close them with `close_figures`."""
-    from bench.table import write_atomically
-
     paths = {}
     for name, figure in figures.items():
         png = io.BytesIO()
