@@ -11,8 +11,8 @@ import bench.generation
 from bench.best_of_n import best_of, best_of_n_kl, check_ns, evaluate_best_of_n
 from bench.errors import ConfigError
 from bench.evaluation import EvalSettings
-from bench.judges import load_reward_model
 from bench.models import load_tokenizer
+from modules.reward_model import load_reward_model
 
 
 def test_kl_follows_the_formula():
