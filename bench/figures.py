@@ -63,7 +63,7 @@ class CurvePanel:
     keys: tuple[str, ...]
 
 
-# DPO, IPO and KTO log the implicit-reward margin (modules/base.py `preference_metrics`, modules/kto.py);
+# DPO, IPO and KTO log the implicit-reward margin (modules/paired.py `preference_metrics`, modules/kto.py);
 # RRHF, PPO and SFT do not. PPO logs the sequence KL of its rollouts to the reference
 # (`train/objective/kl`); KTO logs its KL reference point `train/kl` (the policy/reference log-ratio of
 # mismatched completions, clamped at 0); DPO, IPO, RRHF and SFT log no KL during training.
