@@ -21,13 +21,14 @@ from transformers import AutoConfig
 from bench import tracking
 from bench.errors import BenchError, ConfigError
 from bench.generation import SAMPLING_STATS, JsonCache, Sampling, decode_responses, reference_samples_key, sample
-from bench.judges import DPO_HELPFULNESS_PROMPT, ChatCompletionsJudge, RewardModelJudge, load_reward_model
+from bench.judges import DPO_HELPFULNESS_PROMPT, ChatCompletionsJudge, RewardModelJudge
 from bench.models import BUILTIN_SPECS, load_causal_lm, load_tokenizer, resolve
 from datamodules.formatting import Formatter
 from datamodules.hh_datamodule import Collator
 from datamodules.hh_rlhf import Pair, load_splits
-from modules.base import SequenceLogps, head_computes_logits, sequence_logps
+from modules.logps import SequenceLogps, head_computes_logits, sequence_logps
 from modules.metrics import BootstrapMean, WinRate
+from modules.reward_model import load_reward_model
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,7 @@ class EvalSettings:
     judge_model: str = "gpt-4"  # for an http(s) judge
     judge_prompt: str | None = None  # a template file with {query}, {response_a}, {response_b}; default DPO's
     proxy: str | None = "latest"  # a reward-model folder, "latest", or None for no proxy score
-    judge_format: str = "auto"  # how a reward-model judge reads: transcript, pair, chat, or auto (see bench.judges)
+    judge_format: str = "auto"  # how a reward-model judge reads: transcript, pair, chat, or auto (see modules.reward_model)
     proxy_format: str = "auto"
     bf16: bool = True  # autocast on CPU/GPU for generation and scoring
     confidence: float = 0.95

@@ -34,6 +34,7 @@ from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 import modules  # noqa: E402
+from bench.atomic import write_atomically  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +63,7 @@ class CurvePanel:
     keys: tuple[str, ...]
 
 
-# DPO, IPO and KTO log the implicit-reward margin (modules/base.py `preference_metrics`, modules/kto.py);
+# DPO, IPO and KTO log the implicit-reward margin (modules/paired.py `preference_metrics`, modules/kto.py);
 # RRHF, PPO and SFT do not. PPO logs the sequence KL of its rollouts to the reference
 # (`train/objective/kl`); KTO logs its KL reference point `train/kl` (the policy/reference log-ratio of
 # mismatched completions, clamped at 0); DPO, IPO, RRHF and SFT log no KL during training.
@@ -552,10 +553,8 @@ def log_figures_of_finished_run(client, parent_run_id: str, run_ids: Sequence[st
 
 
 def save_pngs(figures: Mapping[str, Figure], directory: str | os.PathLike, stem: str) -> dict[str, Path]:
-    """Write each figure to `<directory>/<stem>-<name>.png` atomically (`bench.table.write_atomically`);
+    """Write each figure to `<directory>/<stem>-<name>.png` atomically (`bench.atomic.write_atomically`);
     returns {name: path}. The figures stay open: close them with `close_figures`."""
-    from bench.table import write_atomically
-
     paths = {}
     for name, figure in figures.items():
         png = io.BytesIO()

@@ -301,7 +301,7 @@ def gold_world(recipe_name: str, recipe: dict, create: bool = False) -> dict:
     data = recipe.get("data") or {}
 
     def scorer():
-        from bench.judges import load_reward_model
+        from modules.reward_model import load_reward_model
 
         return load_reward_model(model, role="gold", input_format=settings.input_format)
 

@@ -12,14 +12,14 @@ import random
 import re
 import urllib.error
 import urllib.request
-from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
-from transformers import AutoConfig
 
-from bench.errors import BenchError, ConfigError
+from bench.errors import BenchError
+from bench.generation import model_fingerprint
 from modules.metrics import win_outcomes
+from modules.reward_model import load_reward_model
 
 log = logging.getLogger(__name__)
 
@@ -43,82 +43,6 @@ More helpful: <"A" or "B">"""
 VERDICT = re.compile(r'More helpful:\s*"?\s*([AB])\b', re.IGNORECASE)
 
 
-def check_reward_model(path: str, role: str) -> str:
-    """The role a reward model was trained for here (`unknown` for an off-the-shelf one); an error naming the
-    spec if it is not a sequence classifier with one output. Reads the config only (a local config.json, or
-    the hub's), so it is cheap enough to check before anything else runs."""
-    from bench.models import resolve
-    from modules.reward_model import ROLE_KEY
-
-    try:
-        source = resolve(path)
-    except BenchError as err:
-        raise ConfigError(f"{role} reward model {path}: {err}") from err
-    if Path(source).exists() and not (Path(source) / "config.json").exists():
-        raise ConfigError(f"{role} reward model {path}: no config.json, so it is not a saved reward model")
-    try:
-        config = AutoConfig.from_pretrained(source)
-    except (OSError, ValueError) as err:
-        raise ConfigError(f"{role} reward model {path} could not be read: {str(err).splitlines()[0]}") from err
-    architectures = config.architectures or []
-    if not any(a.endswith("ForSequenceClassification") for a in architectures) or config.num_labels != 1:
-        raise ConfigError(
-            f"{role} reward model {path} is not a reward model: architectures {architectures}, "
-            f"num_labels {config.num_labels} (expected a ...ForSequenceClassification with one output)"
-        )
-    return getattr(config, ROLE_KEY, "unknown")
-
-
-def input_format_of(module, trained_role: str, requested: str = "auto") -> str:
-    """How a reward model reads (prompt, response): as asked, else as it was trained here (`transcript`, or
-    what its config.json records), else, for an off-the-shelf model, through its chat template when its
-    tokenizer has one and as a text pair when not (OpenAssistant's DeBERTa reward models)."""
-    from modules.reward_model import FORMAT_KEY
-
-    if requested != "auto":
-        return requested
-    if trained_role != "unknown":
-        return getattr(module.model.config, FORMAT_KEY, "transcript")
-    return "chat" if module.tokenizer.chat_template is not None else "pair"
-
-
-def load_reward_model(path: str, role: str, input_format: str = "auto"):
-    """A RewardModel module around a reward model (a folder of this harness's, or any sequence classifier
-    with one output: folder or hub id), checked to be one; `role` is the role it is used in, which its
-    `used_as` records (the role it was trained for, if any, is `trained_role`)."""
-    from bench.models import resolve
-    from datamodules.formatting import RewardFormatter
-    from modules.reward_model import MAX_LENGTH_KEY, RewardModel
-
-    trained_role = check_reward_model(path, role)
-    trained_length = getattr(AutoConfig.from_pretrained(resolve(str(path))), MAX_LENGTH_KEY, None)
-    module = RewardModel(backbone=str(path), **({"max_length": trained_length} if trained_length else {}))
-    module.configure_model()
-    module.trained_role, module.used_as = trained_role, role
-    module.input_format = input_format_of(module, trained_role, input_format)
-    RewardFormatter(module.tokenizer, module.hparams.max_length, module.input_format)  # checks the format now
-    return module
-
-
-def check_proxy(path: str, allow_judge_as_proxy: bool = False) -> None:
-    """PPO and RRHF optimise the proxy. Optimising the judge (or the gold model) would make the evaluation
-    grade the policy with the model it was trained against, so they are refused unless asked for explicitly."""
-    if path == "latest":
-        raise ConfigError("proxy 'latest' means the newest proxy of the recipe's experiment, which `bench train` "
-                          "resolves; outside it, pass a reward-model folder")
-    trained_role = check_reward_model(path, "proxy")
-    if trained_role in ("judge", "gold") and not allow_judge_as_proxy:
-        raise ConfigError(
-            f"proxy reward model {path} was trained as the {trained_role}; optimising it would make the evaluation "
-            "grade itself. Pass a proxy, or set allow_judge_as_proxy=true to do this on purpose"
-        )
-
-
-def load_proxy(path: str, allow_judge_as_proxy: bool = False):
-    check_proxy(path, allow_judge_as_proxy)
-    return load_reward_model(path, role="proxy").requires_grad_(False)
-
-
 class RewardModelJudge:
     kind = "reward_model"
 
@@ -127,8 +51,6 @@ class RewardModelJudge:
         self.trained_role = self.module.trained_role
 
     def describe(self) -> dict[str, str]:
-        from bench.generation import model_fingerprint
-
         return {"kind": self.kind, "path": self.path, "trained_role": self.trained_role,
                 "input_format": self.module.input_format, "fingerprint": model_fingerprint(self.path)}
 

@@ -14,9 +14,9 @@ import torch
 
 from bench.evaluation import batched_logps, eval_formatter, eval_pairs
 from bench.generation import Sampling, decode_responses, sample
-from bench.judges import load_reward_model
 from bench.models import load_causal_lm
 from datamodules.hh_datamodule import Collator
+from modules.reward_model import load_reward_model
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,8 @@ from pathlib import Path
 import mlflow
 import numpy as np
 
-from bench import recipes, tracking
+from bench import figures, recipes, tracking
+from bench.atomic import write_atomically
 from bench.errors import BenchError, ConfigError
 from bench.stats import paired_seed_prompt_bootstrap, seed_prompt_bootstrap
 
@@ -259,17 +260,6 @@ def markdown(experiment: str, records: list[dict], command: str, source: str, pu
     return "\n".join(lines) + "\n"
 
 
-def write_atomically(path: Path, content: str | bytes) -> None:
-    """A temporary file beside `path`, then a rename: readers see the old file or the new one, never half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = path.with_name(f".{path.name}.partial")
-    try:
-        staging.write_bytes(content if isinstance(content, bytes) else content.encode())
-        staging.replace(path)
-    finally:
-        staging.unlink(missing_ok=True)
-
-
 def result_owner(command: str) -> str:
     """What a results file is the output of: `bench table` of one experiment, or `bench perf`."""
     found = re.search(r"--experiment[ =](\S+)", command)
@@ -297,8 +287,6 @@ def write_result(path: Path, text: str, command: str) -> None:
 
 def figure_runs(client: mlflow.MlflowClient, experiment: str, rows: list[Row]) -> list[str]:
     """The table's runs, then every trial of the experiment's sweeps (the reward-vs-KL view plots them all)."""
-    from bench import figures
-
     run_ids = [run_id for r in rows for run_id in r.run_ids]
     found = client.get_experiment_by_name(experiment)
     for study in client.search_runs([found.experiment_id], "tags.sweep_role = 'study'"):
@@ -307,8 +295,6 @@ def figure_runs(client: mlflow.MlflowClient, experiment: str, rows: list[Row]) -
 
 
 def table(experiment: str, command: str, output_dir: Path = RESULTS_DIR) -> tuple[Path, Path]:
-    from bench import figures
-
     rows = collect_rows(experiment)
     compare_with_best(rows)
     source, published = published_rows(experiment)

@@ -15,6 +15,7 @@ from bench.generation import JsonCache, Sampling, decode_responses, model_finger
 from bench.models import load_causal_lm
 from datamodules.formatting import Formatter
 from datamodules.hh_rlhf import Pair
+from modules.reward_model import load_proxy
 
 log = logging.getLogger(__name__)
 
@@ -85,8 +86,6 @@ def score_candidates(
     split: str,
 ) -> dict:
     """Sample from the policy and score chosen, rejected and every sample with the proxy."""
-    from bench.judges import load_proxy  # imports modules/, whose base imports this package
-
     reward_model = load_proxy(proxy, allow_judge_as_proxy)  # fails on a bad proxy before generating
     samples: list[list[list[int]]] = [[] for _ in pairs]
     texts: list[list[str]] = [[] for _ in pairs]

@@ -13,7 +13,6 @@ the judge (which evaluates) never see the same prompt, so optimising the proxy d
 """
 
 import hashlib
-import json
 import logging
 import random
 from dataclasses import asdict
@@ -30,25 +29,16 @@ from transformers.trainer_pt_utils import get_length_grouped_indices
 from bench.errors import ConfigError, DataError
 from bench.models import load_tokenizer
 from bench.generation import Sampling
+from datamodules.batches import REFERENCE_COLUMNS, pad_rows, sequence_key
 from datamodules.candidates import check_num_candidates, ranked_rows
 from datamodules.formatting import Formatter, RewardFormatter
 from datamodules.hh_rlhf import HUB_ID, Pair, ReadReport, is_local, load_splits
+from modules.reward_model import check_proxy
 
 log = logging.getLogger(__name__)
 
 View = Literal["paired", "unpaired", "sft", "reward", "ranked", "prompts"]
 TrainSubset = Literal["all", "proxy", "judge"]
-IGNORE_INDEX = -100
-# Views whose rows a frozen reference scores: {column of reference log-probs: the response column it scores}.
-REFERENCE_COLUMNS = {
-    "paired": {"chosen_reference_logp": "chosen_ids", "rejected_reference_logp": "rejected_ids"},
-    "unpaired": {"reference_logp": "completion_ids", "kl_reference_logp": "kl_completion_ids"},
-}
-
-
-def sequence_key(prompt_ids: list[int], response_ids: list[int]) -> str:
-    """Names a prompt + response token sequence in the reference log-prob cache."""
-    return hashlib.blake2b(json.dumps([prompt_ids, response_ids]).encode(), digest_size=16).hexdigest()
 
 
 def padded_length(row: dict) -> int:
@@ -102,20 +92,6 @@ def train_subset(pairs: list[Pair], subset: TrainSubset) -> list[Pair]:
     # A hash independent of the split hash, so each half is a uniform sample of the train split.
     keep = 0 if subset == "proxy" else 1
     return [p for p in pairs if hashlib.sha256(b"reward-half:" + p.prompt.encode()).digest()[0] % 2 == keep]
-
-
-def pad_rows(prompts: list[list[int]], completions: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded prompt+completion rows; labels are -100 on prompt and padding tokens."""
-    width = max(len(p) + len(c) for p, c in zip(prompts, completions))
-    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    labels = torch.full((len(prompts), width), IGNORE_INDEX, dtype=torch.long)
-    for row, (prompt, completion) in enumerate(zip(prompts, completions)):
-        length = len(prompt) + len(completion)
-        input_ids[row, :length] = torch.tensor(prompt + completion)
-        attention_mask[row, :length] = 1
-        labels[row, len(prompt) : length] = torch.tensor(completion)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
 class GlobalBatchSampler(DistributedSampler):
@@ -259,8 +235,6 @@ class HHRLHFDataModule(L.LightningDataModule):
             check_num_candidates(num_candidates)
             if not proxy:
                 raise ConfigError("the ranked view needs data.proxy: a proxy reward-model folder, or 'latest'")
-            from bench.judges import check_proxy  # imports modules/, whose base imports this module
-
             check_proxy(proxy, allow_judge_as_proxy)
         for name, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size or 1)):
             if value < 1:

@@ -1,25 +1,25 @@
-"""The machinery every algorithm shares: policy and frozen reference, per-sequence log-probs,
-optimizer with linear warmup, metric logging, and saving the policy in HF format."""
+"""The machinery every algorithm shares: policy and frozen reference, the reference log-prob cache,
+optimizer with linear warmup, the non-finite-loss policy, metric logging, and saving the policy in HF
+format. The log-prob math is in `modules.logps`, the RNG state of checkpoints in `modules.rng`, the paired
+offline family's base in `modules.paired`."""
 
 import logging
-import random
 import time
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, Literal
 
 import lightning.pytorch as L
-import numpy as np
 import torch
-import torch.nn.functional as F
 from jsonargparse.typing import NonNegativeInt, PositiveFloat, PositiveInt
 
 from bench.errors import BenchError, ConfigError
 from bench.models import load_causal_lm, load_tokenizer
 from bench.models import resolve as resolve_model
-from datamodules.hh_datamodule import IGNORE_INDEX, REFERENCE_COLUMNS
+from datamodules.batches import IGNORE_INDEX, REFERENCE_COLUMNS
+from modules.logps import SequenceLogps, head_computes_logits, sequence_logps_by_length
 from modules.reference_cache import ReferenceLogpCache, compute_logps
+from modules.rng import rng_states, set_rng_states
 
 
 log = logging.getLogger(__name__)
@@ -48,86 +48,6 @@ def _logged_at(logger, pending: dict) -> bool:
     return any(m.step == pending["step"] for m in logger.experiment.get_metric_history(logger.run_id, key))
 
 
-@dataclass
-class SequenceLogps:
-    """Per-sequence sums of response-token log-probs, and the token counts they sum over."""
-
-    total: torch.Tensor
-    tokens: torch.Tensor
-
-    @property
-    def mean(self) -> torch.Tensor:
-        return self.total / self.tokens.clamp(min=1)
-
-    def reduce(self, average: bool) -> torch.Tensor:
-        return self.mean if average else self.total
-
-
-def sequence_logps(model: torch.nn.Module, batch: dict, prefix: str = "", head_on_responses: bool = False) -> SequenceLogps:
-    """Sum of log pi(y_t | x, y_<t) over the tokens whose label is not IGNORE_INDEX.
-
-    With `head_on_responses`, the output head runs on response positions only: prompt and padding
-    are most of a batch, and the vocabulary projection and its softmax are the largest activations.
-    Only for models where `head_computes_logits` holds.
-    """
-    input_ids, attention_mask = batch[f"{prefix}input_ids"], batch[f"{prefix}attention_mask"]
-    targets = batch[f"{prefix}labels"][:, 1:]
-    mask = targets != IGNORE_INDEX
-    if head_on_responses:
-        hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-        logits = model.get_output_embeddings()(hidden.last_hidden_state[:, :-1][mask])
-        # cross_entropy runs in fp32 under autocast and never materialises the full log-softmax.
-        token_logps = -F.cross_entropy(logits, targets[mask], reduction="none")
-        rows = mask.nonzero()[:, 0]
-        total = torch.zeros(len(targets), dtype=token_logps.dtype, device=token_logps.device)
-        total = total.index_add(0, rows, token_logps)
-    else:
-        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, :-1]
-        token_logps = -F.cross_entropy(
-            logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="none"
-        ).view_as(targets)
-        total = (token_logps * mask).sum(-1)
-    return SequenceLogps(total=total, tokens=mask.sum(-1))
-
-
-def sequence_logps_by_length(model: torch.nn.Module, batch: dict, prefix: str = "", head_on_responses: bool = False,
-                             rows_per_forward: int | None = None) -> SequenceLogps:
-    """`sequence_logps` over the batch's rows sorted by length, `rows_per_forward` at a time, each group padded
-    only to its own longest row. The same numbers as one forward (up to float summation order): a preference
-    batch pairs short and long responses, and one forward computes on about half padding (`bench perf`)."""
-    input_ids, attention_mask = batch[f"{prefix}input_ids"], batch[f"{prefix}attention_mask"]
-    if rows_per_forward is None or len(input_ids) <= rows_per_forward:
-        return sequence_logps(model, batch, prefix, head_on_responses)
-    lengths = attention_mask.sum(-1)
-    total = tokens = None
-    for rows in lengths.argsort().split(rows_per_forward):
-        width = int(lengths[rows].max())
-        group = {f"{prefix}{name}": batch[f"{prefix}{name}"][rows, :width] for name in ("input_ids", "attention_mask", "labels")}
-        part = sequence_logps(model, group, prefix, head_on_responses)
-        if total is None:
-            total = part.total.new_zeros(len(input_ids))
-            tokens = part.tokens.new_zeros(len(input_ids))
-        total, tokens = total.index_put((rows,), part.total), tokens.index_put((rows,), part.tokens)
-    return SequenceLogps(total=total, tokens=tokens)
-
-
-@torch.no_grad()
-def head_computes_logits(model: torch.nn.Module) -> bool:
-    """Whether the model's logits are exactly its output head applied to its decoder's last hidden state.
-    Checked on a short input, so that models which rescale or soft-cap logits in forward() keep the
-    full path."""
-    try:
-        decoder, head = model.get_decoder(), model.get_output_embeddings()
-    except (AttributeError, NotImplementedError):
-        return False
-    if decoder is None or head is None or decoder is model:
-        return False
-    input_ids = torch.arange(1, 9, device=model.device)[None] % model.config.vocab_size
-    expected = model(input_ids=input_ids, use_cache=False).logits
-    got = head(decoder(input_ids=input_ids, use_cache=False).last_hidden_state)
-    return got.shape == expected.shape and torch.allclose(got, expected, atol=1e-4, rtol=1e-4)
-
-
 def all_gather_objects(value) -> list:
     """`value` from every process (just this one outside torch.distributed)."""
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
@@ -150,29 +70,6 @@ class NonFiniteLoss(BenchError):
 
 
 NonFiniteLossPolicy = Literal["error", "skip"]
-
-
-def rng_states() -> dict:
-    """Every RNG a training step may draw from, as plain values and tensors (checkpoints are read back
-    with torch.load(weights_only=True), which refuses numpy arrays)."""
-    kind, keys, position, has_gauss, cached_gaussian = np.random.get_state()
-    version, python_state, gauss = random.getstate()
-    states = {"torch": torch.get_rng_state(), "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), position,
-                                                         has_gauss, cached_gaussian],
-              "python": [version, list(python_state), gauss]}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        states["cuda"] = torch.cuda.get_rng_state_all()
-    return states
-
-
-def set_rng_states(states: dict) -> None:
-    torch.set_rng_state(states["torch"])
-    kind, keys, position, has_gauss, cached_gaussian = states["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, cached_gaussian))
-    version, python_state, gauss = states["python"]
-    random.setstate((version, tuple(python_state), gauss))
-    if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
 
 
 class TrainedHFModel(L.LightningModule):
@@ -496,58 +393,3 @@ class AlignmentModule(TrainedHFModel):
     @property
     def trained_model(self) -> torch.nn.Module:
         return self.policy
-
-
-def preference_metrics(
-    chosen_rewards: torch.Tensor,
-    rejected_rewards: torch.Tensor,
-    chosen_logps: torch.Tensor,
-    rejected_logps: torch.Tensor,
-) -> dict[str, torch.Tensor]:
-    """TRL's names for paired implicit-reward statistics (reward = beta * logratio)."""
-    return {
-        "rewards/chosen": chosen_rewards.mean(),
-        "rewards/rejected": rejected_rewards.mean(),
-        "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean(),
-        "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
-        "logps/chosen": chosen_logps.mean(),
-        "logps/rejected": rejected_logps.mean(),
-    }
-
-
-class PairedPreferenceModule(AlignmentModule):
-    """An offline paired-preference loss of the chosen and rejected log-ratios (DPO, IPO, ...).
-    A subclass gives `pair_loss`, its `reward_scale` and whether log-ratios are length-averaged.
-    With `needs_reference = False` (SimPO, ORPO, SLiC-HF) the "log-ratios" are the policy's own log-probs:
-    no reference is loaded, cached or run."""
-
-    data_view = "paired"
-    average_logratios: bool = False
-    pruning_metric = "val/rewards/accuracies"
-
-    @property
-    def reward_scale(self) -> float:
-        raise NotImplementedError
-
-    def pair_loss(self, chosen_logratios: torch.Tensor, rejected_logratios: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
-
-    def pair_metrics(self, chosen_logratios: torch.Tensor, rejected_logratios: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Metrics of the algorithm's own beyond TRL's paired ones (detached inputs)."""
-        return {}
-
-    def loss_and_metrics(self, batch):
-        # One forward over chosen and rejected rows together: the collator stacks them.
-        policy = self.policy_logps(batch)
-        logratios = policy.reduce(self.average_logratios)
-        if self.needs_reference:
-            logratios = logratios - self.reference_logps(batch).reduce(self.average_logratios)
-        chosen_logratios, rejected_logratios = logratios.chunk(2)
-        loss = self.pair_loss(chosen_logratios, rejected_logratios).mean()
-        chosen_logps, rejected_logps = policy.total.detach().chunk(2)
-        rewards = self.reward_scale * logratios.detach()
-        metrics = preference_metrics(*rewards.chunk(2), chosen_logps, rejected_logps)
-        return loss, metrics | self.pair_metrics(*logratios.detach().chunk(2))
-
-    def examples_in(self, batch: dict) -> int:
-        return batch["input_ids"].shape[0] // 2  # chosen and rejected rows of each pair

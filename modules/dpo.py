@@ -3,8 +3,9 @@
 from jsonargparse.typing import PositiveFloat
 
 from bench.errors import ConfigError
-from modules.base import PairedPreferenceModule, require_positive
+from modules.base import require_positive
 from modules.losses import dpo_loss
+from modules.paired import PairedPreferenceModule
 
 
 class DPO(PairedPreferenceModule):

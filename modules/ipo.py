@@ -2,8 +2,9 @@
 
 from jsonargparse.typing import PositiveFloat
 
-from modules.base import PairedPreferenceModule, require_positive
+from modules.base import require_positive
 from modules.losses import ipo_loss
+from modules.paired import PairedPreferenceModule
 
 
 class IPO(PairedPreferenceModule):

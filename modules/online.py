@@ -11,8 +11,8 @@ from jsonargparse.typing import PositiveFloat, PositiveInt, restricted_number_ty
 
 from bench.errors import ConfigError
 from bench.generation import Sampling, check_backend, decode_responses, sample
-from bench.judges import check_proxy, load_proxy
 from modules.base import AlignmentModule, require_positive
+from modules.reward_model import check_proxy, load_proxy
 
 
 # k, the responses sampled per prompt by the group methods (RLOO, GRPO): a baseline needs at least two.

@@ -4,9 +4,10 @@
 import torch
 from jsonargparse.typing import PositiveFloat
 
-from modules.base import preference_metrics, require_positive
+from modules.base import require_positive
 from modules.losses import dpo_loss
 from modules.online import OnlineModule
+from modules.paired import preference_metrics
 
 
 class OnlineDPO(OnlineModule):

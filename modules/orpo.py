@@ -3,8 +3,9 @@
 import torch.nn.functional as F
 from jsonargparse.typing import PositiveFloat
 
-from modules.base import PairedPreferenceModule, require_positive
+from modules.base import require_positive
 from modules.losses import orpo_log_odds, orpo_loss
+from modules.paired import PairedPreferenceModule
 
 
 class ORPO(PairedPreferenceModule):

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from bench.generation import model_fingerprint
 from bench.models import cache_dir
-from datamodules.hh_datamodule import pad_rows
+from datamodules.batches import pad_rows
 
 log = logging.getLogger(__name__)
 

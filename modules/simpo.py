@@ -2,8 +2,9 @@
 
 from jsonargparse.typing import NonNegativeFloat, PositiveFloat
 
-from modules.base import PairedPreferenceModule, require_non_negative, require_positive
+from modules.base import require_non_negative, require_positive
 from modules.losses import simpo_loss
+from modules.paired import PairedPreferenceModule
 
 
 class SimPO(PairedPreferenceModule):

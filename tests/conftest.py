@@ -29,6 +29,23 @@ def workdir(tmp_path, monkeypatch):
     return tmp_path
 
 
+@pytest.fixture
+def refused_tiny_training(workdir, capsys):
+    """`bench train ALGORITHM --recipe tiny FLAGS...` refused at parse time: exit 2, one message and no
+    traceback, no run started. Returns its stderr."""
+    from bench.cli import main
+
+    def refused(algorithm: str, *flags: str) -> str:
+        with pytest.raises(SystemExit) as exit_info:
+            main(["train", algorithm, "--recipe", "tiny", *flags])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and not (workdir / "runs").exists()
+        return err
+
+    return refused
+
+
 @pytest.fixture(scope="session")
 def reward_models(tmp_path_factory):
     """Untrained MiniLM reward models saved as a proxy and as a judge."""

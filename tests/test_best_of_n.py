@@ -8,11 +8,12 @@ import pytest
 import torch
 
 import bench.generation
+from bench import tracking
 from bench.best_of_n import best_of, best_of_n_kl, check_ns, evaluate_best_of_n
 from bench.errors import ConfigError
 from bench.evaluation import EvalSettings
-from bench.judges import load_reward_model
 from bench.models import load_tokenizer
+from modules.reward_model import load_reward_model
 
 
 def test_kl_follows_the_formula():
@@ -41,7 +42,7 @@ def test_each_n_is_a_judged_run_whose_samples_are_the_proxys_choice(workdir, hh_
                                        "sampling": {"max_new_tokens": 6, "batch_size": 8, "temperature": 1.0}})
     data = {"path": hh_path, "max_length": 128, "max_prompt_length": 64}
     runs = evaluate_best_of_n("tiny", data, settings, [1, 3], "tiny")
-    client = mlflow.MlflowClient()
+    client = mlflow.MlflowClient(tracking.tracking_uri())  # not mlflow's global URI, which an earlier run may have set
     proxy = load_reward_model(reward_models["proxy"], role="proxy")
     draws = json.loads(next((workdir / "cache" / "best_of_n").glob("*.json")).read_text())["draws"]
     tokenizer = load_tokenizer("tiny")

@@ -8,7 +8,8 @@ import torch
 
 from bench.errors import DataError
 from datamodules.formatting import Formatter
-from datamodules.hh_datamodule import IGNORE_INDEX, Collator, HHRLHFDataModule, paired_rows, unpaired_rows
+from datamodules.batches import IGNORE_INDEX
+from datamodules.hh_datamodule import Collator, HHRLHFDataModule, paired_rows, unpaired_rows
 from datamodules.hh_rlhf import Pair, hh_to_messages, load_splits, parse_record, read_pairs
 
 

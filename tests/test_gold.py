@@ -10,8 +10,8 @@ import torch
 
 from bench.errors import ConfigError
 from bench.gold import GoldSettings, check_manifest, label_pairs, relabelled_source
-from bench.judges import load_reward_model
 from datamodules.hh_rlhf import load_splits
+from modules.reward_model import load_reward_model
 
 
 def test_bradley_terry_at_low_temperature_is_the_deterministic_rule():

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from bench.models import load_causal_lm
-from datamodules.hh_datamodule import pad_rows
-from modules.base import sequence_logps, sequence_logps_by_length
+from datamodules.batches import pad_rows
+from modules.logps import sequence_logps, sequence_logps_by_length
 
 
 @pytest.mark.parametrize("rows_per_forward", [1, 3, 16])

@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 from bench.errors import ConfigError
 from datamodules.hh_datamodule import HHRLHFDataModule
 from modules import DPO, IPO, KTO, SFT
-from modules.base import sequence_logps
+from modules.logps import sequence_logps
 
 
 def datamodule(hh_path, view, **kwargs):

@@ -11,7 +11,7 @@ import modules.base
 from bench.models import load_causal_lm
 from datamodules.hh_datamodule import HHRLHFDataModule
 from modules import DPO, KTO
-from modules.base import sequence_logps
+from modules.logps import sequence_logps
 
 
 @pytest.fixture(autouse=True)

@@ -11,7 +11,8 @@ import modules
 import modules.base
 from bench import compare, figures
 from datamodules.hh_datamodule import HHRLHFDataModule
-from modules.base import AlignmentModule, PairedPreferenceModule
+from modules.base import AlignmentModule
+from modules.paired import PairedPreferenceModule
 
 SWEEPS = Path(__file__).resolve().parents[1] / "sweeps"
 

@@ -7,10 +7,10 @@ from transformers import (AutoModelForSequenceClassification, AutoTokenizer, Ber
                           LlamaForSequenceClassification)
 
 from bench.errors import ConfigError
-from bench.judges import check_proxy, load_reward_model
 from bench.models import load_tokenizer, resolve
 from datamodules.formatting import pair_question, reward_text
 from datamodules.hh_rlhf import hh_to_messages
+from modules.reward_model import check_proxy, load_reward_model
 
 PROMPTS = ["\n\nHuman: How do I bake bread?\n\nAssistant:",
            "\n\nHuman: Hi there.\n\nAssistant: Hello! How can I help?\n\nHuman: Tell me a joke about cats.\n\nAssistant:"]

@@ -12,14 +12,14 @@ import bench.generation
 import datamodules.candidates
 from bench.cli import main
 from bench.generation import Sampling
-from bench.judges import load_reward_model
 from bench.models import resolve
 from datamodules.formatting import Formatter
 from datamodules.hh_datamodule import HHRLHFDataModule
 from datamodules.hh_rlhf import load_splits
-from modules.base import sequence_logps
+from modules.logps import sequence_logps
 from modules.online import Samples, Sequences
 from modules.ppo import PPO, Rollout
+from modules.reward_model import load_reward_model
 from modules.rrhf import RRHF
 
 PPO_METRICS = ["objective/kl", "objective/scores", "objective/rlhf_reward", "objective/entropy", "policy/approxkl",
