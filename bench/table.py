@@ -307,14 +307,14 @@ def table(experiment: str, command: str, output_dir: Path = RESULTS_DIR) -> tupl
     writer.writerows(records)
     md_path, csv_path = output_dir / f"{experiment}.md", output_dir / f"{experiment}.csv"
     check_not_anothers(md_path, result_owner(command))  # the CSV and PNGs beside it are the same table's
+    text = markdown(experiment, records, command, source, published)  # its commit, before the PNGs dirty the tree
     client = mlflow.MlflowClient(tracking.tracking_uri())
     plotted = figures.make_figures(figures.collect_runs(client, figure_runs(client, experiment, rows)))
     try:
         images = figures.save_pngs(plotted, output_dir, experiment)
     finally:
         figures.close_figures(plotted)
-    text = markdown(experiment, records, command, source, published) + "\n## Figures\n\n" + \
-        figures.markdown_images(images) + "\n"
+    text += "\n## Figures\n\n" + figures.markdown_images(images) + "\n"
     write_atomically(csv_path, buffer.getvalue())
     write_atomically(md_path, text)
     return md_path, csv_path

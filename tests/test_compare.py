@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import yaml
 
-from bench import recipes
+from bench import recipes, tracking
 from bench.cli import main
 from bench.stats import paired_seed_prompt_bootstrap
 from bench.table import published_rows
@@ -36,7 +36,7 @@ def compare_runs(client, experiment_id):
     return runs
 
 
-def test_compare_trains_every_stage_on_one_budget_then_reuses_them_and_tables(workdir, hh_path, capsys):
+def test_compare_trains_every_stage_on_one_budget_then_reuses_them_and_tables(workdir, hh_path, capsys, monkeypatch):
     main(["compare", "--recipe", "tiny", "--data-path", hh_path])
     client = mlflow.MlflowClient()
     experiment = client.get_experiment_by_name("tiny")
@@ -68,7 +68,10 @@ def test_compare_trains_every_stage_on_one_budget_then_reuses_them_and_tables(wo
         assert again.data.tags[f"stage.{stage}"] == f"{stage_runs[stage].info.run_id} (reused)"
     assert not client.search_runs([experiment.experiment_id], f"tags.mlflow.parentRunId = '{again.info.run_id}'")
 
-    main(["table", "--experiment", "tiny", "--output-dir", str(workdir / "results")])
+    # The commit is read before the table writes its figures: written first, they would mark it -dirty.
+    results = workdir / "results"
+    monkeypatch.setattr(tracking, "git_commit", lambda: "after-figures" if any(results.glob("*.png")) else "before")
+    main(["table", "--experiment", "tiny", "--output-dir", str(results)])
     with open(workdir / "results" / "tiny.csv") as file:
         rows = list(csv.DictReader(file))
     assert sorted(r["algorithm"] for r in rows) == sorted(ALIGNED)
@@ -83,6 +86,7 @@ def test_compare_trains_every_stage_on_one_budget_then_reuses_them_and_tables(wo
         assert float(row["diff_vs_best"]) == pytest.approx(float(row["win_rate_vs_chosen"]) - float(best["win_rate_vs_chosen"]))
     markdown = (workdir / "results" / "tiny.md").read_text()
     assert markdown.startswith("# tiny\n\nCommand: `bench table --experiment tiny")
+    assert "Commit: before  " in markdown
     assert "Machine:" in markdown and markdown.count("\n| ") == 1 + len(ALIGNED)  # the header and one row each
     for name in ("win_rates", "reward_vs_kl", "training_curves"):  # embedded, and beside the table
         assert f"(tiny-{name}.png)" in markdown
