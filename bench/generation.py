@@ -164,8 +164,9 @@ UNHONOURED_GENERATION_FIELDS = {
 
 class PreallocatedLayer(DynamicLayer):
     """One full-attention layer's keys and values in buffers sized once for the whole generation. A step
-    writes its token in place and attention reads a view of the filled part; HF's DynamicLayer instead
-    concatenates, copying every row's whole cache at every step."""
+    writes its token in place and attention reads a view of the filled part (under `decode_attention`, with
+    `full_width`, the whole buffers); HF's DynamicLayer instead concatenates, copying every row's whole cache
+    at every step."""
 
     def __init__(self, capacity: int, dtype: torch.dtype | None = None, full_width: bool = False):
         super().__init__()
