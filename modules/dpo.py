@@ -26,9 +26,5 @@ class DPO(PairedPreferenceModule):
             raise ConfigError(f"model.label_smoothing must be in [0, 0.5), got {label_smoothing}")
         self.save_hyperparameters(logger=False)
 
-    @property
-    def reward_scale(self) -> float:
-        return self.hparams.beta
-
     def pair_loss(self, chosen_logratios, rejected_logratios):
         return dpo_loss(chosen_logratios, rejected_logratios, self.hparams.beta, self.hparams.label_smoothing)

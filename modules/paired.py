@@ -25,7 +25,8 @@ def preference_metrics(
 
 class PairedPreferenceModule(AlignmentModule):
     """An offline paired-preference loss of the chosen and rejected log-ratios (DPO, IPO, ...).
-    A subclass gives `pair_loss`, its `reward_scale` and whether log-ratios are length-averaged.
+    A subclass gives `pair_loss`, whether log-ratios are length-averaged and, unless it is its `beta`, its
+    `reward_scale`.
     With `needs_reference = False` (SimPO, ORPO, SLiC-HF) the "log-ratios" are the policy's own log-probs:
     no reference is loaded, cached or run."""
 
@@ -35,7 +36,8 @@ class PairedPreferenceModule(AlignmentModule):
 
     @property
     def reward_scale(self) -> float:
-        raise NotImplementedError
+        """The scale of TRL's implicit rewards: β for the losses that have one (DPO, SimPO, SLiC-HF)."""
+        return self.hparams.beta
 
     def pair_loss(self, chosen_logratios: torch.Tensor, rejected_logratios: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError

@@ -26,9 +26,5 @@ class SimPO(PairedPreferenceModule):
         require_non_negative(gamma=gamma)
         self.save_hyperparameters(logger=False)
 
-    @property
-    def reward_scale(self) -> float:
-        return self.hparams.beta
-
     def pair_loss(self, chosen_logps, rejected_logps):
         return simpo_loss(chosen_logps, rejected_logps, self.hparams.beta, self.hparams.gamma)

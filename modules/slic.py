@@ -25,9 +25,5 @@ class SLiC(PairedPreferenceModule):
         require_non_negative(lam=lam)
         self.save_hyperparameters(logger=False)
 
-    @property
-    def reward_scale(self) -> float:
-        return self.hparams.beta
-
     def pair_loss(self, chosen_logps, rejected_logps):
         return slic_loss(chosen_logps, rejected_logps, self.hparams.beta, self.hparams.lam)
