@@ -5,15 +5,16 @@ Every caller samples through `sample()`: evaluation (policy and reference sample
 rollouts and best-of-N. `sampling.backend` chooses the class that does the work:
 
 - ``harness`` (the default, `KVCacheSampler`): a decode loop over the model's own forward, with a key/value
-  cache written in place, the matmul weights cast to bf16 once instead of at every step under autocast, and
-  finished rows dropped from the batch. Each prompt draws from its own random stream, seeded from
-  `sampling.seed` and its position, so a row's sample does not depend on which other rows finish first.
+  cache written in place and grouped by prompt length, the linear layers' weights cast to bf16 once and
+  packed for oneDNN on CPU, and finished rows dropped from the batch. Each prompt draws from its own random
+  stream, seeded from `sampling.seed` and its position, so a row's sample does not depend on which other rows
+  finish first.
 - ``hf`` (`HFGenerateSampler`): plain `model.generate`, as an HF or TRL user calls it.
 
 A backend is a subclass of `Sampler` with one method; a GPU user adds vLLM as one more class.
 """
 
-import copy
+import bisect
 import hashlib
 import json
 import logging
@@ -22,6 +23,7 @@ import re
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import ClassVar
 
@@ -162,95 +164,192 @@ UNHONOURED_GENERATION_FIELDS = {
 }
 
 
-class PreallocatedLayer(DynamicLayer):
-    """One full-attention layer's keys and values in buffers sized once for the whole generation. A step
-    writes its token in place and attention reads a view of the filled part (under `decode_attention`, with
-    `full_width`, the whole buffers); HF's DynamicLayer instead concatenates, copying every row's whole cache
-    at every step."""
+@dataclass
+class RowGroup:
+    """Rows `begin:end` of a decode batch that share key/value buffers: their prompts end at slot
+    `prompt_width` of the buffers, and a row's own prompt starts at its `first_slot`."""
 
-    def __init__(self, capacity: int, dtype: torch.dtype | None = None, full_width: bool = False):
-        super().__init__()
-        self.capacity, self.length, self.storage_dtype, self.full_width = capacity, 0, dtype, full_width
+    begin: int
+    end: int
+    prompt_width: int
+    first_slot: torch.Tensor
 
-    def allocate(self, rows: int, like_keys: torch.Tensor, like_values: torch.Tensor) -> None:
-        """Zeroed, not empty: a prompt placed right-aligned leaves padding slots that attention masks out, and
-        a masked slot must still hold a finite value (a zero weight times NaN is NaN)."""
-        super().lazy_initialization(like_keys, like_values)
-        dtype = self.storage_dtype or like_keys.dtype
-        self.key_buffer = like_keys.new_zeros((rows, like_keys.shape[1], self.capacity, like_keys.shape[-1]), dtype=dtype)
-        self.value_buffer = like_values.new_zeros((rows, like_values.shape[1], self.capacity, like_values.shape[-1]),
-                                                  dtype=dtype)
 
-    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        self.allocate(key_states.shape[0], key_states, value_states)
+class DecodeCache(Cache):
+    """The key/value cache of the harness's decode loop: buffers written in place (HF's DynamicLayer
+    concatenates instead, copying every row's whole cache at every step), holding prompts prefilled
+    elsewhere and right-aligned (`DecodeLayer.place`).
 
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        end = self.length + key_states.shape[-2]
-        self.key_buffer[:, :, self.length:end] = key_states
-        self.value_buffer[:, :, self.length:end] = value_states
-        self.length = end
-        self.keys, self.values = self.key_buffer[:, :, :end], self.value_buffer[:, :, :end]
-        if self.full_width and key_states.shape[-2] == 1:
-            # A decode step under `decode_attention` reads the whole buffers, unfilled slots masked out: a
-            # slice of them is not contiguous, and a bf16 batched matmul copies such an operand first (every
-            # row's cache, every layer, every step). The extra slots cost less than that copy.
-            return self.key_buffer, self.value_buffer
-        return self.keys, self.values
+    Under `decode_attention`, rows of similar prompt length (a batch comes sorted by length) share buffers as
+    wide as their own longest prompt, and the buffers grow by `growth` slots as tokens are decoded: attending
+    to the cache costs in proportion to the slots read, and one buffer for the batch would read every row at
+    the width of its longest prompt plus every slot the generation may still fill. For a model that keeps its
+    own attention, the batch is one group with buffers sized once for the whole generation."""
 
-    def place(self, rows: slice, keys: torch.Tensor, values: torch.Tensor, end: int, total_rows: int) -> None:
-        """Keys and values of prompts prefilled on their own, right-aligned to end at `end`."""
-        if not self.is_initialized:
-            self.allocate(total_rows, keys, values)
-        self.key_buffer[rows, :, end - keys.shape[-2]:end] = keys
-        self.value_buffer[rows, :, end - values.shape[-2]:end] = values
-        self.length = end
-        self.keys, self.values = self.key_buffer[:, :, :end], self.value_buffer[:, :, :end]
+    group_rows = 32  # rows per group: a multiple of `KVCacheSampler.prefill_rows` (bench perf: 16 or 32 rows
+    # per group took the same time on its 64 prompts, 8 rows per group longer)
+    growth = 32
+
+    def __init__(self, num_layers: int, prompt_lengths: list[int], new_tokens: int, dtype: torch.dtype | None,
+                 device, grouped: bool):
+        self.new_tokens, self.dtype, self.grouped = new_tokens, dtype, grouped
+        group_rows = self.group_rows if grouped else len(prompt_lengths)
+        self.first_growth = min(self.growth, new_tokens) if grouped else new_tokens
+        self.groups = []
+        for begin in range(0, len(prompt_lengths), group_rows):
+            lengths = prompt_lengths[begin:begin + group_rows]
+            self.groups.append(RowGroup(begin, begin + len(lengths), max(lengths),
+                                        torch.tensor([max(lengths) - n for n in lengths], device=device)))
+        self.prompt_width = max(prompt_lengths)
+        self.masks: tuple[tuple, list[torch.Tensor]] = ((), [])
+        super().__init__(layers=[DecodeLayer(self) for _ in range(num_layers)])
+
+    def blocked_slots(self, written: int, widths: tuple[int, ...]) -> list[torch.Tensor]:
+        """Per group, True where a row may not attend: its left padding and the slots not written yet. The same
+        for every layer of a step, so built once."""
+        if self.masks[0] != (written, widths):
+            masks = []
+            for group, width in zip(self.groups, widths):
+                slots = torch.arange(width, device=group.first_slot.device)
+                blocked = (slots < group.first_slot[:, None]) | (slots >= group.prompt_width + written)
+                masks.append(blocked[:, None, None])
+            self.masks = (written, widths), masks
+        return self.masks[1]
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        if self.is_initialized:
-            self.key_buffer, self.value_buffer = self.key_buffer[indices], self.value_buffer[indices]
-            self.keys, self.values = self.key_buffer[:, :, :self.length], self.value_buffer[:, :, :self.length]
+        """Keeps (or repeats) the rows `indices`, in that order. Consecutive rows from the same group stay one
+        group, and a group whose rows all stay, in order, keeps its buffers: dropping a finished row copies
+        only its own group's."""
+        begins = [group.begin for group in self.groups]
+        runs: list[tuple[int, list[int]]] = []  # (source group, its rows)
+        for row in indices.tolist():
+            source = bisect.bisect_right(begins, row) - 1
+            if not runs or runs[-1][0] != source:
+                runs.append((source, []))
+            runs[-1][1].append(row - begins[source])
+        plan, groups, begin = [], [], 0
+        for source, local in runs:
+            group = self.groups[source]
+            if local == list(range(group.end - group.begin)):
+                local, first_slot = None, group.first_slot
+            else:
+                local = torch.tensor(local, device=indices.device)
+                first_slot = group.first_slot[local]
+            groups.append(RowGroup(begin, begin + len(first_slot), group.prompt_width, first_slot))
+            plan.append((source, local))
+            begin += len(first_slot)
+        for layer in self.layers:
+            layer.select(plan)
+        self.groups, self.masks = groups, ((), [])
+
+
+class DecodeLayer(DynamicLayer):
+    """One layer of a `DecodeCache`: a key and a value buffer per row group, zeroed, not empty (padding and
+    unwritten slots are masked out, and a masked slot must still hold a finite value: a zero weight times NaN
+    is NaN)."""
+
+    def __init__(self, cache: DecodeCache):
+        super().__init__()
+        self.cache, self.key_buffers, self.value_buffers, self.written = cache, [], [], 0
+
+    def get_seq_length(self) -> int:
+        """Where the batch's longest prompt stands: the width of the attention mask HF builds."""
+        return self.cache.prompt_width + self.written
+
+    def place(self, rows: slice, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Keys and values of prompts prefilled on their own, right-aligned in their group's buffers."""
+        if not self.is_initialized:
+            super().lazy_initialization(keys, values)
+            for group in self.cache.groups:
+                for buffers, like in ((self.key_buffers, keys), (self.value_buffers, values)):
+                    buffers.append(like.new_zeros(
+                        (group.end - group.begin, like.shape[1], group.prompt_width + self.cache.first_growth,
+                         like.shape[-1]), dtype=self.cache.dtype or like.dtype))
+        index = bisect.bisect_right([group.begin for group in self.cache.groups], rows.start) - 1
+        group = self.cache.groups[index]
+        if rows.stop > group.end:
+            raise ValueError(f"rows {rows.start}:{rows.stop} span two groups of the decode cache")
+        local = slice(rows.start - group.begin, rows.stop - group.begin)
+        start, end = group.prompt_width - keys.shape[-2], group.prompt_width
+        self.key_buffers[index][local, :, start:end] = keys
+        self.value_buffers[index][local, :, start:end] = values
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        """Writes a decode step's token of every row in place. Returns the groups for `decode_attention`, or,
+        ungrouped, views of the written slots for the model's own attention."""
+        if key_states.shape[-2] != 1:
+            raise ValueError("a DecodeCache takes prompts through `place` and one token per step")
+        for index, group in enumerate(self.cache.groups):
+            slot = group.prompt_width + self.written
+            if slot == self.key_buffers[index].shape[2]:
+                self.grow(index, group.prompt_width + self.cache.new_tokens)
+            self.key_buffers[index][:, :, slot] = key_states[group.begin:group.end, :, 0]
+            self.value_buffers[index][:, :, slot] = value_states[group.begin:group.end, :, 0]
+        self.written += 1
+        if not self.cache.grouped:
+            end = self.cache.prompt_width + self.written
+            return self.key_buffers[0][:, :, :end], self.value_buffers[0][:, :, :end]
+        widths = tuple(buffer.shape[2] for buffer in self.key_buffers)
+        grouped = GroupedKeyValues(self.cache.groups, self.key_buffers, self.value_buffers,
+                                   self.cache.blocked_slots(self.written, widths))
+        return grouped, grouped
+
+    def grow(self, index: int, capacity: int) -> None:
+        for buffers in (self.key_buffers, self.value_buffers):
+            old = buffers[index]
+            width = min(old.shape[2] + self.cache.growth, capacity)
+            buffers[index] = old.new_zeros(old.shape[:2] + (width, old.shape[3]))
+            buffers[index][:, :, :old.shape[2]] = old
+
+    def select(self, plan: list[tuple[int, torch.Tensor | None]]) -> None:
+        self.key_buffers = [self.key_buffers[s] if local is None else self.key_buffers[s][local] for s, local in plan]
+        self.value_buffers = [self.value_buffers[s] if local is None else self.value_buffers[s][local]
+                              for s, local in plan]
+
+
+@dataclass
+class GroupedKeyValues:
+    """What a grouped `DecodeLayer` hands `decode_attention` in place of one key and one value tensor."""
+
+    groups: list[RowGroup]
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    blocked: list[torch.Tensor]
 
 
 DECODE_ATTENTION = "harness-decode"
 
 
 def decode_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """Attention for the decode loop. One new token per row: its heads grouped by the key/value head they
-    share, and two matmuls over the cache, instead of SDPA's CPU kernels, which spend several times longer on
-    a single query row than reading the cache takes (`bench perf`'s profile). Prompts (more than one query per
-    row) go to SDPA: measured, its kernels beat the two matmuls there."""
-    if query.shape[2] != 1:
+    """Attention for the decode loop. One new token per row, attending group by group to a grouped
+    `DecodeCache`: its heads grouped by the key/value head they share, and two matmuls over the
+    group's buffers, instead of SDPA's CPU kernels, which spend several times longer on a single query row
+    than reading the cache takes (`bench perf`'s profile). Prompts (more than one query per row) go to SDPA:
+    measured, its kernels beat the two matmuls there."""
+    if not isinstance(key, GroupedKeyValues):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
+    outputs = [attend_one_token(query[group.begin:group.end], keys, values, blocked, scaling)
+               for group, keys, values, blocked in zip(key.groups, key.keys, key.values, key.blocked)]
+    return torch.cat(outputs).transpose(1, 2), None
+
+
+def attend_one_token(query, key, value, blocked, scaling):
+    """query (B, heads, 1, d) on key and value (B, KV heads, slots, d); `blocked` (B, 1, 1, slots) is True
+    where a row may not attend."""
     batch, heads, _, dim = query.shape
-    if attention_mask is not None and attention_mask.shape[-1] < key.shape[-2]:  # full-width buffers
-        unfilled = key.shape[-2] - attention_mask.shape[-1]
-        attention_mask = torch.nn.functional.pad(
-            attention_mask, (0, unfilled), value=False if attention_mask.dtype == torch.bool else float("-inf"))
     # The query takes the cache's dtype, not the reverse: casting the keys would copy every row's whole cache,
     # transposed, in every layer at every step, the largest cost of a decode step in the profile. SDPA under
     # autocast runs in that dtype too.
     grouped = query.reshape(batch, key.shape[1], heads // key.shape[1], dim).to(key.dtype)  # (B, KV heads, group, d)
     scores = torch.matmul(grouped, key.transpose(-1, -2)).float() * scaling
-    if attention_mask is not None:  # (B, 1, 1, L): True (or 0) where a row may attend
-        scores = (scores.masked_fill(~attention_mask, float("-inf")) if attention_mask.dtype == torch.bool
-                  else scores + attention_mask)
+    scores = scores.masked_fill(blocked, float("-inf"))
     output = torch.matmul(scores.softmax(-1).to(value.dtype), value)
-    return output.reshape(batch, heads, 1, dim).transpose(1, 2), None
-
-
-def decode_mask(*args, **kwargs):
-    """SDPA's mask, always built: a mask of the filled slots is what hides the unfilled ones of a full-width
-    `PreallocatedLayer`, so it may not be skipped as redundant."""
-    kwargs["allow_is_causal_skip"] = False
-    return sdpa_mask(*args, **kwargs)
+    return output.reshape(batch, heads, 1, dim)
 
 
 AttentionInterface.register(DECODE_ATTENTION, decode_attention)
-AttentionMaskInterface.register(DECODE_ATTENTION, decode_mask)
+AttentionMaskInterface.register(DECODE_ATTENTION, sdpa_mask)
 
 
 @contextmanager
@@ -271,18 +370,58 @@ def attention_for_decoding(model):
         config._attn_implementation = "sdpa"
 
 
-def decode_cache(model, capacity: int):
-    """A cache of `PreallocatedLayer`s when every layer attends to the whole context; otherwise (sliding
-    windows, linear attention, shared KV) the model's own dynamic cache. Under autocast the layers store keys
-    and values in its dtype: attention casts them to it at every step anyway (keys leave the rotary embedding
-    in fp32), so the stored values are the ones attention reads, at half the bytes."""
+PACKED_LINEAR_ROWS = 64  # the batch oneDNN lays packed weights out for; any batch runs on them
+
+
+def packed_linear_dtype(model) -> torch.dtype | None:
+    """bf16 when the model's linear layers run in bf16 on a CPU whose oneDNN has bf16 kernels; else None."""
+    if model.device.type != "cpu" or not torch.backends.mkldnn.is_available():
+        return None
+    dtype = autocast_dtype("cpu") or next(model.parameters()).dtype
+    if dtype != torch.bfloat16 or not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return None
+    return dtype
+
+
+@contextmanager
+def packed_linears(model):
+    """Every `nn.Linear` of a bf16 model on CPU runs, for the duration, on a copy of its weight cast once and
+    reordered into oneDNN's blocked layout, the one PyTorch's compiler uses on CPU. On a plain row-major
+    weight oneDNN re-blocks the weight inside every call; a decode step at batch 46 spends 22 ms in the
+    linear layers on plain weights and 18 ms on packed ones (bench perf's generation part). The outputs are
+    those of the autocast linear, bf16. Elsewhere (GPUs, fp32, CPUs without bf16 kernels) nothing changes."""
+    dtype = packed_linear_dtype(model)
+    patched = []
+    if dtype is not None:
+        for module in model.modules():
+            if type(module) is torch.nn.Linear:
+                weight = torch.ops.mkldnn._reorder_linear_weight(module.weight.detach().to(dtype), PACKED_LINEAR_ROWS)
+                bias = None if module.bias is None else module.bias.detach().to(dtype)
+                module.forward = partial(packed_linear, weight, bias, dtype)  # shadows the class's forward
+                patched.append(module)
+    try:
+        yield
+    finally:
+        for module in patched:
+            del module.forward
+
+
+def packed_linear(weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype, inputs: torch.Tensor):
+    return torch.ops.mkldnn._linear_pointwise(inputs.to(dtype).contiguous(), weight, bias, "none", [], "")
+
+
+def decode_cache(model, prompt_lengths: list[int], new_tokens: int) -> Cache:
+    """The cache of a decode loop over prompts of these lengths (sorted): a `DecodeCache`, grouped by prompt
+    length under `decode_attention`, when every layer attends to the whole context; otherwise (sliding windows,
+    linear attention, shared KV) the model's own dynamic cache. Under autocast, keys and values are stored in
+    its dtype: attention casts them to it at every step anyway (keys leave the rotary embedding in fp32), so
+    the stored values are the ones attention reads, at half the bytes."""
     config = model.config.get_text_config(decoder=True)
     layer_types, _ = get_layer_types_and_kwargs(config)
     if any(kind != "full_attention" for kind in layer_types):
         return DynamicCache(config=model.config)
-    dtype = autocast_dtype(model.device.type)
-    full_width = model.config._attn_implementation == DECODE_ATTENTION
-    return Cache(layers=[PreallocatedLayer(capacity, dtype, full_width) for _ in layer_types])
+    return DecodeCache(len(layer_types), prompt_lengths, new_tokens, autocast_dtype(model.device.type), model.device,
+                       grouped=model.config._attn_implementation == DECODE_ATTENTION)
 
 
 def autocast_dtype(device_type: str) -> torch.dtype | None:
@@ -293,17 +432,20 @@ class KVCacheSampler(Sampler):
     """The harness's decode loop. Same semantics as `model.generate` (temperature, then top_p, through HF's
     own logits warpers; greedy at temperature 0; a row ends at EOS or after `max_new_tokens`), with:
 
-    - a preallocated KV cache written in place, in the autocast dtype (`PreallocatedLayer`);
-    - attention of the new token on the key/value heads by two matmuls over the whole contiguous buffers, the
-      unfilled slots masked (`decode_attention`);
+    - the linear layers on weights cast to bf16 once and packed for oneDNN (`packed_linears`, CPU only);
+    - a KV cache written in place, in the autocast dtype, rows of similar prompt length sharing buffers only
+      as wide as they need (`DecodeCache`);
+    - attention of the new token on the key/value heads by two matmuls over each group's buffers
+      (`decode_attention`);
     - prompts run through the model in groups of similar length, and each distinct prompt once;
-    - finished rows dropped from the batch once they are an eighth of it;
+    - finished rows dropped from the batch at once;
     - one random stream per prompt (`row_seeds`), and a draw by inverting the cumulative distribution in two
       levels (`invert_cdf`).
     """
 
     name = "harness"
-    compact_fraction = 1 / 8  # drop finished rows once they are this share of the batch
+    compact_fraction = 0.0  # drop finished rows once they are this share of the batch (at least one): with the
+    # cache grouped, a drop copies only the finished row's group
     prefill_rows = 8  # prompts run through the model together before decoding (measured on
     # bench perf's 64 prompts: 4.0 s in groups of 8, 4.2 s of 16, 5.6 s of 32)
 
@@ -324,7 +466,7 @@ class KVCacheSampler(Sampler):
         outputs: list[list[int] | None] = [None] * len(prompt_ids)
         for batch in length_sorted_batches(prompt_ids, sampling.batch_size):
             generators = [torch.Generator(model.device).manual_seed(seeds[i]) for i in batch]
-            with attention_for_decoding(model):
+            with attention_for_decoding(model), packed_linears(model):
                 generated = self.decode(model, [prompt_ids[i] for i in batch], sampling, warpers, generators, eos_ids,
                                         pad_id)
             for index, ids in zip(batch, generated):
@@ -332,10 +474,10 @@ class KVCacheSampler(Sampler):
             progress.update(len(batch))
         return outputs
 
-    def prefill(self, model, prompts: list[list[int]], capacity: int, pad_id: int):
+    def prefill(self, model, prompts: list[list[int]], new_tokens: int, pad_id: int):
         """The cache of the prompts and the logits of their next token. Each distinct prompt runs through the
         model once (RRHF's candidates, best-of-N and group rollouts repeat prompts), and its cache rows are
-        then repeated. Prompts come sorted by length; with a preallocated cache they run in groups of
+        then repeated. Prompts come sorted by length; with a `DecodeCache` they run in groups of
         `prefill_rows`, each padded only to its own longest prompt and placed right-aligned in the cache (one
         batch of 64 padded to its longest prompt would compute on about twice the tokens it holds)."""
         position = {}
@@ -344,8 +486,8 @@ class KVCacheSampler(Sampler):
         copies = torch.tensor([position[tuple(p)] for p in prompts], device=model.device)
         distinct = [list(p) for p in position]
         input_ids, attention_mask = left_padded(distinct, pad_id, model.device)
-        cache = decode_cache(model, capacity)
-        if not isinstance(cache.layers[0], PreallocatedLayer):
+        cache = decode_cache(model, [len(p) for p in distinct], new_tokens)
+        if isinstance(cache, DynamicCache):
             logits = self.forward_prompts(model, input_ids, attention_mask, cache)
         else:
             groups = []
@@ -354,8 +496,7 @@ class KVCacheSampler(Sampler):
                 group_cache = DynamicCache(config=model.config)
                 groups.append(self.forward_prompts(model, group_ids, group_mask, group_cache))
                 for layer, group_layer in zip(cache.layers, group_cache.layers):
-                    layer.place(slice(start, start + len(group_ids)), group_layer.keys, group_layer.values,
-                                input_ids.shape[1], len(distinct))
+                    layer.place(slice(start, start + len(group_ids)), group_layer.keys, group_layer.values)
             logits = torch.cat(groups)
         if len(distinct) < len(prompts):
             cache.batch_select_indices(copies)
@@ -368,8 +509,8 @@ class KVCacheSampler(Sampler):
                      past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
 
     def decode(self, model, prompts, sampling, warpers, generators, eos_ids, pad_id) -> list[list[int]]:
-        width, started = max(map(len, prompts)), time.perf_counter()
-        logits, attention_mask, cache = self.prefill(model, prompts, width + sampling.max_new_tokens, pad_id)
+        started = time.perf_counter()
+        logits, attention_mask, cache = self.prefill(model, prompts, sampling.max_new_tokens, pad_id)
         prefilled = time.perf_counter()
         SAMPLING_STATS.prefill_seconds += prefilled - started
         next_position = attention_mask.sum(-1)

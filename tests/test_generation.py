@@ -2,6 +2,7 @@
 token (tiny model and SmolLM2), with EOS, `max_new_tokens` and left-padded batches of mixed lengths; it is
 deterministic for a seed; bad settings are one line naming the field."""
 
+import contextlib
 from types import SimpleNamespace
 
 import pytest
@@ -74,27 +75,48 @@ def test_sampling_is_deterministic_for_a_seed(tiny):
     assert len({tuple(ids) for ids in repeated}) > 1
 
 
-def test_full_width_cache_reads_change_no_output(tiny, monkeypatch):
-    """Decode steps read the whole preallocated buffers, their unfilled slots masked: the same tokens as
-    reading only the filled slots, greedy and seeded."""
+def test_length_grouped_cache_changes_no_output(tiny, monkeypatch):
+    """Rows grouped by prompt length, in buffers that grow as tokens are decoded, with rows dropped and
+    repeated across groups: the same tokens as one buffer for the batch under the model's own attention,
+    greedy and seeded."""
     model, tokenizer = tiny
+    prompts = PROMPTS + [PROMPTS[1], PROMPTS[3], PROMPTS[1]]  # repeated prompts, in more than one group
+    greedy = Sampling(temperature=0, max_new_tokens=10, batch_size=6)
+    stopping = tokens_as_eos(tokenizer, sample(model, tokenizer, prompts, greedy, desc="no eos")[2][1])
+    settings = [greedy, Sampling(temperature=1.0, max_new_tokens=10, batch_size=6, seed=3)]
+    monkeypatch.setattr(KVCacheSampler, "prefill_rows", 2)
+    monkeypatch.setattr(bench.generation.DecodeCache, "group_rows", 2)
+    monkeypatch.setattr(bench.generation.DecodeCache, "growth", 3)
+    caches = []
     original = bench.generation.decode_cache
-    widths = []
+    monkeypatch.setattr(bench.generation, "decode_cache", lambda *args: caches.append(original(*args)) or caches[-1])
+    grouped = [sample(model, stopping, prompts, s, desc="grouped") for s in settings]
+    assert all(cache.grouped and len(cache.groups) > 1 for cache in caches)
+    assert max(buffer.shape[2] for cache in caches for buffer in cache.layers[0].key_buffers) > 3 + 20  # grew
+    assert any(ids[-1] == stopping.eos_token_id and len(ids) < 10 for ids in grouped[0])  # rows were dropped
+    caches.clear()
+    monkeypatch.setattr(bench.generation, "attention_for_decoding", lambda model: contextlib.nullcontext())
+    assert [sample(model, stopping, prompts, s, desc="one buffer") for s in settings] == grouped
+    assert caches and not any(cache.grouped for cache in caches)
 
-    def recording(model, capacity, full_width=None):
-        cache = original(model, capacity)
-        for layer in cache.layers:
-            widths.append(layer.full_width)
-            layer.full_width = layer.full_width if full_width is None else full_width
-        return cache
 
+def test_packed_linear_weights_change_no_output(tiny, monkeypatch):
+    """Under bf16 autocast on CPU the linear layers run on weights packed for oneDNN: the same tokens as the
+    autocast linear layers, and the model's own forward is back afterwards."""
+    model, tokenizer = tiny
+    if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        pytest.skip("this CPU has no oneDNN bf16 kernels")
     settings = [Sampling(temperature=0, max_new_tokens=10, batch_size=4),
                 Sampling(temperature=1.0, max_new_tokens=10, batch_size=4, seed=3)]
-    monkeypatch.setattr(bench.generation, "decode_cache", recording)
-    full = [sample(model, tokenizer, PROMPTS, s, desc="full width") for s in settings]
-    assert widths and all(widths)  # the tiny model takes the full-width path
-    monkeypatch.setattr(bench.generation, "decode_cache", lambda model, capacity: recording(model, capacity, False))
-    assert [sample(model, tokenizer, PROMPTS, s, desc="filled slots") for s in settings] == full
+    calls = []
+    original = bench.generation.packed_linear
+    monkeypatch.setattr(bench.generation, "packed_linear", lambda *args: calls.append(1) or original(*args))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        packed = [sample(model, tokenizer, PROMPTS, s, desc="packed") for s in settings]
+        assert calls
+        assert not any("forward" in vars(module) for module in model.modules())
+        monkeypatch.setattr(bench.generation, "packed_linear_dtype", lambda model: None)
+        assert [sample(model, tokenizer, PROMPTS, s, desc="autocast") for s in settings] == packed
 
 
 def test_draws_invert_the_float64_cumulative_distribution():
