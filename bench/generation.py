@@ -352,13 +352,24 @@ AttentionInterface.register(DECODE_ATTENTION, decode_attention)
 AttentionMaskInterface.register(DECODE_ATTENTION, sdpa_mask)
 
 
+# Architectures whose attention hands the keys and values the cache returns straight to the attention function
+# (read in their transformers source). A grouped `DecodeCache` returns row groups, not tensors: an attention
+# that reads or transforms the keys in between (IDEFICS's key norm, Doge's dynamic mask) must not get them.
+GROUPED_CACHE_MODEL_TYPES = frozenset({
+    "llama", "mistral", "mixtral", "ministral", "qwen2", "qwen2_moe", "qwen3", "gemma", "olmo", "olmo2", "olmo3",
+    "granite", "phi", "phi3", "stablelm", "smollm3", "cohere", "starcoder2", "glm", "apertus", "arcee",
+})
+
+
 @contextmanager
 def attention_for_decoding(model):
-    """`decode_attention` for the duration of a decode loop, on models that use SDPA over full attention with
-    no logit soft-capping (which `decode_attention` does not apply); other models keep their own."""
+    """`decode_attention` for the duration of a decode loop, on models of `GROUPED_CACHE_MODEL_TYPES` that use
+    SDPA over full attention with no logit soft-capping (which `decode_attention` does not apply); other
+    models keep their own attention, over a `DecodeCache` of one group."""
     config = model.config
     text_config = config.get_text_config(decoder=True)
-    usable = (config._attn_implementation == "sdpa" and getattr(text_config, "attn_logit_softcapping", None) is None
+    usable = (config._attn_implementation == "sdpa" and text_config.model_type in GROUPED_CACHE_MODEL_TYPES
+              and getattr(text_config, "attn_logit_softcapping", None) is None
               and all(kind == "full_attention" for kind in get_layer_types_and_kwargs(text_config)[0]))
     if not usable:
         yield
@@ -375,7 +386,8 @@ PACKED_LINEAR_ROWS = 64  # the batch oneDNN lays packed weights out for; any bat
 
 def packed_linear_dtype(model) -> torch.dtype | None:
     """bf16 when the model's linear layers run in bf16 on a CPU whose oneDNN has bf16 kernels; else None."""
-    if model.device.type != "cpu" or not torch.backends.mkldnn.is_available():
+    if (model.device.type != "cpu" or not torch.backends.mkldnn.is_available()
+            or not hasattr(torch.ops.mkldnn, "_reorder_linear_weight")):  # private ops: absent from some builds
         return None
     dtype = autocast_dtype("cpu") or next(model.parameters()).dtype
     if dtype != torch.bfloat16 or not torch.ops.mkldnn._is_mkldnn_bf16_supported():
