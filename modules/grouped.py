@@ -17,14 +17,19 @@ class GroupedOnlineModule(OnlineModule):
         beta: weight of the KL to the reference.
         epsilon: the ratio clip; inactive with one iteration, where the ratio is 1.
         num_iterations: updates on each rollout (TRL's and the GRPO paper's mu).
+        micro_batch_rows: responses per forward and backward pass (all of a rollout's by default). An update
+            is still one optimizer step on the whole rollout's loss, with the same gradient; memory then grows
+            with this, not with prompts x k.
     """
 
     def __init__(self, num_generations: AtLeastTwo = 4, beta: NonNegativeFloat = 0.05, epsilon: PositiveFloat = 0.2,
-                 num_iterations: PositiveInt = 1, **kwargs):
+                 num_iterations: PositiveInt = 1, micro_batch_rows: PositiveInt | None = None, **kwargs):
         super().__init__(**kwargs)
         require_group_size(num_generations)
         require_non_negative(beta=beta)
         require_positive(epsilon=epsilon, num_iterations=num_iterations)
+        if micro_batch_rows is not None:
+            require_positive(micro_batch_rows=micro_batch_rows)
         self.save_hyperparameters(logger=False)
         self.samples_per_prompt = num_generations
 
@@ -33,23 +38,46 @@ class GroupedOnlineModule(OnlineModule):
         raise NotImplementedError
 
     def loss(self, logprobs: torch.Tensor, old: torch.Tensor, ref: torch.Tensor, advantages: torch.Tensor,
-             samples: Samples) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """The loss of one update from the policy's current per-token log-probs, and metrics of that update."""
+             samples: Samples, rollout: Samples) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The share of one update's loss that falls on `samples`, rows of the `rollout` (all of it, or a
+        micro-batch; the shares sum to the rollout's loss), from the policy's current per-token log-probs on
+        them, and metrics of that share, each a mean over the share's response tokens."""
         raise NotImplementedError
 
     def kl(self, samples: Samples, old: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
         """The KL to the reference that TRL logs as `kl`."""
         raise NotImplementedError
 
+    def micro_batches(self, samples: Samples) -> list[slice]:
+        rows = len(samples.scores)
+        size = self.hparams.micro_batch_rows or rows
+        return [slice(start, min(start + size, rows)) for start in range(0, rows, size)]
+
+    def old_and_reference_logprobs(self, samples: Samples) -> tuple[torch.Tensor, torch.Tensor]:
+        old, ref = zip(*(super(GroupedOnlineModule, self).old_and_reference_logprobs(samples[rows])
+                         for rows in self.micro_batches(samples)))
+        return torch.cat(old), torch.cat(ref)
+
+    def micro_batch_losses(self, samples: Samples, old: torch.Tensor, ref: torch.Tensor, advantages: torch.Tensor,
+                           shares: list[tuple[torch.Tensor, dict, int]]):
+        """Each micro-batch's share of the loss, its forward pass run only when `update` asks for it, so that
+        one micro-batch's activations are alive at a time; `shares` records each share and its metrics."""
+        for rows in self.micro_batches(samples):
+            logprobs, _ = self.response_logprobs(self.policy, "policy", samples.sequences[rows])
+            loss, metrics = self.loss(logprobs, old[rows], ref[rows], advantages[rows], samples[rows], samples)
+            shares.append((loss.detach(), metrics, int(samples.mask[rows].sum())))
+            yield loss
+
     def train_on(self, samples, batch_idx):
         old, ref = self.old_and_reference_logprobs(samples)
         advantages = self.advantages(samples, old, ref)
         updates = []
         for _ in range(self.hparams.num_iterations):
-            logprobs, _ = self.response_logprobs(self.policy, "policy", samples.sequences)
-            loss, metrics = self.loss(logprobs, old, ref, advantages, samples)
-            if self.update(loss, batch_idx):
-                updates.append({"loss": loss.detach(), **metrics})
+            shares = []
+            if self.update(self.micro_batch_losses(samples, old, ref, advantages, shares), batch_idx):
+                tokens = max(sum(n for *_, n in shares), 1)
+                updates.append({"loss": sum(loss for loss, *_ in shares)} | {
+                    name: sum(metrics[name] * n for _, metrics, n in shares) / tokens for name in shares[0][1]})
         metrics = self.objective_metrics(samples, old, ref) | self.group_metrics(samples)
         metrics["kl"] = self.kl(samples, old, ref)
         if updates:  # the mean over the updates that were not skipped

@@ -31,12 +31,14 @@ class GRPO(GroupedOnlineModule):
     def advantages(self, samples, old, ref):
         return group_advantages(samples.scores, self.hparams.num_generations, self.hparams.scale_rewards)
 
-    def loss(self, logprobs, old, ref, advantages, samples):
+    def loss(self, logprobs, old, ref, advantages, samples, rollout):
         hp = self.hparams
         # DAPO's normaliser is the token count of the global batch; gradients are averaged over devices.
-        num_tokens = self.mean_across_devices(samples.mask.sum().float())
+        num_tokens = self.mean_across_devices(rollout.mask.sum().float())
         loss, clip_ratio = grpo_loss(logprobs, old, advantages, samples.mask, hp.epsilon, hp.epsilon_high or hp.epsilon,
                                      hp.beta, ref, hp.loss_type, hp.max_new_tokens, num_tokens)
+        if hp.loss_type != "dapo":  # a mean over the rows given: their share of the mean over the rollout's
+            loss = loss * len(samples.scores) / len(rollout.scores)
         return loss, {"clip_ratio/region_mean": clip_ratio}
 
     def kl(self, samples, old, ref):

@@ -3,6 +3,7 @@ trains, scoring them with the proxy reward model, per-token log-probs of the res
 the reference, TRL's `objective/` metrics, and Lightning manual optimisation: one training step is one
 rollout of a batch of prompts, followed by the algorithm's own updates (`train_on`)."""
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -54,6 +55,10 @@ class Samples:
     scores: torch.Tensor
     ended: torch.Tensor  # the response ended with EOS / end of turn
     per_prompt: int
+
+    def __getitem__(self, rows: slice) -> "Samples":
+        """A run of rows (a micro-batch); `per_prompt` still says how the whole batch is grouped."""
+        return Samples(self.sequences[rows], self.mask[rows], self.scores[rows], self.ended[rows], self.per_prompt)
 
 
 class OnlineModule(AlignmentModule):
@@ -186,13 +191,17 @@ class OnlineModule(AlignmentModule):
                 "completions/mean_length": samples.mask.sum(1).float().mean()}
 
     # --- training ----------------------------------------------------------------------------------
-    def update(self, loss: torch.Tensor, batch_idx: int) -> bool:
-        """One optimizer step on `loss`; False (and no step) when the loss is not finite and the policy says skip."""
-        if not self.loss_is_finite(loss, batch_idx):
-            return False
+    def update(self, losses: torch.Tensor | Iterable[torch.Tensor], batch_idx: int) -> bool:
+        """One optimizer step on a loss, or on the sum of losses computed and backpropagated one at a time
+        (micro-batches: one holds its activations at a time); False (and no step) when a loss is not finite
+        and the policy says skip."""
         optimizer = self.optimizers()
         optimizer.zero_grad()
-        self.manual_backward(loss)
+        for loss in [losses] if isinstance(losses, torch.Tensor) else losses:
+            if not self.loss_is_finite(loss, batch_idx):
+                optimizer.zero_grad()
+                return False
+            self.manual_backward(loss)
         self.clip_gradients(optimizer, gradient_clip_val=self.hparams.max_grad_norm, gradient_clip_algorithm="norm")
         optimizer.step()
         return True

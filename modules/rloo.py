@@ -15,8 +15,9 @@ class RLOO(GroupedOnlineModule):
     def advantages(self, samples, old, ref):
         return rloo_advantages(samples.scores - self.hparams.beta * (old - ref).sum(1), self.hparams.num_generations)
 
-    def loss(self, logprobs, old, ref, advantages, samples):
-        return rloo_loss((logprobs * samples.mask).sum(1), old.sum(1), advantages, self.hparams.epsilon).mean(), {}
+    def loss(self, logprobs, old, ref, advantages, samples, rollout):
+        per_response = rloo_loss((logprobs * samples.mask).sum(1), old.sum(1), advantages, self.hparams.epsilon)
+        return per_response.sum() / len(rollout.scores), {}  # the rows' share of the mean over the rollout
 
     def kl(self, samples, old, ref):
         return (old - ref).sum() / samples.mask.sum().clamp(min=1)  # TRL's: the sequence KL, per token

@@ -145,8 +145,10 @@ def prompts_batch(hh_path, n=2):
 
 
 def captured_updates(module, monkeypatch):
+    """The loss of each update (the sum of its micro-batches' shares), in place of the optimizer step."""
     losses = []
-    monkeypatch.setattr(module, "update", lambda loss, batch_idx: losses.append(loss) or True)
+    monkeypatch.setattr(module, "update", lambda loss, batch_idx: losses.append(
+        loss if isinstance(loss, torch.Tensor) else sum(loss)) or True)
     return losses
 
 
@@ -184,6 +186,44 @@ def test_rloo_module_loss_is_the_pure_loss_on_its_samples(hh_path, reward_models
                                                          samples.scores[1::2] - samples.scores[0::2]], 1).flatten())
     torch.testing.assert_close(losses[0], rloo_loss(old.sum(1), old.sum(1), advantages, 0.2).mean())
     assert metrics["kl"].item() == 0 and {"reward", "reward_std", "objective/rlhf_reward"} <= set(metrics)
+
+
+@pytest.mark.parametrize("algorithm, settings", [(GRPO, {"loss_type": "dapo"}), (GRPO, {"loss_type": "grpo"}),
+                                                 (GRPO, {"loss_type": "dr_grpo"}), (RLOO, {})])
+def test_micro_batches_give_the_whole_rollouts_gradient(hh_path, reward_models, monkeypatch, algorithm, settings):
+    """Micro-batches of 4 and 2 of a 6-response rollout: the same gradient, loss and metrics as one pass."""
+    module = algorithm(policy="tiny", proxy=reward_models["proxy"], num_generations=3, max_new_tokens=6, beta=0.04,
+                       **settings)
+    module.configure_model()
+    with torch.no_grad():  # a policy unlike its reference
+        for p in module.policy.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    samples = module.sample_responses(prompts_batch(hh_path), 3)
+    samples.mask[0, 2:], samples.mask[5, 4:] = False, False  # responses of several lengths, as if they had ended
+    assert len(samples.scores) == 6 and len(set(samples.mask.sum(1).tolist())) == 3
+
+    def gradients(micro_batch_rows):
+        module.hparams.micro_batch_rows = micro_batch_rows
+        passes, grads = [], {}
+
+        def update(losses, batch_idx):
+            module.policy.zero_grad()
+            for loss in losses:
+                passes.append(1)
+                loss.backward()
+            grads.update({n: p.grad.clone() for n, p in module.policy.named_parameters() if p.grad is not None})
+            return True
+
+        monkeypatch.setattr(module, "update", update)
+        return grads, module.train_on(samples, 0), len(passes)
+
+    whole, whole_metrics, whole_passes = gradients(None)
+    split, split_metrics, split_passes = gradients(4)
+    assert (whole_passes, split_passes) == (1, 2) and whole and whole.keys() == split.keys()
+    for name in whole:
+        torch.testing.assert_close(split[name], whole[name], rtol=1e-4, atol=1e-7)
+    for name in whole_metrics:
+        torch.testing.assert_close(split_metrics[name], whole_metrics[name], rtol=1e-5, atol=1e-7)
 
 
 def test_online_dpo_ranks_each_pair_by_the_proxy_and_takes_dpo_on_it(hh_path, reward_models, monkeypatch):
@@ -232,6 +272,7 @@ def test_bad_hyperparameters_are_refused_in_the_constructor(reward_models, build
     (["grpo", "--model.num_generations=1"], "model.num_generations", "AtLeastTwo"),
     (["grpo", "--model.beta=-0.5"], "model.beta", "NonNegativeFloat"),
     (["grpo", "--model.loss_type=token_sum"], "model.loss_type", "dapo"),
+    (["rloo", "--model.micro_batch_rows=0"], "model.micro_batch_rows", "PositiveInt"),
     (["online-dpo", "--model.beta=0"], "model.beta", "PositiveFloat"),
 ])
 def test_bad_hyperparameters_fail_at_parse_time_naming_them(refused_tiny_training, argv, field, kind):
