@@ -2,6 +2,7 @@
 token (tiny model and SmolLM2), with EOS, `max_new_tokens` and left-padded batches of mixed lengths; it is
 deterministic for a seed; bad settings are one line naming the field."""
 
+from functools import partial
 from types import SimpleNamespace
 
 import pytest
@@ -117,6 +118,89 @@ def test_packed_linear_weights_change_no_output(tiny, monkeypatch):
         assert not any("forward" in vars(module) for module in model.modules())
         monkeypatch.setattr(bench.generation, "packed_linear_dtype", lambda model: None)
         assert [sample(model, tokenizer, PROMPTS, s, desc="autocast") for s in settings] == packed
+
+
+def tiny_of(architecture: str):
+    """A random 2-layer model of one architecture `FusedDecodeStep` runs, with grouped query heads (Qwen2 also
+    with q/k/v biases)."""
+    from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
+                              Qwen2ForCausalLM)
+
+    config_class, model_class = {"llama": (LlamaConfig, LlamaForCausalLM),
+                                 "mistral": (MistralConfig, MistralForCausalLM),
+                                 "qwen2": (Qwen2Config, Qwen2ForCausalLM)}[architecture]
+    config = config_class(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                          sliding_window=None, attn_implementation="sdpa")
+    torch.manual_seed(0)
+    return model_class(config).eval()
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16-autocast"])
+@pytest.mark.parametrize("architecture", ["llama", "mistral", "qwen2"])
+def test_fused_decode_step_gives_the_models_logits(architecture, precision, monkeypatch):
+    """Decode steps over several row groups, with rows leaving mid-way: the same logits, bit for bit, as the
+    model's own forward pass over the same cache (under bf16 autocast on CPU, on packed and fused weights)."""
+    model = tiny_of(architecture)
+    monkeypatch.setattr(KVCacheSampler, "prefill_rows", 2)
+    monkeypatch.setattr(bench.generation.DecodeCache, "group_rows", 2)
+    prompts = [[(7 * n + i) % 90 + 3 for i in range(n)] for n in (3, 5, 6, 8, 11)]
+    context = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16-autocast" else torch.no_grad()
+    runs = []
+    with context, torch.no_grad(), bench.generation.attention_for_decoding(model), \
+            bench.generation.packed_linears(model):
+        for fused in (False, True):
+            logits, mask, cache = KVCacheSampler().prefill(model, prompts, 6, pad_id=0)
+            assert bench.generation.FusedDecodeStep.fits(model, cache)
+            step = (bench.generation.FusedDecodeStep(model, cache) if fused
+                    else partial(bench.generation.hf_decode_step, model, cache))
+            tokens, positions, steps = logits.argmax(-1), mask.sum(-1), []
+            for index in range(5):
+                if index == 2:  # rows 1 and 2 finish: one group keeps its first row, another moves a row up
+                    keep = cache.rows_to_keep(torch.tensor([False, True, True, False, False]))
+                    assert keep.tolist() == [0, 3, 4]
+                    cache.batch_select_indices(keep)
+                    tokens, positions, mask = tokens[keep], positions[keep], mask[keep]
+                mask = torch.cat([mask, mask.new_ones((len(tokens), 1))], dim=1)
+                steps.append(step(tokens, positions, mask))
+                tokens, positions = steps[-1].argmax(-1), positions + 1
+            runs.append(steps)
+    for own, fused in zip(*runs):
+        assert torch.equal(own, fused)
+
+
+def test_only_the_exact_architectures_get_the_fused_step():
+    model = tiny_of("llama")
+    with bench.generation.attention_for_decoding(model):
+        cache = bench.generation.decode_cache(model, [3, 5], 4)
+        assert bench.generation.FusedDecodeStep.fits(model, cache)
+        subclass = type("WrappedLlamaForCausalLM", (type(model),), {})  # e.g. a wrapper's own forward
+        model.__class__ = subclass
+        assert not bench.generation.FusedDecodeStep.fits(model, cache)
+        assert not isinstance(bench.generation.decode_step(model, cache), bench.generation.FusedDecodeStep)
+
+
+def test_finished_rows_leave_their_group_in_place(monkeypatch):
+    """A finished row's place in its group's buffers is taken by the group's last live row: only that row is
+    copied, and the buffers are views of the same memory."""
+    monkeypatch.setattr(bench.generation.DecodeCache, "group_rows", 3)
+    cache = bench.generation.DecodeCache(1, [2, 3, 3, 4, 5, 6], 4, None, "cpu", grouped=True)
+    layer = cache.layers[0]
+    keys, values = torch.randn(6, 2, 6, 4), torch.randn(6, 2, 6, 4)
+    for begin, width in ((0, 3), (3, 6)):  # each group as wide as its longest prompt
+        layer.place(slice(begin, begin + 3), keys[begin:begin + 3, :, :width], values[begin:begin + 3, :, :width])
+    before = [buffer.clone() for buffer in layer.key_buffers]
+    addresses = [buffer.data_ptr() for buffer in layer.key_buffers]
+    keep = cache.rows_to_keep(torch.tensor([True, False, False, False, True, False]))
+    assert keep.tolist() == [2, 1, 3, 5]
+    cache.batch_select_indices(keep)
+    assert [buffer.data_ptr() for buffer in layer.key_buffers] == addresses
+    assert torch.equal(layer.key_buffers[0], before[0][[2, 1]])
+    assert torch.equal(layer.key_buffers[1], before[1][[0, 2]])
+    assert [(group.begin, group.end) for group in cache.groups] == [(0, 2), (2, 4)]
+    # Any other order (here: a repeated row) copies the group.
+    cache.batch_select_indices(torch.tensor([0, 0, 1, 2, 3]))
+    assert torch.equal(layer.key_buffers[0], before[0][[2, 2, 1]])
 
 
 def test_draws_invert_the_float64_cumulative_distribution():
