@@ -31,7 +31,7 @@ from typing import ClassVar
 import numpy as np
 import torch
 from tqdm.auto import tqdm
-from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
+from transformers import LogitsProcessorList, TopPLogitsWarper
 from transformers import AttentionInterface
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, get_layer_types_and_kwargs
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -509,9 +509,12 @@ class FusedDecodeStep:
         decoder = self.model.model
         hidden = decoder.embed_tokens(tokens[:, None])
         cos, sin = decoder.rotary_emb(hidden, position_ids=positions[:, None])
+        half = sin.shape[-1] // 2  # rotate_half(x) * sin is x rolled by half times sin with its first half negated
+        cos, signed_sin = cos[:, :, None], torch.cat((-sin[..., :half], sin[..., half:]), -1)[:, :, None]
         for (layer, qkv, gate_up), cache_layer in zip(self.layers, self.cache.layers):
             attention, mlp = layer.self_attn, layer.mlp
-            query, key, value = self.rotated_projections(attention, layer.input_layernorm(hidden), qkv, cos, sin)
+            query, key, value = self.rotated_projections(attention, layer.input_layernorm(hidden), qkv, cos,
+                                                         signed_sin)
             keys_values, _ = cache_layer.update(key, value)
             output, _ = decode_attention(attention, query, keys_values, keys_values, None, scaling=attention.scaling)
             hidden = hidden + attention.o_proj(output.reshape(*hidden.shape[:2], -1))
@@ -524,7 +527,7 @@ class FusedDecodeStep:
         return self.model.lm_head(decoder.norm(hidden))[:, -1]
 
     @staticmethod
-    def rotated_projections(attention, normed, qkv, cos, sin):
+    def rotated_projections(attention, normed, qkv, cos, signed_sin):
         """Queries, keys and values (batch, heads, 1, head_dim), the queries and keys rotated together."""
         projections = (qkv(normed) if qkv is not None else
                        torch.cat([attention.q_proj(normed), attention.k_proj(normed), attention.v_proj(normed)], -1))
@@ -532,8 +535,7 @@ class FusedDecodeStep:
         heads = attention.config.num_attention_heads
         kv_heads = (projections.shape[2] - heads) // 2
         rotary = projections[:, :, :heads + kv_heads]
-        half = attention.head_dim // 2
-        rotated = rotary * cos[:, :, None] + torch.cat((-rotary[..., half:], rotary[..., :half]), -1) * sin[:, :, None]
+        rotated = rotary * cos + rotary.roll(attention.head_dim // 2, -1) * signed_sin
         return (rotated[:, :, :heads].transpose(1, 2), rotated[:, :, heads:].transpose(1, 2),
                 projections[:, :, heads + kv_heads:].transpose(1, 2))
 
@@ -661,7 +663,7 @@ class KVCacheSampler(Sampler):
         for step in range(sampling.max_new_tokens):
             SAMPLING_STATS.decode_steps += 1
             SAMPLING_STATS.decode_rows += len(rows)
-            tokens = self.choose(logits.float(), sampling, warpers, [generators[r] for r in rows.tolist()])
+            tokens = self.choose(logits, sampling, warpers, [generators[r] for r in rows.tolist()])
             for row, token, done in zip(rows.tolist(), tokens.tolist(), finished_rows[rows].tolist()):
                 if not done:  # a finished row decodes on until it is dropped; its tokens are not kept
                     outputs[row].append(token)
@@ -683,12 +685,11 @@ class KVCacheSampler(Sampler):
 
     @staticmethod
     def warpers(sampling: Sampling) -> LogitsProcessorList:
-        """HF's own warpers, in generate's order: temperature, then top_p (only when it cuts anything)."""
+        """What `generate` warps with after the temperature: HF's own top_p warper, when it cuts anything.
+        `choose` divides by the temperature first, as HF's TemperatureLogitsWarper does, but in place."""
         warpers = LogitsProcessorList()
-        if not sampling.greedy:
-            warpers.append(TemperatureLogitsWarper(sampling.temperature))
-            if sampling.top_p < 1.0:
-                warpers.append(TopPLogitsWarper(sampling.top_p))
+        if not sampling.greedy and sampling.top_p < 1.0:
+            warpers.append(TopPLogitsWarper(sampling.top_p))
         return warpers
 
     @staticmethod
@@ -698,7 +699,8 @@ class KVCacheSampler(Sampler):
         one uniform number; `torch.multinomial` would spend an exponential variate on every vocabulary entry."""
         if sampling.greedy:
             return logits.argmax(-1)
-        probs = torch.softmax(warpers(None, logits), dim=-1)
+        scores = logits.to(torch.float32, copy=True).div_(sampling.temperature)  # generate warps in fp32
+        probs = torch.softmax(warpers(None, scores), dim=-1)
         uniform = torch.cat([torch.rand(1, generator=g, dtype=torch.float64, device=logits.device) for g in generators])
         return invert_cdf(probs, uniform)
 

@@ -228,18 +228,34 @@ def test_draws_invert_the_float64_cumulative_distribution():
     assert invert_cdf(probs, torch.tensor([1.0], dtype=torch.float64), block=2).tolist() == [2]
 
 
-def test_top_p_and_temperature_go_through_hf_warpers():
-    logits = torch.tensor([[4.0, 3.0, 0.0, -1.0]] * 2)
-    generators = [torch.Generator().manual_seed(s) for s in (0, 1)]
-    warpers_for = lambda s: KVCacheSampler.warpers(s)  # noqa: E731
-    nucleus = Sampling(temperature=1.0, top_p=0.5)
-    for _ in range(20):  # top_p 0.5 keeps the argmax alone
-        assert KVCacheSampler.choose(logits, nucleus, warpers_for(nucleus), generators).tolist() == [0, 0]
+def test_top_p_and_temperature_warp_as_hf_warpers_do():
+    """The draws are those of HF's own TemperatureLogitsWarper then TopPLogitsWarper (generate's order), on bf16
+    logits as the model returns them, with the same uniform numbers."""
+    from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
+
+    torch.manual_seed(0)
+    logits = (torch.randn(6, 300) * 4).bfloat16()
+    for temperature, top_p in ((0.7, 1.0), (1.3, 0.8), (0.5, 0.3)):
+        settings = Sampling(temperature=temperature, top_p=top_p)
+        hf_warpers = LogitsProcessorList([TemperatureLogitsWarper(temperature)]
+                                         + ([TopPLogitsWarper(top_p)] if top_p < 1 else []))
+        for seed in range(5):
+            generators = [torch.Generator().manual_seed(seed * 10 + row) for row in range(6)]
+            ours = KVCacheSampler.choose(logits, settings, KVCacheSampler.warpers(settings), generators)
+            uniform = torch.cat([torch.rand(1, generator=torch.Generator().manual_seed(seed * 10 + row),
+                                            dtype=torch.float64) for row in range(6)])
+            probs = torch.softmax(hf_warpers(None, logits.float()), dim=-1)
+            assert ours.tolist() == invert_cdf(probs, uniform).tolist()
+    assert logits.dtype == torch.bfloat16  # warped on a copy
     greedy = Sampling(temperature=0)
-    assert KVCacheSampler.choose(logits, greedy, warpers_for(greedy), generators).tolist() == [0, 0]
+    assert KVCacheSampler.choose(logits, greedy, KVCacheSampler.warpers(greedy), []).tolist() == \
+        logits.float().argmax(-1).tolist()
     hot = Sampling(temperature=100.0)
-    draws = {KVCacheSampler.choose(logits, hot, warpers_for(hot), generators)[0].item() for _ in range(50)}
+    few = torch.tensor([[4.0, 3.0, 0.0, -1.0]])
+    draws = {KVCacheSampler.choose(few, hot, KVCacheSampler.warpers(hot), [torch.Generator().manual_seed(s)]).item()
+             for s in range(50)}
     assert draws == {0, 1, 2, 3}
+    assert few.tolist() == [[4.0, 3.0, 0.0, -1.0]]  # fp32 logits are warped on a copy too
 
 
 def test_unknown_backend_and_unhonoured_settings_are_named(tiny, capsys, workdir):
