@@ -8,6 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+import bench.decoding
 import bench.generation
 from bench.cli import main
 from bench.errors import ConfigError
@@ -85,8 +86,8 @@ def test_length_grouped_cache_changes_no_output(tiny, monkeypatch):
     stopping = tokens_as_eos(tokenizer, sample(model, tokenizer, prompts, greedy, desc="no eos")[2][1])
     settings = [greedy, Sampling(temperature=1.0, max_new_tokens=10, batch_size=6, seed=3)]
     monkeypatch.setattr(KVCacheSampler, "prefill_rows", 2)
-    monkeypatch.setattr(bench.generation.DecodeCache, "group_rows", 2)
-    monkeypatch.setattr(bench.generation.DecodeCache, "growth", 3)
+    monkeypatch.setattr(bench.decoding.DecodeCache, "group_rows", 2)
+    monkeypatch.setattr(bench.decoding.DecodeCache, "growth", 3)
     caches = []
     original = bench.generation.decode_cache
     monkeypatch.setattr(bench.generation, "decode_cache", lambda *args: caches.append(original(*args)) or caches[-1])
@@ -110,13 +111,13 @@ def test_packed_linear_weights_change_no_output(tiny, monkeypatch):
     settings = [Sampling(temperature=0, max_new_tokens=10, batch_size=4),
                 Sampling(temperature=1.0, max_new_tokens=10, batch_size=4, seed=3)]
     calls = []
-    original = bench.generation.packed_linear
-    monkeypatch.setattr(bench.generation, "packed_linear", lambda *args: calls.append(1) or original(*args))
+    original = bench.decoding.packed_linear
+    monkeypatch.setattr(bench.decoding, "packed_linear", lambda *args: calls.append(1) or original(*args))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         packed = [sample(model, tokenizer, PROMPTS, s, desc="packed") for s in settings]
         assert calls
         assert not any("forward" in vars(module) for module in model.modules())
-        monkeypatch.setattr(bench.generation, "packed_linear_dtype", lambda model: None)
+        monkeypatch.setattr(bench.decoding, "packed_linear_dtype", lambda model: None)
         assert [sample(model, tokenizer, PROMPTS, s, desc="autocast") for s in settings] == packed
 
 
@@ -143,17 +144,17 @@ def test_fused_decode_step_gives_the_models_logits(architecture, precision, monk
     model's own forward pass over the same cache (under bf16 autocast on CPU, on packed and fused weights)."""
     model = tiny_of(architecture)
     monkeypatch.setattr(KVCacheSampler, "prefill_rows", 2)
-    monkeypatch.setattr(bench.generation.DecodeCache, "group_rows", 2)
+    monkeypatch.setattr(bench.decoding.DecodeCache, "group_rows", 2)
     prompts = [[(7 * n + i) % 90 + 3 for i in range(n)] for n in (3, 5, 6, 8, 11)]
     context = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16-autocast" else torch.no_grad()
     runs = []
-    with context, torch.no_grad(), bench.generation.attention_for_decoding(model), \
-            bench.generation.packed_linears(model):
+    with context, torch.no_grad(), bench.decoding.attention_for_decoding(model), \
+            bench.decoding.packed_linears(model):
         for fused in (False, True):
             logits, mask, cache = KVCacheSampler().prefill(model, prompts, 6, pad_id=0)
-            assert bench.generation.FusedDecodeStep.fits(model, cache)
-            step = (bench.generation.FusedDecodeStep(model, cache) if fused
-                    else partial(bench.generation.hf_decode_step, model, cache))
+            assert bench.decoding.FusedDecodeStep.fits(model, cache)
+            step = (bench.decoding.FusedDecodeStep(model, cache) if fused
+                    else partial(bench.decoding.hf_decode_step, model, cache))
             tokens, positions, steps = logits.argmax(-1), mask.sum(-1), []
             for index in range(5):
                 if index == 2:  # rows 1 and 2 finish: one group keeps its first row, another moves a row up
@@ -171,20 +172,20 @@ def test_fused_decode_step_gives_the_models_logits(architecture, precision, monk
 
 def test_only_the_exact_architectures_get_the_fused_step():
     model = tiny_of("llama")
-    with bench.generation.attention_for_decoding(model):
-        cache = bench.generation.decode_cache(model, [3, 5], 4)
-        assert bench.generation.FusedDecodeStep.fits(model, cache)
+    with bench.decoding.attention_for_decoding(model):
+        cache = bench.decoding.decode_cache(model, [3, 5], 4)
+        assert bench.decoding.FusedDecodeStep.fits(model, cache)
         subclass = type("WrappedLlamaForCausalLM", (type(model),), {})  # e.g. a wrapper's own forward
         model.__class__ = subclass
-        assert not bench.generation.FusedDecodeStep.fits(model, cache)
-        assert not isinstance(bench.generation.decode_step(model, cache), bench.generation.FusedDecodeStep)
+        assert not bench.decoding.FusedDecodeStep.fits(model, cache)
+        assert not isinstance(bench.decoding.decode_step(model, cache), bench.decoding.FusedDecodeStep)
 
 
 def test_finished_rows_leave_their_group_in_place(monkeypatch):
     """A finished row's place in its group's buffers is taken by the group's last live row: only that row is
     copied, and the buffers are views of the same memory."""
-    monkeypatch.setattr(bench.generation.DecodeCache, "group_rows", 3)
-    cache = bench.generation.DecodeCache(1, [2, 3, 3, 4, 5, 6], 4, None, "cpu", grouped=True)
+    monkeypatch.setattr(bench.decoding.DecodeCache, "group_rows", 3)
+    cache = bench.decoding.DecodeCache(1, [2, 3, 3, 4, 5, 6], 4, None, "cpu", grouped=True)
     layer = cache.layers[0]
     keys, values = torch.randn(6, 2, 6, 4), torch.randn(6, 2, 6, 4)
     for begin, width in ((0, 3), (3, 6)):  # each group as wide as its longest prompt
