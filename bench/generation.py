@@ -6,9 +6,9 @@ rollouts and best-of-N. `sampling.backend` chooses the class that does the work:
 
 - ``harness`` (the default, `KVCacheSampler`, its machinery in `bench.decoding`): a decode loop over the
   model's own modules, with a key/value cache written in place and grouped by prompt length, the linear
-  layers' weights cast to bf16 once and packed for oneDNN on CPU, and finished rows dropped from the batch. Each prompt draws from its own random
-  stream, seeded from `sampling.seed` and its position, so a row's sample does not depend on which other rows
-  finish first.
+  layers' weights cast to bf16 once and packed for oneDNN on CPU, and finished rows dropped from the batch.
+  Each prompt draws from its own random stream, seeded from `sampling.seed` and its position, so a row's
+  sample does not depend on which other rows finish first.
 - ``hf`` (`HFGenerateSampler`): plain `model.generate`, as an HF or TRL user calls it.
 
 A backend is a subclass of `Sampler` with one method; a GPU user adds vLLM as one more class.
