@@ -208,11 +208,13 @@ def seed_list(text: str) -> list[int]:
 def label_command(argv: list[str]) -> None:
     from bench import gold, recipes
 
-    parser = OneLineParser(prog="bench label", description="Label every pair of a recipe's HH source "
-                                     "with a gold reward model: a relabelled copy in the dataset's own layout, cached.")
+    parser = OneLineParser(prog="bench label", description="Label a recipe's preference data with its gold: every "
+                           "HH pair relabelled by a gold reward model, or (with the recipe's gold.on_policy) the "
+                           "reference policy's own samples labelled by the gold; in the dataset's own layout, cached.")
     parser.add_argument("--recipe", default="smol-gold")
-    parser.add_argument("--gold", help="gold reward model: a folder or hub id of a one-output sequence classifier, "
-                        "or `train` (the recipe's gold.train; default: the recipe's gold.model)")
+    parser.add_argument("--gold", help="the gold: a registered computable reward (reward:vader), a folder or hub id "
+                        "of a one-output sequence classifier, or `train` (the recipe's gold.train; default: the "
+                        "recipe's gold.model)")
     parser.add_argument("--rule", choices=gold.RULES)
     parser.add_argument("--temperature", type=float, help="the bradley-terry rule's T")
     parser.add_argument("--seed", type=int)
@@ -228,7 +230,7 @@ def label_command(argv: list[str]) -> None:
     if not (recipe.get("gold") or {}).get("model"):
         raise BenchError(f"recipe {recipe_name} has no gold model: pass --gold SPEC")
     world = gold.gold_world(recipe_name, recipe, create=True)
-    print(gold.describe(world["gold_manifest"], world["data"]["path"]))
+    print(gold.describe_world(world))
 
 
 def compare_command(argv: list[str]) -> None:

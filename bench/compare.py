@@ -24,8 +24,10 @@ import mlflow
 import modules
 from bench import figures, gold, recipes, tracking
 from bench.best_of_n import check_ns, evaluate_best_of_n
+from bench.best_of_n import stage_name as best_of_n_stage_name
 from bench.errors import BenchError, ConfigError
 from bench.overoptimisation import ScoresAlongTraining
+from bench.rewards import reward_needs_hub
 from bench.strategies import check_strategies
 
 log = logging.getLogger(__name__)
@@ -38,18 +40,45 @@ def stage_names() -> list[str]:
     return ["sft", "rm", *modules.aligned()]
 
 
+def arms_of(recipe_name: str, recipe: dict) -> dict[str, tuple[str, dict]]:
+    """`compare.arms`: {arm: (its algorithm, the recipe sections it overrides for that algorithm)}. An arm is an
+    algorithm with other settings, run as a stage of its own (`dpo-beta0.5: {algorithm: dpo, model: {beta: 0.5}}`)."""
+    arms = {}
+    for name, section in ((recipe.get("compare") or {}).get("arms") or {}).items():
+        section = dict(section or {})
+        algorithm = section.pop("algorithm", None)
+        if algorithm not in modules.aligned():
+            raise ConfigError(f"recipe {recipe_name}: compare.arms.{name}.algorithm must name an aligned algorithm "
+                              f"({', '.join(modules.aligned())}), got {algorithm!r}")
+        unknown = set(section) - set(recipes.CLI_SECTIONS)
+        if unknown:
+            raise ConfigError(f"recipe {recipe_name}: compare.arms.{name} has {sorted(unknown)}; an arm overrides "
+                              f"only {', '.join(recipes.CLI_SECTIONS)}")
+        if name in stage_names():
+            raise ConfigError(f"recipe {recipe_name}: compare.arms.{name} would hide the stage of that name")
+        arms[name] = (algorithm, section)
+    return arms
+
+
+def algorithm_of(stage: str, arms: dict[str, tuple[str, dict]]) -> str:
+    return arms[stage][0] if stage in arms else stage
+
+
 def stages_of(recipe_name: str, recipe: dict) -> list[str]:
-    all_stages = stage_names()
+    all_stages, arms = stage_names(), arms_of(recipe_name, recipe)
     stages = list((recipe.get("compare") or {}).get("stages") or ("rm", *modules.aligned()))
-    unknown = [s for s in stages if s not in all_stages]
+    unknown = [s for s in stages if s not in all_stages and s not in arms]
     if unknown:
         raise ConfigError(f"recipe {recipe_name}: compare.stages names {unknown}, which is not a stage; "
-                          f"stages are {', '.join(all_stages)}")
-    optimising = [s for s in stages if s in modules.aligned() and modules.module_class(s).proxy_setting]
+                          f"stages are {', '.join(all_stages)} and the recipe's compare.arms ({', '.join(arms) or 'none'})")
+    optimising = [s for s in stages if algorithm_of(s, arms) in modules.aligned()
+                  and modules.module_class(algorithm_of(s, arms)).proxy_setting]
     if optimising and "rm" not in stages:
         raise ConfigError(f"recipe {recipe_name}: compare.stages has {', '.join(optimising)}, which optimise a proxy "
                           "reward model, but no `rm` stage to train it")
-    return sorted(stages, key=all_stages.index)  # SFT before the reward models before the algorithms
+    # SFT before the reward models before the algorithms; arms in the order the recipe lists them
+    return sorted(stages, key=lambda s: (all_stages.index(algorithm_of(s, arms)) if s not in arms else len(all_stages),
+                                         stages.index(s)))
 
 
 def budget_overrides(algorithm: str, config: dict, prompts: int) -> list[str]:
@@ -122,6 +151,15 @@ def dry_run_recipe(recipe: dict, data_path: str) -> dict:
     if compare.get("overoptimisation"):
         compare["overoptimisation"] = {**compare["overoptimisation"], "n_prompts": 2, "every_n_steps": 1,
                                        "sampling": {"max_new_tokens": 4, "batch_size": 2}}
+    on_policy = (small.get("gold") or {}).get("on_policy")
+    if on_policy is not None:  # the tiny policy samples a few short responses to a few prompts
+        small["gold"]["on_policy"] = {**on_policy, "max_prompts": 160, "max_prompt_tokens": 64,
+                                      "prompts": "hh-first-turn",
+                                      "sampling": {**(on_policy.get("sampling") or {}), "max_new_tokens": 8,
+                                                   "batch_size": 64}}
+        small["data"].update(val_fraction=0.2, test_fraction=0.2)
+    if small.get("gold") and reward_needs_hub(small["gold"].get("model")):  # a local gold stands in for a hub one
+        small["gold"] = {**small["gold"], "model": "reward:vader"}
     if small.get("gold"):  # a one-step MiniLM gold model labels the slice
         small["gold"] = {**small["gold"], "train": {"trainer": {"max_steps": 1, "max_epochs": -1, "limit_val_batches": 1},
                                                    "data": {"batch_size": 2, "max_train_pairs": 8},
@@ -203,6 +241,8 @@ class Comparison:
         if self.budget is not None and (not isinstance(self.budget, int) or self.budget < 1):
             raise ConfigError(f"recipe {recipe_name}: compare.budget_prompts must be a positive integer, got {self.budget!r}")
         self.best_of_n = check_ns(settings["best_of_n"]) if settings.get("best_of_n") else []
+        self.best_of_n_gold = check_ns(settings["best_of_n_gold"]) if settings.get("best_of_n_gold") else []
+        self.arms = arms_of(recipe_name, self.recipe)
         tracking_settings = settings.get("overoptimisation") or {}
         self.tracked = set(tracking_settings.get("stages") or [])
         self.tracking = {k: v for k, v in tracking_settings.items() if k != "stages"}
@@ -226,11 +266,24 @@ class Comparison:
     def seed_args(self, seed: int) -> list[str]:
         return [f"--seed_everything={seed}", f"--data.seed={seed}"]
 
+    def algorithm(self, stage: str) -> str:
+        return algorithm_of(stage, self.arms)
+
+    def aligned_stages(self) -> list[str]:
+        return [s for s in self.stages if self.algorithm(s) in modules.aligned()]
+
+    def stage_recipe(self, stage: str) -> dict:
+        """The recipe a stage trains with: an arm's overrides merged over its algorithm's section."""
+        if stage not in self.arms:
+            return self.recipe
+        algorithm, overrides = self.arms[stage]
+        return recipes.deep_merge(self.recipe, {"algorithms": {algorithm: overrides}})
+
     def train(self, stage: str, algorithm: str, argv: list[str], seed: int, callbacks: list | None = None):
         from bench.training import train_one
 
         tags = {"mlflow.parentRunId": self.parent, "compare_stage": stage, "seed": str(seed)}
-        result = train_one(algorithm, self.recipe_name, self.recipe, [*argv, *self.seed_args(seed), *self.argv],
+        result = train_one(algorithm, self.recipe_name, self.stage_recipe(stage), [*argv, *self.seed_args(seed), *self.argv],
                            run_name=f"{stage}-s{seed}-{datetime.now():%Y%m%d-%H%M%S}", tags=tags, reuse=True,
                            callbacks=callbacks)
         gc.collect()  # free the trainer and its models before the next stage loads its own
@@ -243,8 +296,9 @@ class Comparison:
 
     def run(self) -> dict:
         # Every stage's budget is checked before the first one trains.
-        budgets = {algorithm: budget_overrides(algorithm, recipes.for_algorithm(self.recipe, algorithm), self.budget)
-                   for algorithm in self.stages if algorithm in modules.aligned() and self.budget}
+        budgets = {stage: budget_overrides(self.algorithm(stage), recipes.for_algorithm(self.stage_recipe(stage),
+                                                                                         self.algorithm(stage)), self.budget)
+                   for stage in self.aligned_stages() if self.budget}
         self.parent = self.parent_run()
         log.info("comparison of %s over seeds %s under MLflow parent run %s", ", ".join(self.stages), self.seeds,
                  self.parent)
@@ -264,23 +318,39 @@ class Comparison:
         proxy_args: dict[str, list[str]] = {}
         proxy = None
         if "rm" in self.stages:
-            proxy = str(self.train("rm-proxy", "rm", ["--model.role=proxy"], seed).output_path)
+            proxy_run = self.train("rm-proxy", "rm", ["--model.role=proxy"], seed)
+            proxy = str(proxy_run.output_path)
+            self.record_proxy_agreement(proxy_run.run_id, proxy)
             if self.judge is None:  # the first seed's judge judges every seed
                 self.judge = str(self.train("rm-judge", "rm", ["--model.role=judge"], seed).output_path)
             proxy_args = {name: [f"--{cls.proxy_setting}={proxy}"] for name, cls in modules.registry().items()
                           if cls.proxy_setting}
         if "sft" in self.stages:
             self.evaluate("sft", sft.run_id, seed, proxy)
-        for algorithm in (s for s in self.stages if s in modules.aligned()):
+        for stage in self.aligned_stages():
             callbacks = None
-            if algorithm in self.tracked and self.judge and proxy:
+            if stage in self.tracked and self.judge and proxy:
                 callbacks = [ScoresAlongTraining(self.judge, proxy, **self.tracking)]
-            result = self.train(algorithm, algorithm,
-                                [*policy_args, *proxy_args.get(algorithm, []), *budgets.get(algorithm, [])], seed,
-                                callbacks)
-            self.evaluate(algorithm, result.run_id, seed, proxy)
+            result = self.train(stage, self.algorithm(stage),
+                                [*policy_args, *proxy_args.get(self.algorithm(stage), []), *budgets.get(stage, [])],
+                                seed, callbacks)
+            self.evaluate(stage, result.run_id, seed, proxy)
         if self.best_of_n and proxy:
             self.best_of_n_stage(seed, proxy, policy_args)
+
+    def record_proxy_agreement(self, run_id: str, proxy: str) -> None:
+        """In a gold world: how often the proxy orders the held-out test pairs as the gold does."""
+        gold_spec = self.recipe.get("gold_model")
+        if not gold_spec or "eval/proxy_gold_agreement" in self.client.get_run(run_id).data.metrics:
+            return
+        from bench.onpolicy import proxy_gold_agreement
+
+        metrics = proxy_gold_agreement(proxy, gold_spec, recipes.for_algorithm(self.recipe, "dpo")["data"])
+        for key, value in metrics.items():
+            self.client.log_metric(run_id, key, value)
+        log.info("proxy %s orders %.3f of %d held-out pairs as the gold %s does (their labels: %.3f)", proxy,
+                 metrics["eval/proxy_gold_agreement"], metrics["eval/proxy_gold_agreement_pairs"], gold_spec,
+                 metrics["eval/label_gold_agreement"])
 
     def eval_settings(self, seed: int, proxy: str | None):
         from bench.evaluation import EvalSettings
@@ -308,10 +378,13 @@ class Comparison:
         same test prompts as the stages."""
         config = recipes.for_algorithm(self.recipe, "dpo")
         reference = policy_args[0].split("=", 1)[1] if policy_args else config["model"]["policy"]
-        runs = evaluate_best_of_n(reference, config["data"], self.eval_settings(seed, proxy), self.best_of_n,
-                                  self.recipe_name, tags={"mlflow.parentRunId": self.parent, "seed": str(seed)})
-        for n, run_id in runs.items():
-            self.client.set_tag(run_id, "compare_stage", f"best-of-{n}")
-            key = self.stage_key(f"best-of-{n}", seed)
-            self.runs[key] = run_id
-            self.client.set_tag(self.parent, f"stage.{key}", run_id)
+        for pick, ns in (("proxy", self.best_of_n), ("gold", self.best_of_n_gold)):
+            if not ns:
+                continue
+            runs = evaluate_best_of_n(reference, config["data"], self.eval_settings(seed, proxy), ns, self.recipe_name,
+                                      tags={"mlflow.parentRunId": self.parent, "seed": str(seed)}, pick=pick)
+            for n, run_id in runs.items():
+                self.client.set_tag(run_id, "compare_stage", best_of_n_stage_name(n, pick))
+                key = self.stage_key(best_of_n_stage_name(n, pick), seed)
+                self.runs[key] = run_id
+                self.client.set_tag(self.parent, f"stage.{key}", run_id)

@@ -1,6 +1,21 @@
 """`bench eval`: win rate against the dataset's chosen response and against the reference policy's own
 sample, judge and proxy reward-model scores, the KL behind them, response length and preference accuracy.
 
+`eval/kl` is the exact KL of the policy from the reference at the sampling temperature T
+(`eval.sampling.temperature`): for each prompt, the sum over the tokens of the policy's own sample of
+KL(pi_T || pi_ref_T) between the two models' next-token distributions softmax(logits / T), over the whole
+vocabulary (`modules.logps.sequence_kl`); then the mean over prompts. By the chain rule its expectation is the
+KL between the tempered distributions of whole responses, and it is never negative. It is the KL of the
+tempered, untruncated distributions (top_p < 1 truncates what the sampler draws from; the recipes sample with
+top_p 1), and it is undefined (NaN, with a warning) for greedy sampling. The run's tags `eval.kl_kind` and
+`eval.kl_temperature` say so; the samples table (eval/samples.json) holds each prompt's `kl`. Training logs the
+same quantity as `objective/kl` (online algorithms) and `val/overopt/kl` (scores along training).
+
+What was cut is counted: `eval/prompts/truncated_ratio`, the share of prompts longer than
+`data.max_prompt_length` tokens (the policy sees their end), and `eval/completions/clipped_ratio`, the share of
+the policy's responses that reached `max_new_tokens` without ending in EOS; per prompt, `prompt_truncated` and
+`response_at_max` (0/1) in the samples table.
+
 Everything that can fail on bad input (the target, N, the judge) is checked before any generation.
 """
 
@@ -21,12 +36,13 @@ from transformers import AutoConfig
 from bench import tracking
 from bench.errors import BenchError, ConfigError
 from bench.generation import SAMPLING_STATS, JsonCache, Sampling, decode_responses, reference_samples_key, sample
-from bench.judges import DPO_HELPFULNESS_PROMPT, ChatCompletionsJudge, RewardModelJudge
+from bench.judges import DPO_HELPFULNESS_PROMPT, ChatCompletionsJudge, RewardJudge, RewardModelJudge
+from bench.rewards import is_reward_spec
 from bench.models import BUILTIN_SPECS, load_causal_lm, load_tokenizer, resolve
 from datamodules.formatting import Formatter
 from datamodules.hh_datamodule import Collator
 from datamodules.hh_rlhf import Pair, load_splits
-from modules.logps import SequenceLogps, head_computes_logits, sequence_logps
+from modules.logps import SequenceLogps, head_computes_logits, sequence_kl, sequence_logps
 from modules.metrics import BootstrapMean, WinRate
 from modules.reward_model import load_reward_model
 
@@ -172,6 +188,8 @@ def make_judge(settings: EvalSettings, experiment: str):
             if missing:
                 raise ConfigError(f"eval.judge_prompt {settings.judge_prompt} lacks the fields {missing}")
         return ChatCompletionsJudge(settings.judge, settings.judge_model, template, seed=settings.sampling.seed)
+    if is_reward_spec(settings.judge):  # a computable reward, e.g. the sentiment world's gold
+        return RewardJudge(settings.judge)
     path = find_reward_model(experiment, "judge") if settings.judge == "latest" else settings.judge
     judge = RewardModelJudge(path, role="judge", input_format=settings.judge_format)
     if judge.trained_role == "proxy":
@@ -211,6 +229,52 @@ def batched_logps(model, rows: list[dict], collate, batch_size: int, desc: str) 
     return SequenceLogps(torch.cat(totals), torch.cat(tokens))
 
 
+@torch.no_grad()
+def samples_kl(policy, reference, rows: list[dict], collate, batch_size: int, temperature: float,
+               desc: str = "KL") -> torch.Tensor:
+    """Per row (prompt_ids, completion_ids: a sample of the policy), the exact KL of the policy from the
+    reference summed over the sample's tokens at the sampling `temperature` (`sequence_kl`), on the CPU in float32.
+    NaN for greedy sampling, which has no distribution to take a KL of."""
+    if temperature == 0:
+        log.warning("the KL is undefined for greedy sampling (temperature 0): it is reported as NaN")
+        return torch.full((len(rows),), float("nan"))
+    if reference is policy:  # the policy is its own reference: exactly 0, with no forward pass
+        return torch.zeros(len(rows))
+    fast = (head_computes_logits(policy), head_computes_logits(reference))
+    kls = []
+    for start in tqdm(range(0, len(rows), batch_size), desc=desc, unit="batch"):
+        batch = {k: v.to(policy.device) for k, v in collate(rows[start : start + batch_size]).items()}
+        kls.append(sequence_kl(policy, reference, batch, temperature, fast).float().cpu())
+    return torch.cat(kls)
+
+
+def kl_tags(sampling: Sampling) -> dict[str, str]:
+    """What eval/kl is (see the module docstring), for the run's tags."""
+    return {"eval.kl_kind": "exact" if sampling.temperature > 0 else "undefined (greedy sampling)",
+            "eval.kl_temperature": str(sampling.temperature)}
+
+
+def truncated_prompts(formatter: Formatter, prompts: list[str], prompt_ids: list[list[int]]) -> list[int]:
+    """1 for each prompt whose formatted tokens were cut to `max_prompt_length` (the `prompt_ids` the policy
+    was given, from `generation_prompt_ids`, are shorter than the whole formatted prompt), else 0."""
+    return [int(len(ids) < len(formatter.prompt_ids(prompt))) for prompt, ids in zip(prompts, prompt_ids)]
+
+
+def responses_at_max(generated: list[list[int]], max_new_tokens: int, eos_token_id: int) -> list[int]:
+    """1 for each response that reached `max_new_tokens` without ending in EOS (TRL's clipped completions)."""
+    return [int(len(ids) >= max_new_tokens and (not ids or ids[-1] != eos_token_id)) for ids in generated]
+
+
+def truncation(formatter: Formatter, pairs: list[Pair], prompt_ids: list[list[int]], generated: list[list[int]],
+               max_new_tokens: int, eos_token_id: int) -> tuple[dict[str, float], dict[str, list[int]]]:
+    """What was cut, as shares (metrics) and per prompt (columns of the samples table)."""
+    columns = {"prompt_truncated": truncated_prompts(formatter, [p.prompt for p in pairs], prompt_ids),
+               "response_at_max": responses_at_max(generated, max_new_tokens, eos_token_id)}
+    ratios = {"eval/prompts/truncated_ratio": sum(columns["prompt_truncated"]) / len(pairs),
+              "eval/completions/clipped_ratio": sum(columns["response_at_max"]) / len(pairs)}
+    return ratios, columns
+
+
 def eval_pairs(data: dict, split: str, n_prompts: int, seed: int) -> list[Pair]:
     """The `n_prompts` pairs of `split` that evaluation uses: a seeded sample, in the split's order."""
     splits, _ = load_splits(data["path"], data.get("subsets"), data.get("val_fraction", 0.1),
@@ -243,13 +307,11 @@ def evaluate(target: Target, settings: EvalSettings) -> dict:
         reference_ids = reference_samples(target.reference, lambda: reference, tokenizer, prompt_ids, settings.sampling)
         sampling_seconds = SAMPLING_STATS.since(before).seconds
 
-        # KL(policy || reference) on the policy's own samples, summed over generated tokens.
+        # The exact KL(policy || reference) at the sampling temperature, on the policy's own samples.
         sample_rows = [{"prompt_ids": p, "completion_ids": g} for p, g in zip(prompt_ids, policy_ids)]
         collate_sft = Collator("sft", tokenizer.pad_token_id)
         batch_size = settings.sampling.batch_size
-        policy_on_samples = batched_logps(policy, sample_rows, collate_sft, batch_size, "KL: policy")
-        reference_on_samples = batched_logps(reference, sample_rows, collate_sft, batch_size, "KL: reference")
-        kl = (policy_on_samples.total - reference_on_samples.total).mean().item()
+        kl = samples_kl(policy, reference, sample_rows, collate_sft, batch_size, settings.sampling.temperature)
 
         pair_metrics = (preference_accuracies(policy, reference, [formatter.pair(p) for p in pairs], collate_sft,
                                               batch_size) if settings.pref_accuracy else {})
@@ -257,10 +319,14 @@ def evaluate(target: Target, settings: EvalSettings) -> dict:
     policy_text = decode_responses(tokenizer, policy_ids)
     metrics, table = judge_responses(judge, proxy, pairs, policy_text, decode_responses(tokenizer, reference_ids),
                                      settings.confidence)
+    ratios, truncation_columns = truncation(formatter, pairs, prompt_ids, policy_ids, settings.sampling.max_new_tokens,
+                                            tokenizer.eos_token_id)
+    table.update(kl=kl.tolist(), **truncation_columns)
     metrics.update({
-        "eval/kl": kl,
+        "eval/kl": kl.mean().item(),
         "eval/response_len": sum(len(g) for g in policy_ids) / len(policy_ids),
         "eval/sampling_seconds": sampling_seconds,
+        **ratios,
         **pair_metrics,
     })
     record_eval(target, settings, judge, proxy, metrics, table)
@@ -375,6 +441,7 @@ def record_eval(target: Target, settings: EvalSettings, judge, proxy, metrics: d
     tags = {f"eval.judge.{k}": v for k, v in judge_info.items()}
     tags["eval.reference"] = target.reference
     tags["eval.proxy"] = getattr(getattr(proxy, "hparams", None), "backbone", "none") if proxy is not None else "none"
+    tags.update(kl_tags(settings.sampling))
     for key, value in tags.items():
         client.set_tag(run_id, key, str(value))
     if "eval_skipped" in client.get_run(run_id).data.tags:  # left by a `bench train` that had no judge yet

@@ -21,21 +21,22 @@ import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import torch
 
 from bench.errors import ConfigError, DataError
-from bench.generation import JsonCache, model_fingerprint
+from bench import onpolicy
+from bench.generation import JsonCache
+from bench.judges import load_scorer, scorer_fingerprint
+from bench.rewards import is_reward_spec, make_reward
+from bench.labelling import RULES, LabelRule, label_pairs, source_files, source_fingerprint  # noqa: F401 - gold.label_pairs
 from bench.models import cache_dir
-from datamodules.hh_rlhf import (SPLITS, _check_keys, _local_split_files, _read_jsonl_gz, assign_splits, is_local,
+from datamodules.hh_rlhf import (SPLITS, _check_keys, _read_jsonl_gz, assign_splits,
                                  parse_record)
 
 log = logging.getLogger(__name__)
 
-LabelRule = Literal["deterministic", "bradley-terry"]
-RULES = ("deterministic", "bradley-terry")
 MANIFEST = "manifest.json"
 
 
@@ -57,29 +58,6 @@ class GoldSettings:
             raise ConfigError(f"gold.temperature must be > 0 for the bradley-terry rule, got {self.temperature}")
         if self.batch_size < 1:
             raise ConfigError(f"gold.batch_size must be >= 1, got {self.batch_size}")
-
-
-def label_pairs(chosen_scores: np.ndarray, rejected_scores: np.ndarray, rule: LabelRule, temperature: float = 1.0,
-                seed: int = 0) -> np.ndarray:
-    """True where the human-chosen response stays chosen. Deterministic: where its gold score is not below the
-    rejected one's. Bradley-Terry: with probability sigma((r_chosen - r_rejected) / T), one uniform draw per pair
-    from `seed`, in pair order."""
-    margin = np.asarray(chosen_scores, dtype=np.float64) - np.asarray(rejected_scores, dtype=np.float64)
-    if rule == "deterministic":
-        return margin >= 0
-    keep_probability = torch.sigmoid(torch.from_numpy(margin / temperature)).numpy()
-    return np.random.default_rng(seed).random(len(margin)) < keep_probability
-
-
-def source_files(path: str, subsets: list[str] | None) -> list[Path]:
-    if not is_local(path):
-        raise ConfigError(f"gold labels are written for a local HH-RLHF folder; {path!r} is not one (download it "
-                          "first, e.g. with `huggingface-cli download Anthropic/hh-rlhf --repo-type dataset`)")
-    return [file for files in _local_split_files(Path(path).expanduser(), subsets).values() for file in files]
-
-
-def source_fingerprint(files: list[Path]) -> list[dict]:
-    return [{"file": str(f.resolve()), "sha256": hashlib.sha256(f.read_bytes()).hexdigest()} for f in files]
 
 
 def labels_key(settings: GoldSettings, gold_fingerprint: str, sources: list[dict]) -> str:
@@ -118,7 +96,7 @@ def relabelled_source(settings: GoldSettings, data: dict, scorer_factory, root: 
     path = data["path"]
     files = source_files(path, data.get("subsets"))
     folder = labelled_folder(settings, data, root)
-    expected = expected_manifest(settings, model_fingerprint(settings.model))
+    expected = expected_manifest(settings, scorer_fingerprint(settings.model))
     if (folder / MANIFEST).exists():
         manifest = check_manifest(folder, expected)
         log.info("gold labels: reusing %s (%s)", folder, manifest["counts"])
@@ -200,13 +178,13 @@ def gold_scores(pairs: list, settings: GoldSettings, scorer) -> tuple[np.ndarray
     (keyed by the gold model, the pairs and the input format), so that another rule, temperature or seed
     relabels without scoring again."""
     cache = JsonCache("gold_scores")
-    key = JsonCache.key({"gold": model_fingerprint(settings.model), "input_format": settings.input_format,
+    key = JsonCache.key({"gold": scorer_fingerprint(settings.model), "input_format": settings.input_format,
                          "pairs": hashlib.sha256(json.dumps([[p.prompt, p.chosen, p.rejected] for p in pairs])
                                                  .encode()).hexdigest()})
     cached = cache.load(key)
     if cached is None:
         prompts = [p.prompt for p in pairs]
-        with torch.autocast(scorer().device.type, dtype=torch.bfloat16):  # the precision evaluation scores in
+        with torch.autocast(getattr(scorer(), "device", torch.device("cpu")).type, dtype=torch.bfloat16):  # the precision evaluation scores in
             cached = {"chosen": scorer().score(prompts, [p.chosen for p in pairs], batch_size=settings.batch_size,
                                                desc="gold scores: chosen").tolist()}
             cached["rejected"] = scorer().score(prompts, [p.rejected for p in pairs], batch_size=settings.batch_size,
@@ -241,12 +219,22 @@ def gold_settings(recipe: dict) -> GoldSettings | None:
         return None
     if not isinstance(section, dict) or "model" not in section:
         raise ConfigError("recipe section gold: needs `model:` (a reward-model folder or hub id, or `train`)")
-    values = {key: value for key, value in section.items() if key != "train"}
+    values = {key: value for key, value in section.items() if key not in ("train", "on_policy")}
     unknown = set(values) - set(GoldSettings.__dataclass_fields__)
     if unknown:
         raise ConfigError(f"unknown gold settings {sorted(unknown)}; known: {sorted(GoldSettings.__dataclass_fields__)} "
-                          "and train")
+                          "and train, on_policy")
+    check_gold_spec(str(values["model"]))
     return GoldSettings(**values)
+
+
+def check_gold_spec(spec: str) -> None:
+    """One line when `gold.model` is neither `train`, a registered reward, a reward-model folder nor a hub id."""
+    if is_reward_spec(spec):
+        make_reward(spec, field="gold.model")
+    elif spec != "train" and not Path(spec).expanduser().exists() and (spec.count("/") != 1 or spec.startswith((".", "/", "~"))):
+        raise ConfigError(f"gold.model {spec!r} is neither `train`, a registered reward (reward:NAME), a reward-model "
+                          "folder that exists, nor a hub id")
 
 
 def gold_model_dir(recipe_name: str, recipe: dict) -> Path:
@@ -288,22 +276,21 @@ def ensure_gold_model(recipe_name: str, recipe: dict, train: bool) -> str:
 
 
 def gold_world(recipe_name: str, recipe: dict, create: bool = False) -> dict:
-    """The recipe as its stages read it: `data.path` the gold-labelled copy of its source, and `eval.judge`
-    the gold model where the recipe says `judge: gold`. With `create`, a missing gold model is trained and a
-    missing copy labelled (`bench label`, `bench compare`); otherwise their absence is an error that says so."""
+    """The recipe as its stages read it: `data.path` the gold-labelled data (HH pairs relabelled by the gold, or,
+    with `gold.on_policy`, the reference's own samples labelled by it: `bench.onpolicy`), and `eval.judge` the
+    gold where the recipe says `judge: gold`. With `create`, a missing gold model is trained and missing data
+    labelled (`bench label`, `bench compare`); otherwise their absence is an error that says so."""
     settings = gold_settings(recipe)
     if settings is None:
         return recipe
-    from bench import recipes
-
+    if (recipe.get("gold") or {}).get("on_policy") is not None:
+        return on_policy_world(recipe_name, recipe, settings, create)
     model = ensure_gold_model(recipe_name, recipe, train=create)
     settings = GoldSettings(**{**asdict(settings), "model": model})
     data = recipe.get("data") or {}
 
     def scorer():
-        from modules.reward_model import load_reward_model
-
-        return load_reward_model(model, role="gold", input_format=settings.input_format)
+        return load_scorer(model, "gold", settings.input_format)
 
     if not create:
         folder = labelled_folder(settings, data)
@@ -311,21 +298,42 @@ def gold_world(recipe_name: str, recipe: dict, create: bool = False) -> dict:
             raise ConfigError(f"recipe {recipe_name}'s data is not gold-labelled yet: run `bench label --recipe "
                               f"{recipe_name}`")
     folder, manifest = relabelled_source(settings, data, scorer)
+    return world_of(recipe, folder, manifest, model)
+
+
+def on_policy_world(recipe_name: str, recipe: dict, settings: GoldSettings, create: bool) -> dict:
+    if settings.model == "train":
+        raise ConfigError(f"recipe {recipe_name}: gold.on_policy needs a gold that exists (a registered reward such "
+                          "as reward:vader, or a reward-model folder), not `model: train`")
+    policy = (recipe.get("model") or {}).get("policy")
+    if not policy:
+        raise ConfigError(f"recipe {recipe_name}: gold.on_policy samples the reference, but model.policy is not set")
+    rule = {"rule": settings.rule, "seed": settings.seed,
+            "temperature": settings.temperature if settings.rule == "bradley-terry" else None}
+    on_policy = onpolicy.OnPolicySettings.from_dict(recipe["gold"]["on_policy"])
+    folder, manifest = onpolicy.on_policy_source(settings.model, policy, on_policy, rule, recipe.get("data") or {}, create)
+    return world_of(recipe, folder, manifest, settings.model)
+
+
+def world_of(recipe: dict, folder: Path, manifest: dict, gold_spec: str) -> dict:
+    """The recipe reading `folder`, judged by the gold where it says `judge: gold`."""
+    from bench import recipes
+
     world = recipes.deep_merge(recipe, {"data": {"path": str(folder)}, "gold_manifest": manifest})
     eval_section = dict(world.get("eval") or {})
     if eval_section.get("judge") == "gold":
-        eval_section["judge"] = model
+        eval_section["judge"] = gold_spec
         world["eval"] = eval_section
     compare_eval = ((world.get("compare") or {}).get("eval") or {})
     if compare_eval.get("judge") == "gold":
-        world["compare"]["eval"]["judge"] = model
-    world["gold_model"] = model
+        world["compare"]["eval"]["judge"] = gold_spec
+    world["gold_model"] = gold_spec
     return world
 
 
 def labelled_folder(settings: GoldSettings, data: dict, root: Path | None = None) -> Path:
     files = source_files(data["path"], data.get("subsets"))
-    key = labels_key(settings, model_fingerprint(settings.model), source_fingerprint(files))
+    key = labels_key(settings, scorer_fingerprint(settings.model), source_fingerprint(files))
     return (root or cache_dir() / "gold_labels") / key
 
 
@@ -346,3 +354,9 @@ def describe(manifest: dict, folder: str) -> str:
         + " (the gold model's own preference)",
         f"labelled copy {folder}",
     ])
+
+
+def describe_world(world: dict) -> str:
+    """`bench label`'s report of whichever gold world the recipe has."""
+    manifest, folder = world["gold_manifest"], world["data"]["path"]
+    return onpolicy.describe(manifest, folder) if manifest.get("kind") == "on-policy" else describe(manifest, folder)

@@ -1,6 +1,8 @@
 """Judges decide, per prompt, whether the policy's response beats a baseline's.
 
 - `RewardModelJudge` (the default): a trained reward model's scores; also gives mean scores.
+- `RewardJudge`: a computable reward of the response text (`reward:NAME`, `bench.rewards`), e.g. the VADER
+  sentiment gold of the controlled-sentiment world; also gives mean scores.
 - `ChatCompletionsJudge`: pairwise verdicts from an OpenAI-compatible chat-completions endpoint, as in
   the GPT-4-judged win rates of the DPO and KTO papers. The order of the two responses is randomised.
 """
@@ -19,6 +21,7 @@ from tqdm.auto import tqdm
 from bench.errors import BenchError
 from bench.generation import model_fingerprint
 from modules.metrics import win_outcomes
+from bench.rewards import is_reward_spec, make_reward
 from modules.reward_model import load_reward_model
 
 log = logging.getLogger(__name__)
@@ -62,6 +65,40 @@ class RewardModelJudge:
 
     def compare(self, prompts, policy_responses, baseline_responses) -> torch.Tensor:
         return win_outcomes(self.scores(prompts, policy_responses), self.scores(prompts, baseline_responses))
+
+
+class RewardJudge:
+    """A computable reward as the judge: the higher-scoring response wins, ties count one half."""
+
+    kind = "reward"
+
+    def __init__(self, spec: str):
+        self.reward = make_reward(spec, field="judge")
+        self.path = self.reward.spec  # what tables and tags name the judge by
+        self.trained_role = "gold"
+
+    def describe(self) -> dict[str, str]:
+        return {"kind": self.kind, "path": self.path, "description": self.reward.description,
+                "fingerprint": self.reward.fingerprint()}
+
+    def check_reachable(self) -> None:
+        pass
+
+    def scores(self, prompts: list[str], responses: list[str]) -> torch.Tensor:
+        return self.reward.score(prompts, responses)
+
+    def compare(self, prompts, policy_responses, baseline_responses) -> torch.Tensor:
+        return win_outcomes(self.scores(prompts, policy_responses), self.scores(prompts, baseline_responses))
+
+
+def load_scorer(spec: str, role: str, input_format: str = "auto"):
+    """What scores responses for `spec`: a registered computable reward (`reward:NAME`) or a reward model
+    (folder or hub id). Both have `score(prompts, responses)`."""
+    return make_reward(spec, field=role) if is_reward_spec(spec) else load_reward_model(spec, role, input_format)
+
+
+def scorer_fingerprint(spec: str) -> str:
+    return make_reward(spec).fingerprint() if is_reward_spec(spec) else model_fingerprint(spec)
 
 
 class ChatCompletionsJudge:

@@ -1,7 +1,8 @@
 """Scores along training: Gao et al.'s (2023) view of reward over-optimisation. Before the first step and every
 `every_n_steps` optimizer steps, the policy samples a fixed set of validation prompts; the callback logs how far
-it has moved from the reference (`val/overopt/kl`: log pi - log pi_ref of its samples, summed over tokens,
-averaged over prompts) and what the gold reward model (the judge) and the proxy make of those samples
+it has moved from the reference (`val/overopt/kl`: the exact KL at the sampling temperature, summed over the
+tokens of its samples and averaged over prompts, as `bench eval`'s `eval/kl`; see `bench.evaluation`) and what
+the gold (the judge: a reward model or a computable `reward:NAME`) and the proxy make of those samples
 (`val/overopt/gold_score`, `val/overopt/proxy_score`). `bench compare` attaches it to the stages its recipe
 names, and `bench.figures.overoptimisation` plots both scores against sqrt(KL) beside best-of-N.
 """
@@ -12,11 +13,11 @@ import time
 import lightning.pytorch as L
 import torch
 
-from bench.evaluation import batched_logps, eval_formatter, eval_pairs
+from bench.evaluation import eval_formatter, eval_pairs, samples_kl
 from bench.generation import Sampling, decode_responses, sample
+from bench.judges import load_scorer
 from bench.models import load_causal_lm
 from datamodules.hh_datamodule import Collator
-from modules.reward_model import load_reward_model
 
 log = logging.getLogger(__name__)
 
@@ -25,8 +26,9 @@ METRICS = ("val/overopt/kl", "val/overopt/gold_score", "val/overopt/proxy_score"
 
 class ScoresAlongTraining(L.Callback):
     """Args:
-        judge: the gold (judge) reward-model folder or spec.
-        proxy: the proxy reward-model folder or spec (the one the policy is trained against, where it is).
+        judge: the gold (judge): a reward-model folder or spec, or a computable reward (`reward:NAME`).
+        proxy: the proxy: a reward-model folder or spec (the one the policy is trained against, where it is),
+            or a computable reward.
         n_prompts: validation prompts sampled at each measurement (the same ones every time).
         every_n_steps: optimizer steps between measurements.
         sampling: how the policy samples them.
@@ -50,8 +52,8 @@ class ScoresAlongTraining(L.Callback):
         pairs = eval_pairs(data, "validation", self.n_prompts, seed=0)
         self.prompts = [p.prompt for p in pairs]
         self.prompt_ids = [eval_formatter(module.tokenizer, data).generation_prompt_ids(p) for p in self.prompts]
-        self.judge = load_reward_model(self.judge_spec, role="judge")
-        self.proxy = load_reward_model(self.proxy_spec, role="proxy")
+        self.judge = load_scorer(self.judge_spec, role="judge")
+        self.proxy = load_scorer(self.proxy_spec, role="proxy")
         self.reference = None
         self.measure(trainer, module)
 
@@ -85,13 +87,14 @@ class ScoresAlongTraining(L.Callback):
             rows = [{"prompt_ids": p, "completion_ids": g} for p, g in zip(self.prompt_ids, generated)]
             collate = Collator("sft", tokenizer.pad_token_id)
             was_training = policy.training
-            policy.eval()
-            policy_logps = batched_logps(policy, rows, collate, self.sampling.batch_size, "KL: policy")
-            policy.train(was_training)
-            reference_logps = batched_logps(self.reference_of(module), rows, collate, self.sampling.batch_size,
-                                            "KL: reference")
+            policy.eval()  # the distribution it sampled from: no dropout
+            try:
+                kl = samples_kl(policy, self.reference_of(module), rows, collate, self.sampling.batch_size,
+                                self.sampling.temperature)
+            finally:
+                policy.train(was_training)
         texts = decode_responses(tokenizer, generated)
-        metrics = {"val/overopt/kl": (policy_logps.total - reference_logps.total).mean().item(),
+        metrics = {"val/overopt/kl": kl.mean().item(),
                    "val/overopt/gold_score": self.judge.score(self.prompts, texts).mean().item(),
                    "val/overopt/proxy_score": self.proxy.score(self.prompts, texts).mean().item()}
         for logger in trainer.loggers:

@@ -22,6 +22,8 @@ class GroupedOnlineModule(OnlineModule):
             with this, not with prompts x k.
     """
 
+    train_on_measures_kl = True  # old_and_reference_logprobs, before the first update
+
     def __init__(self, num_generations: AtLeastTwo = 4, beta: NonNegativeFloat = 0.05, epsilon: PositiveFloat = 0.2,
                  num_iterations: PositiveInt = 1, micro_batch_rows: PositiveInt | None = None, **kwargs):
         super().__init__(**kwargs)
@@ -54,8 +56,9 @@ class GroupedOnlineModule(OnlineModule):
         return [slice(start, min(start + size, rows)) for start in range(0, rows, size)]
 
     def old_and_reference_logprobs(self, samples: Samples) -> tuple[torch.Tensor, torch.Tensor]:
-        old, ref = zip(*(super(GroupedOnlineModule, self).old_and_reference_logprobs(samples[rows])
-                         for rows in self.micro_batches(samples)))
+        """As `OnlineModule`'s, one micro-batch at a time; the micro-batches' KLs make up `samples.kl`."""
+        old, ref, kl = zip(*(self.logprobs_and_kl(samples[rows]) for rows in self.micro_batches(samples)))
+        samples.kl = torch.cat(kl)
         return torch.cat(old), torch.cat(ref)
 
     def micro_batch_losses(self, samples: Samples, old: torch.Tensor, ref: torch.Tensor, advantages: torch.Tensor,

@@ -1,7 +1,15 @@
 """What every online algorithm shares (PPO, RLOO, GRPO, online DPO): sampling responses from the policy as it
 trains, scoring them with the proxy reward model, per-token log-probs of the responses under the policy and
 the reference, TRL's `objective/` metrics, and Lightning manual optimisation: one training step is one
-rollout of a batch of prompts, followed by the algorithm's own updates (`train_on`)."""
+rollout of a batch of prompts, followed by the algorithm's own updates (`train_on`).
+
+`objective/kl` is the exact KL of the rollout, not a sampled log-ratio: per response, the sum over its tokens
+of KL(pi_T || pi_ref_T) of the two next-token distributions at the sampling temperature T, over the whole
+vocabulary (`modules.logps.token_kl`), under the policy that sampled it; its mean over responses estimates the
+sequence-level KL and is never negative. It is the quantity `bench eval` logs as `eval/kl` and scores along
+training as `val/overopt/kl`. The losses keep their own estimators; the sampled log-ratio sum that TRL logs
+as objective/kl (and that PPO's reward penalises) is `objective/kl_estimate`.
+"""
 
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -13,6 +21,7 @@ from jsonargparse.typing import PositiveFloat, PositiveInt, restricted_number_ty
 from bench.errors import ConfigError
 from bench.generation import Sampling, check_backend, decode_responses, sample
 from modules.base import AlignmentModule, require_positive
+from modules.logps import token_kl
 from modules.reward_model import check_proxy, load_proxy
 
 
@@ -55,10 +64,14 @@ class Samples:
     scores: torch.Tensor
     ended: torch.Tensor  # the response ended with EOS / end of turn
     per_prompt: int
+    # Per response, the exact KL to the reference at the sampling temperature under the policy that sampled it
+    # (`OnlineModule.response_kl`): set where the rollout's logits are computed, before any update.
+    kl: torch.Tensor | None = None
 
     def __getitem__(self, rows: slice) -> "Samples":
         """A run of rows (a micro-batch); `per_prompt` still says how the whole batch is grouped."""
-        return Samples(self.sequences[rows], self.mask[rows], self.scores[rows], self.ended[rows], self.per_prompt)
+        return Samples(self.sequences[rows], self.mask[rows], self.scores[rows], self.ended[rows], self.per_prompt,
+                       None if self.kl is None else self.kl[rows])
 
 
 class OnlineModule(AlignmentModule):
@@ -79,6 +92,9 @@ class OnlineModule(AlignmentModule):
     pruning_metric = "val/objective/scores"
     samples_per_prompt: int = 1
     logprob_temperature_is_sampling: bool = True  # log-probs of the sampling distribution, as TRL's PPO and GRPO
+    # Whether `train_on` sets `samples.kl` from the logits it computes before its first update anyway; if not,
+    # `training_step` measures it first (one more forward pass of both models, without gradients).
+    train_on_measures_kl: bool = False
 
     def __init__(
         self,
@@ -120,21 +136,48 @@ class OnlineModule(AlignmentModule):
                          position_ids=sequences.position_ids, use_cache=False).last_hidden_state
         return hidden[:, sequences.context_length - 1 : -1]
 
-    def response_logprobs(self, model, name: str, sequences: Sequences) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-token log-probs of the responses (at the sampling temperature unless the algorithm says
-        otherwise), and the hidden states behind them."""
+    def response_logits(self, model, name: str, sequences: Sequences) -> tuple[torch.Tensor, torch.Tensor]:
+        """The untempered logits at the positions that predict the response tokens, in the model's dtype (half
+        the memory under bf16 autocast), and the hidden states behind them."""
         hidden = self.response_hidden(model.get_decoder(), sequences)
         if self.head_on_responses[name]:
-            logits = model.get_output_embeddings()(hidden)
-        else:
-            logits = model(input_ids=sequences.query_response, attention_mask=sequences.attention_mask,
-                           position_ids=sequences.position_ids, use_cache=False).logits
-            logits = logits[:, sequences.context_length - 1 : -1]
+            return model.get_output_embeddings()(hidden), hidden
+        logits = model(input_ids=sequences.query_response, attention_mask=sequences.attention_mask,
+                       position_ids=sequences.position_ids, use_cache=False).logits
+        return logits[:, sequences.context_length - 1 : -1], hidden
+
+    def logprobs_of(self, logits: torch.Tensor, sequences: Sequences) -> torch.Tensor:
+        """Per-token log-probs of the response tokens from `response_logits` (at the sampling temperature unless
+        the algorithm says otherwise)."""
         logits = logits.float()
         if self.logprob_temperature_is_sampling:
             logits = logits / self.hparams.temperature
         targets = sequences.query_response[:, sequences.context_length :]
-        return -F.cross_entropy(logits.transpose(1, 2), targets, reduction="none"), hidden
+        return -F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
+
+    def response_logprobs(self, model, name: str, sequences: Sequences) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-token log-probs of the responses (see `logprobs_of`), and the hidden states behind them."""
+        logits, hidden = self.response_logits(model, name, sequences)
+        return self.logprobs_of(logits, sequences), hidden
+
+    def response_kl(self, policy_logits: torch.Tensor, reference_logits: torch.Tensor,
+                    mask: torch.Tensor) -> torch.Tensor:
+        """Per response, the sum over its tokens (`mask`) of the exact KL between the policy's and the reference's
+        next-token distributions at the sampling temperature, from their `response_logits` (`objective/kl`)."""
+        mask = mask.bool()
+        per_token = token_kl(policy_logits.detach()[mask], reference_logits.detach()[mask], self.hparams.temperature)
+        total = torch.zeros(len(mask), dtype=per_token.dtype, device=mask.device)
+        return total.index_add(0, mask.nonzero()[:, 0], per_token)
+
+    @torch.no_grad()
+    def rollout_kl(self, samples: Samples) -> torch.Tensor:
+        """`response_kl` of the samples under the models as they are now: call it before the policy updates."""
+        if self.policy is None or self.reference is None:
+            raise RuntimeError("objective/kl needs the rollout's exact KL (Samples.kl) or the policy and the "
+                               "reference to compute it from: configure the module first")
+        policy_logits, _ = self.response_logits(self.policy, "policy", samples.sequences)
+        reference_logits, _ = self.response_logits(self.reference, "reference", samples.sequences)
+        return self.response_kl(policy_logits, reference_logits, samples.mask)
 
     # --- a rollout ---------------------------------------------------------------------------------
     @torch.no_grad()
@@ -162,18 +205,32 @@ class OnlineModule(AlignmentModule):
         return Samples(sequences, sequences.response_mask, scores, ended, per_prompt)
 
     @torch.no_grad()
+    def logprobs_and_kl(self, samples: Samples) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per-token log-probs of the samples under the policy and the reference, 0 on padding, and the exact
+        KL of each response (`response_kl`), from one forward pass of each model."""
+        sequences, mask = samples.sequences, samples.mask
+        policy_logits, _ = self.response_logits(self.policy, "policy", sequences)
+        logprobs = self.logprobs_of(policy_logits, sequences) * mask
+        reference_logits, _ = self.response_logits(self.reference, "reference", sequences)
+        ref_logprobs = self.logprobs_of(reference_logits, sequences) * mask
+        return logprobs, ref_logprobs, self.response_kl(policy_logits, reference_logits, mask)
+
     def old_and_reference_logprobs(self, samples: Samples) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-token log-probs of the samples under the policy as it sampled them and under the reference, 0 on padding."""
-        logprobs, _ = self.response_logprobs(self.policy, "policy", samples.sequences)
-        ref_logprobs, _ = self.response_logprobs(self.reference, "reference", samples.sequences)
-        return logprobs * samples.mask, ref_logprobs * samples.mask
+        """Per-token log-probs of the samples under the policy as it sampled them and under the reference, 0 on
+        padding; records the responses' exact KL in `samples.kl`."""
+        logprobs, ref_logprobs, samples.kl = self.logprobs_and_kl(samples)
+        return logprobs, ref_logprobs
 
     def objective_metrics(self, samples: Samples, logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> dict:
-        """TRL's `objective/` metrics of a rollout: per-response KL, entropy and scores, and the KL-penalised reward."""
-        kl = (logprobs - ref_logprobs).sum(1)
-        non_score_reward = -self.kl_coefficient * kl
+        """TRL's `objective/` metrics of a rollout: per-response KL, entropy and scores, and the KL-penalised
+        reward. `objective/kl` is the exact KL (`samples.kl`; measured now if the rollout has none); the reward
+        penalises, as the losses do, the sampled log-ratio sum (`objective/kl_estimate`)."""
+        kl = samples.kl if samples.kl is not None else self.rollout_kl(samples)
+        kl_estimate = (logprobs - ref_logprobs).sum(1)
+        non_score_reward = -self.kl_coefficient * kl_estimate
         return {
             "objective/kl": kl.mean(),
+            "objective/kl_estimate": kl_estimate.mean(),
             "objective/entropy": (-logprobs).sum(1).mean(),
             "objective/non_score_reward": non_score_reward.mean(),
             "objective/rlhf_reward": (samples.scores + non_score_reward).mean(),
@@ -211,7 +268,10 @@ class OnlineModule(AlignmentModule):
         raise NotImplementedError
 
     def training_step(self, batch: dict, batch_idx: int) -> None:
-        metrics = self.train_on(self.sample_responses(batch, self.samples_per_prompt), batch_idx)
+        samples = self.sample_responses(batch, self.samples_per_prompt)
+        if not self.train_on_measures_kl:  # the KL of the policy that sampled, before train_on updates it
+            samples.kl = self.rollout_kl(samples)
+        metrics = self.train_on(samples, batch_idx)
         self.lr_schedulers().step()
         self.log_metrics("train", metrics, len(batch["prompt_ids"]), prog_bar=("objective/scores", "objective/kl"))
         self.log_skipped_batches()

@@ -72,6 +72,7 @@ class PPO(OnlineModule):
 
     name = "ppo"
     colour = "#9467bd"
+    train_on_measures_kl = True  # in `rollout`, before the first update
 
     def __init__(
         self,
@@ -126,9 +127,14 @@ class PPO(OnlineModule):
     # --- a rollout ---------------------------------------------------------------------------------
     @torch.no_grad()
     def rollout(self, samples: Samples) -> Rollout:
+        """Log-probs and values of the samples; records their exact KL in `samples.kl` from the same logits."""
         sequences, mask = samples.sequences, samples.mask
-        logprobs, hidden = self.response_logprobs(self.policy, "policy", sequences)
-        ref_logprobs, _ = self.response_logprobs(self.reference, "reference", sequences)
+        policy_logits, hidden = self.response_logits(self.policy, "policy", sequences)
+        logprobs = self.logprobs_of(policy_logits, sequences)
+        reference_logits, _ = self.response_logits(self.reference, "reference", sequences)
+        ref_logprobs = self.logprobs_of(reference_logits, sequences)
+        samples.kl = self.response_kl(policy_logits, reference_logits, mask)
+        del policy_logits, reference_logits  # the largest activations: gone before the value backbone runs
         values = self.value_estimates(sequences, hidden)
         return Rollout(samples, logprobs * mask, ref_logprobs * mask, values * mask)
 
@@ -188,7 +194,8 @@ class PPO(OnlineModule):
         metrics.update(self.ppo_updates(rollout, advantages, returns, batch_idx))  # a skipped batch: one mini-batch
         self.rollout_tokens *= self.hparams.ppo_epochs  # each epoch reads the rollout again
         metrics["objective/kl_coef"] = torch.tensor(self.kl_coef)
-        self.adapt_kl_coef(metrics["objective/kl"], len(rollout.scores))
+        # The controller follows the KL that the reward penalises, as before objective/kl became the exact KL.
+        self.adapt_kl_coef(metrics["objective/kl_estimate"], len(rollout.scores))
         return metrics
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:

@@ -252,6 +252,290 @@ def test_colours_are_fixed_per_algorithm():
     assert F.FALLBACK_COLOUR not in colours.values()
 
 
+# --- a gold world: arms, the gold on every reward axis, each method's frontier, Gao's fits -----------------
+GOLD_TAGS = {"eval.judge.kind": "reward", "eval.judge.path": "reward:vader"}
+
+
+def gold_run(arm, algorithm, seed, kl, gold, proxy, histories=None, **tags):
+    """A comparison stage judged by the computable gold (`reward:vader`), its proxy trained per seed."""
+    return RunData(f"{arm}-{seed}", f"{arm} (seed {seed})", algorithm,
+                   {"eval/kl": kl, "eval/judge_score": gold, "eval/proxy_score": proxy}, histories or {},
+                   kind="stage", split="test", seed=str(seed), proxy=f"rm-proxy-{seed}", judge="reward:vader",
+                   tags={**GOLD_TAGS, "compare_stage": arm, "algorithm": algorithm, "seed": str(seed), **tags})
+
+
+def best_of(n, seed, gold, proxy, pick="proxy"):
+    kl = np.log(n) - (n - 1) / n
+    arm = f"best-of-{n}" + ("-gold" if pick == "gold" else "")
+    return gold_run(arm, "best-of-n", seed, kl, gold, proxy, best_of_n=str(n), best_of_n_pick=pick,
+                    **{"eval.kl_kind": "bound"})
+
+
+def plotted(axis, prefix="points:"):
+    """(x, y) of every point in the collections whose gid starts with `prefix`."""
+    found = [c.get_offsets() for c in axis.collections if (c.get_gid() or "").startswith(prefix)]
+    return [tuple(map(float, xy)) for offsets in found for xy in offsets]
+
+
+def assert_points(actual, expected):
+    assert np.array(actual, dtype=float).shape == np.array(expected, dtype=float).shape
+    assert np.allclose(np.array(actual, dtype=float), np.array(expected, dtype=float)), (actual, expected)
+
+
+def gold_world_runs(seeds):
+    """Arms of DPO and RLOO and best-of-N by proxy: the proxy scores best-of-N highest (it picked by it), the
+    gold does not. One proxy for all runs when there is one seed: the old rule would have plotted it."""
+    runs = []
+    for seed in seeds:
+        runs += [gold_run("dpo-beta0.1", "dpo", seed, 4.0 + seed, 0.30 + 0.01 * seed, 0.50),
+                 gold_run("dpo-beta0.5", "dpo", seed, 1.5 + seed, 0.25 + 0.01 * seed, 0.45),
+                 gold_run("rloo-kl0.1", "rloo", seed, 3.0 + seed, 0.35 + 0.01 * seed, 0.60),
+                 best_of(1, seed, 0.10, 0.10), best_of(4, seed, 0.20 + 0.01 * seed, 0.90)]
+    if len(seeds) == 1:
+        for run in runs:
+            run.proxy = "rm-proxy"
+    return runs
+
+
+@pytest.mark.parametrize("seeds", [(0,), (0, 1, 2)])
+def test_gold_world_reward_axis_is_the_gold_never_the_proxy(seeds):
+    runs = gold_world_runs(seeds)
+    assert F.gold_world(runs)
+    assert F.default_reward_metric(runs) == "eval/judge_score"
+    figure = F.reward_kl_scatter(runs)
+    axis = figure.axes[0]
+    assert axis.get_ylabel().startswith("gold reward (reward:vader)") and "proxy" not in axis.get_ylabel()
+    assert "Gold reward" in axis.get_title() and f"{len(runs)} runs plotted" in axis.get_title()
+    expected = sorted((r.value("eval/kl"), r.value("eval/judge_score")) for r in runs)
+    assert_points(sorted(plotted(axis)), expected)
+    assert not {round(y, 6) for _, y in plotted(axis)} & {0.5, 0.45, 0.6, 0.9}  # no proxy score drawn
+    # Asked for explicitly, the proxy is drawn on an axis that says so.
+    proxy_axis = F.reward_kl_scatter(runs, reward_metric="eval/proxy_score").axes[0]
+    assert "proxy" in proxy_axis.get_ylabel() and "not the gold" in proxy_axis.get_ylabel()
+
+
+def test_a_reward_model_trained_as_the_gold_is_a_gold_judge_and_other_judges_are_not():
+    gold_rm = RunData("1", "dpo", "dpo", {"eval/judge_score": 1.0, "eval/kl": 1.0}, judge="/cache/gold-rm",
+                      tags={"eval.judge.kind": "reward_model", "eval.judge.trained_role": "gold"})
+    judge_rm = RunData("2", "dpo", "dpo", {"eval/judge_score": 1.0, "eval/proxy_score": 2.0, "eval/kl": 1.0},
+                       judge="/cache/rm-judge", proxy="p",
+                       tags={"eval.judge.kind": "reward_model", "eval.judge.trained_role": "judge"})
+    assert gold_rm.judge_is_gold and not judge_rm.judge_is_gold
+    assert F.default_reward_metric([gold_rm]) == "eval/judge_score"
+    assert F.reward_kl_scatter([gold_rm]).axes[0].get_ylabel().startswith("gold reward (gold-rm)")
+    assert F.default_reward_metric([judge_rm]) == "eval/proxy_score"  # no gold: the old rule
+    assert "gold" not in F.reward_kl_scatter([judge_rm]).axes[0].get_ylabel()
+
+
+def test_arms_of_one_algorithm_get_its_colour_in_their_own_shade_and_marker():
+    runs = gold_world_runs((0, 1))
+    assert [r.arm for r in runs[:5]] == ["dpo-beta0.1", "dpo-beta0.5", "rloo-kl0.1", F.BON_PROXY, F.BON_PROXY]
+    styles = F.arm_styles(runs)
+    first, second = styles["dpo-beta0.1"], styles["dpo-beta0.5"]
+    assert first.colour == F.colour_of("dpo") and second.colour != first.colour and second.marker != first.marker
+    assert styles["rloo-kl0.1"].colour == F.colour_of("rloo")
+    axis = F.reward_kl_scatter(runs).axes[0]
+    markers = {c.get_label(): c.get_paths()[0].vertices.tobytes() for c in axis.collections
+               if (c.get_gid() or "") == "points:dpo"}
+    assert set(markers) == {"dpo-beta0.1:stage", "dpo-beta0.5:stage"}
+    assert markers["dpo-beta0.1:stage"] != markers["dpo-beta0.5:stage"]
+    legend = [t.get_text() for t in axis.get_legend().get_texts()]
+    assert legend[:3] == ["dpo-beta0.1", "dpo-beta0.5", "rloo-kl0.1"]
+
+
+def test_method_frontiers_are_each_methods_upper_left_envelope():
+    points = [("dpo", 1, 0.2), ("dpo", 2, 0.5), ("dpo", 3, 0.4), ("dpo", 4, 0.6), ("dpo", 2.5, 0.5), ("dpo", 4, 0.6),
+              ("rloo", 0.5, 0.1), ("rloo", 5, 0.3), ("rloo", 6, 0.8), ("rloo", 7, 0.7), ("rloo", 6, 0.75)]
+    random.Random(2).shuffle(points)
+    frontiers = F.method_frontiers(points)
+    assert frontiers == {"dpo": [(1, 0.2), (2, 0.5), (4, 0.6)], "rloo": [(0.5, 0.1), (5, 0.3), (6, 0.8)]}
+    # rloo's (5, 0.3) is on its own envelope though dpo's (2, 0.5) dominates it: no global staircase.
+    assert (5, 0.3) not in [p[1:] for p in F.pareto_frontier([(k, r, m) for m, k, r in points])]
+
+
+def test_gold_frontier_figure_draws_each_methods_envelope_with_checkpoints_and_the_ceiling():
+    # RLOO's final point (6, 0.8) on the test prompts; its checkpoints (validation prompts) at other KLs.
+    history = {"val/overopt/kl": [(0, 0.0), (4, 0.5), (8, 5.0), (12, 7.0)],
+               "val/overopt/gold_score": [(0, 0.05), (4, 0.1), (8, 0.3), (12, 0.7)],
+               "val/overopt/proxy_score": [(0, 0.0), (4, 0.2), (8, 0.5), (12, 0.9)]}
+    runs = [gold_run("dpo-beta0.1", "dpo", 0, 1, 0.2, 0.0), gold_run("dpo-beta0.5", "dpo", 0, 2, 0.5, 0.0),
+            gold_run("dpo-beta1.0", "dpo", 0, 3, 0.4, 0.0), gold_run("dpo-beta0.05", "dpo", 0, 4, 0.6, 0.0),
+            gold_run("rloo-kl0.1", "rloo", 0, 6, 0.8, 0.0, histories=history),
+            best_of(1, 0, 0.10, 0.1), best_of(4, 0, 0.15, 0.9), best_of(16, 0, 0.12, 1.2),
+            best_of(1, 0, 0.10, 0.1, pick="gold"), best_of(4, 0, 0.30, 0.2, pick="gold"),
+            best_of(16, 0, 0.45, 0.3, pick="gold")]
+    axis = F.reward_kl_scatter(runs).axes[0]
+    lines = {ln.get_gid(): ln for ln in axis.lines if ln.get_gid()}
+
+    def vertices(gid):
+        assert lines[gid].get_drawstyle() == "steps-post"
+        return list(zip(lines[gid].get_xdata(), lines[gid].get_ydata()))
+
+    assert_points(vertices("frontier:dpo"), [(1, 0.2), (2, 0.5), (4, 0.6)])
+    assert_points(vertices("frontier:rloo"), [(0, 0.05), (0.5, 0.1), (5, 0.3), (6, 0.8)])
+    kl4 = np.log(4) - 3 / 4
+    assert_points(vertices(f"frontier:{F.BON_PROXY}"), [(0, 0.10), (kl4, 0.15)])
+    assert "frontier:" + F.BON_GOLD not in lines and "pareto-frontier" not in lines
+    ceiling = lines["ceiling:best-of-n-gold"]
+    assert ceiling.get_linestyle() == "--" and list(ceiling.get_ydata()) == pytest.approx([0.10, 0.30, 0.45])
+    assert sorted(plotted(axis, "checkpoints:rloo")) == [(0.0, 0.05), (0.5, 0.1), (5.0, 0.3), (7.0, 0.7)]
+    legend = [t.get_text() for t in axis.get_legend().get_texts()]
+    assert any("validation prompts" in text for text in legend)
+    assert any("frontier" in text for text in legend)
+    assert "validation prompts" in footnote(axis.figure)
+
+
+def test_bound_kl_points_are_hollow_and_the_legend_says_upper_bound():
+    runs = gold_world_runs((0,))
+    axis = F.reward_kl_scatter(runs).axes[0]
+    bound = [c for c in axis.collections if c.get_gid() == "points:best-of-n"]
+    exact = [c for c in axis.collections if (c.get_gid() or "").startswith("points:") and c not in bound]
+    assert bound and exact
+    for collection in bound:
+        assert len(collection.get_facecolor()) == 0  # hollow: facecolor "none"
+        assert tuple(collection.get_edgecolor()[0][:3]) == to_rgba(F.colour_of("best-of-n"))[:3]
+    for collection in exact:
+        assert len(collection.get_facecolor()) == 1 and collection.get_facecolor()[0][3] > 0
+    legend = {t.get_text(): h for t, h in zip(axis.get_legend().get_texts(), axis.get_legend().legend_handles)}
+    assert f"{F.BON_PROXY} (KL: upper bound)" in legend
+    assert legend[f"{F.BON_PROXY} (KL: upper bound)"].get_markerfacecolor() == "none"
+    assert not [text for text in legend if "upper bound" in text and "best-of-N" not in text]
+    # A best-of-N run from before `eval.kl_kind` existed has the same analytic KL: a bound too.
+    assert RunData("x", "best-of-4", "best-of-n").kl_is_bound
+    assert not RunData("y", "dpo", "dpo", tags={"eval.kl_kind": "exact"}).kl_is_bound
+
+
+@pytest.mark.parametrize("form, alpha, beta, truth", [
+    ("bon", 1.2, 0.3, lambda d: d * (1.2 - 0.3 * d)),
+    ("rl", 0.8, 0.2, lambda d: d * (0.8 - 0.2 * np.log(d))),
+])
+def test_gao_fit_recovers_alpha_and_beta(form, alpha, beta, truth):
+    rng = np.random.default_rng(0)
+    d = np.linspace(0.2, 3.0, 15)
+    rewards = truth(d) + rng.normal(0, 0.01, size=d.size)
+    fit = F.fit_gao(zip([0.0, *d], [0.0, *rewards]), form)  # the start (d = 0) is left out: it says nothing
+    assert fit.form == form and fit.n_points == 15
+    assert fit.alpha == pytest.approx(alpha, rel=0.05) and fit.beta == pytest.approx(beta, rel=0.05)
+    assert fit(d) == pytest.approx(F.GAO_FORMS[form](d, fit.alpha, fit.beta))
+    assert F.gao_rl(0.0, 1.0, 1.0) == 0.0 and F.gao_bon(0.0, 1.0, 1.0) == 0.0
+
+
+def test_gao_fit_needs_three_positive_distances_and_a_known_form():
+    assert F.fit_gao([(0.0, 0.0), (0.5, 0.4), (1.0, 0.7)], "bon") is None  # two d > 0
+    assert F.fit_gao([(0.5, 0.4), (0.5, 0.41), (1.0, 0.7), (1.0, 0.69)], "rl") is None  # two distinct d
+    assert F.fit_gao([(0.5, 0.4), (1.0, 0.7), (1.5, 0.9)], "rl") is not None
+    with pytest.raises(ValueError, match="form"):
+        F.fit_gao([(0.5, 0.4)], "linear")
+
+
+def test_overoptimisation_fits_the_right_form_per_curve_and_says_alpha_beta():
+    ns = (1, 2, 4, 8, 16, 32)
+    runs = []
+    for seed in (0, 1):  # gold = 0.1 + R_bon(d), identical per seed: the pooled fit recovers the truth
+        runs += [best_of(n, seed, 0.1 + float(F.gao_bon(np.sqrt(np.log(n) - (n - 1) / n), 1.2, 0.3)), 0.1 * n)
+                 for n in ns]
+    runs += [best_of(n, 0, 0.2 * n, 0.0, pick="gold") for n in (1, 4)]  # the ceiling: never fitted
+    steps = range(0, 40, 5)
+    kls = [0.0, 0.3, 0.8, 1.5, 2.5, 4.0, 6.0, 9.0]
+    history = {"val/overopt/kl": list(zip(steps, kls)),
+               "val/overopt/gold_score": [(s, 0.5 + float(F.gao_rl(np.sqrt(k), 0.8, 0.2))) for s, k in zip(steps, kls)],
+               "val/overopt/proxy_score": [(s, k) for s, k in zip(steps, kls)]}
+    runs.append(gold_run("rloo-kl0.02", "rloo", 0, 9.0, 1.0, 1.0, histories=history))
+    runs.append(gold_run("dpo-short", "dpo", 0, 1.0, 1.0, 1.0,
+                         histories={k: v[:3] for k, v in history.items()}))  # two d > 0: no fit
+    curves = F.overoptimisation_curves(runs)
+    forms = {(c.group, c.seed): c.form for c in curves}
+    assert forms == {(F.BON_PROXY, "0"): "bon", (F.BON_PROXY, "1"): "bon", (F.BON_GOLD, "0"): None,
+                     ("rloo-kl0.02", "0"): "rl", ("dpo-short", "0"): "rl"}
+    fits = {g: F.group_fit([c for c in curves if c.group == g]) for g in {c.group for c in curves}}
+    assert (fits[F.BON_PROXY].alpha, fits[F.BON_PROXY].beta) == pytest.approx((1.2, 0.3), rel=1e-6)
+    assert (fits["rloo-kl0.02"].alpha, fits["rloo-kl0.02"].beta) == pytest.approx((0.8, 0.2), rel=1e-6)
+    assert fits[F.BON_GOLD] is None and fits["dpo-short"] is None
+    figure = F.overoptimisation(runs)
+    gold_axis, proxy_axis = figure.axes
+    assert {ln.get_gid() for ln in gold_axis.lines if (ln.get_gid() or "").startswith("gao-fit:")} == {
+        f"gao-fit:{F.BON_PROXY}", "gao-fit:rloo-kl0.02"}
+    legend = [t.get_text() for t in proxy_axis.get_legend().get_texts()]
+    assert "fit d(α−βd): α=1.2, β=0.3" in legend and "fit d(α−β log d): α=0.8, β=0.2" in legend
+    assert gold_axis.get_ylabel().startswith("gold reward (reward:vader)")
+    assert "No Gao fit for dpo-short: 2 distinct d > 0 (3 needed)" in footnote(figure)
+    assert not [ln for ln in proxy_axis.lines if F.BON_GOLD in (ln.get_gid() or "")]  # the ceiling: gold only
+
+
+# --- layout: legends beside the points, tick labels apart, one scale per panel ---------------------------
+def overlaps(a, b) -> bool:
+    return a.x0 < b.x1 and b.x0 < a.x1 and a.y0 < b.y1 and b.y0 < a.y1
+
+
+def assert_legend_outside(figure, axis, legend_axis=None):
+    figure.canvas.draw()
+    renderer = figure.canvas.get_renderer()
+    legend = (legend_axis or axis).get_legend()
+    box = legend.get_window_extent(renderer)
+    for plot_axis in figure.axes:
+        assert not overlaps(box, plot_axis.get_window_extent(renderer)), "legend over an axes"
+    assert 0 <= box.x0 and box.x1 <= figure.bbox.width + 0.5, "legend cut off"
+    for collection in axis.collections:  # and no point under it
+        for x, y in collection.get_offset_transform().transform(collection.get_offsets()):
+            assert not (box.x0 <= x <= box.x1 and box.y0 <= y <= box.y1)
+
+
+def test_legends_sit_outside_the_axes_and_cover_no_point():
+    runs = gold_world_runs((0, 1, 2))
+    scatter = F.reward_kl_scatter(runs)
+    assert_legend_outside(scatter, scatter.axes[0])
+    plain = F.reward_kl_scatter(scatter_runs())
+    assert_legend_outside(plain, plain.axes[0])
+    many = [RunData(str(i), f"{a}-{i}", a, histories={"train/rewards/margins": [(0, 0.0), (1, 0.1 * i)]})
+            for i, a in enumerate(("dpo", "ipo", "kto", "orpo", "simpo"))]
+    curves = F.training_curves(many)
+    assert_legend_outside(curves, curves.axes[0])
+    ns = (1, 2, 4, 8)
+    overopt = F.overoptimisation([best_of(n, 0, 0.1 * n, 0.2 * n) for n in ns])
+    assert_legend_outside(overopt, overopt.axes[0], overopt.axes[1])
+    bars = F.win_rate_bars([RunData("1", "dpo", "dpo", win_metrics(0.95, 0.97))])
+    assert_legend_outside(bars, bars.axes[0])
+
+
+@pytest.mark.parametrize("count", [3, 9, 27])
+def test_win_rate_tick_labels_do_not_overlap(count):
+    arms = ("dpo-beta0.1", "dpo-beta0.5", "ipo", "rloo-kl0.02", "rloo-kl0.1", "best-of-1", "best-of-4", "best-of-16",
+            "best-of-4-gold")
+    runs = [RunData(str(i), f"{arms[i % len(arms)]} (seed {i // len(arms)})", "dpo", win_metrics(0.5, 0.6),
+                    kind="stage", tags={"compare_stage": arms[i % len(arms)]}) for i in range(count)]
+    figure = F.win_rate_bars(runs)
+    figure.canvas.draw()
+    renderer = figure.canvas.get_renderer()
+    boxes = [t.get_window_extent(renderer) for t in figure.axes[0].get_xticklabels()]
+    assert len(boxes) == count
+    for a, b in itertools.combinations(boxes, 2):
+        assert not overlaps(a, b)
+    assert all(box.y0 >= 0 and box.x0 >= 0 and box.x1 <= figure.bbox.width for box in boxes)  # none cut off
+
+
+def test_a_run_that_dwarfs_the_others_gets_a_symlog_panel_that_says_so():
+    assert F.dwarfing_runs({"slic": 200.0, "dpo": 0.5, "ipo": 0.3}) == (["slic"], 0.5)
+    assert F.dwarfing_runs({"a": 200.0, "b": 190.0, "c": 0.5}) == (["a", "b"], 0.5)
+    assert F.dwarfing_runs({"dpo": 5.0, "ipo": 0.3}) is None  # 16.7x: not dwarfed
+    assert F.dwarfing_runs({"slic": 200.0, "dpo": 0.0}) is None  # nothing to flatten
+    margins = lambda end: [(s, end * s / 10) for s in range(11)]  # noqa: E731
+    runs = [RunData("a", "dpo", "dpo", histories={"train/rewards/margins": margins(0.5)}),
+            RunData("b", "slic", "slic", histories={"train/rewards/margins": margins(-200.0)})]
+    axis = F.training_curves(runs).axes[0]
+    assert axis.get_yscale() == "symlog" and "symlog" in axis.get_title() and "slic" in axis.get_title()
+    assert list(axis.lines[1].get_ydata()) == pytest.approx([-20.0 * s for s in range(11)])  # values unchanged
+    assert F.training_curves(runs[:1]).axes[0].get_yscale() == "linear"
+    # matplotlib's own symlog ticks put 10^k beside 0, where their labels collide: the ticks are set apart.
+    assert F.symlog_ticks(0.5, -200.0, 0.5) == [-100.0, -10.0, -1.0, -0.5, -0.25, 0.0, 0.25, 0.5]
+    assert F.symlog_ticks(3.1, 0.0, 300.0) == [0.0, 2.0, 10.0, 100.0]  # nothing below the lowest value
+    assert F.spaced_ticks([-100.0, -10.0, -1.0, -0.5, 0.0, 0.5], lambda v: v, 0.6) == [-100.0, -10.0, -1.0, 0.0]
+    figure = axis.figure
+    figure.canvas.draw()
+    boxes = sorted((t.get_window_extent(figure.canvas.get_renderer()) for t in axis.get_yticklabels() if t.get_text()),
+                   key=lambda box: box.y0)
+    assert len(boxes) >= 4 and all(a.y1 <= b.y0 for a, b in zip(boxes, boxes[1:]))
+
+
 # --- outputs ---------------------------------------------------------------------------------------------
 def test_save_pngs_writes_readable_pngs_atomically(tmp_path):
     import matplotlib.image
@@ -358,6 +642,22 @@ def store(tmp_path_factory):
         run("t-trial-0", {"sweep_role": "trial", "optuna.study": "t", "optuna.trial": "0", "algorithm": "dpo",
                           "mlflow.parentRunId": other}, evaluated(0.5, 1.0, 0.05))
         run("s-stray-child", {"algorithm": "dpo", "mlflow.parentRunId": study})
+
+        # A gold-world comparison of arms over two seeds, its stage tags in no particular order.
+        arms = run("compare-arms", {"compare_role": "parent"})
+        gold_judge = {"eval.judge.kind": "reward", "eval.judge.path": "reward:vader"}
+        for stage, algorithm, extra in (
+                ("best-of-16", "best-of-n", {"best_of_n": "16", "best_of_n_pick": "proxy", "eval.kl_kind": "bound"}),
+                ("dpo-beta0.5", "dpo", {"eval.kl_kind": "exact"}), ("sft", "sft", {"eval.kl_kind": "exact"}),
+                ("best-of-4-gold", "best-of-n", {"best_of_n": "4", "best_of_n_pick": "gold", "eval.kl_kind": "bound"}),
+                ("best-of-4", "best-of-n", {"best_of_n": "4", "best_of_n_pick": "proxy", "eval.kl_kind": "bound"}),
+                ("dpo-beta0.1", "dpo", {"eval.kl_kind": "exact"})):
+            for seed in (2, 1):
+                name = f"{stage}-s{seed}"
+                run(name, {"algorithm": algorithm, "compare_stage": stage, "seed": str(seed),
+                           "mlflow.parentRunId": arms, **gold_judge, **extra},
+                    [("eval/kl", 1.0 + seed, 0), ("eval/judge_score", 0.1 * seed, 0)])
+                client.set_tag(arms, f"stage.{stage}.seed{seed}", ids[name])
         yield client, ids, root
 
 
@@ -395,6 +695,23 @@ def test_collect_runs_makes_labels_unique(store):
     client, ids, _ = store
     runs = F.collect_runs(client, [ids["s-trial-0"], ids["t-trial-0"]])  # two studies' trial 0
     assert [r.label for r in runs] == [f"dpo trial 0 ({ids['s-trial-0'][:6]})", f"dpo trial 0 ({ids['t-trial-0'][:6]})"]
+
+
+def test_a_comparison_of_arms_is_collected_in_arm_order_with_its_tags(store):
+    client, ids, _ = store
+    run_ids = F.comparison_run_ids(client, ids["compare-arms"])
+    names = ["sft", "dpo-beta0.1", "dpo-beta0.5", "best-of-4-gold", "best-of-4", "best-of-16"]
+    assert run_ids == [ids[f"{name}-s{seed}"] for name in names for seed in (1, 2)]
+    runs = F.collect_runs(client, run_ids, histories=False)
+    assert [r.label for r in runs[:4]] == ["sft (seed 1)", "sft (seed 2)", "dpo-beta0.1 (seed 1)",
+                                           "dpo-beta0.1 (seed 2)"]
+    assert [r.arm for r in runs[::2]] == ["sft", "dpo-beta0.1", "dpo-beta0.5", F.BON_GOLD, F.BON_PROXY, F.BON_PROXY]
+    assert [r.kl_is_bound for r in runs[::2]] == [False, False, False, True, True, True]
+    assert [r.best_of_n for r in runs[6::2]] == [4, 4, 16]
+    assert all(r.judge_is_gold for r in runs) and F.default_reward_metric(runs) == "eval/judge_score"
+    axis = F.reward_kl_scatter(runs).axes[0]
+    assert axis.get_ylabel().startswith("gold reward (reward:vader)")
+    assert {ln.get_gid() for ln in axis.lines} >= {"frontier:sft", "frontier:dpo", f"frontier:{F.BON_PROXY}"}
 
 
 @pytest.mark.parametrize("parent, runs", [("compare-new", "comparison"), ("sweep-s", "sweep")])

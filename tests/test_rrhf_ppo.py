@@ -121,12 +121,13 @@ def test_ppo_rewards_are_the_kl_penalty_plus_the_score_at_the_last_token(reward_
     logprobs = torch.tensor([[-1.0, -2.0, -0.5], [-1.0, 0.0, 0.0]])
     ref_logprobs = torch.tensor([[-1.5, -1.0, -0.5], [-3.0, 0.0, 0.0]])
     samples = Samples(Sequences(torch.zeros(2, 5), torch.ones(2, 5), 2), mask, scores=torch.tensor([2.0, -1.0]),
-                      ended=torch.tensor([True, False]), per_prompt=1)
+                      ended=torch.tensor([True, False]), per_prompt=1, kl=torch.tensor([0.25, 1.25]))
     rollout = Rollout(samples, logprobs, ref_logprobs, torch.zeros(2, 3))
     metrics, rewards = module.rollout_metrics(rollout, kl_coef=0.1)
     # kl per token: [0.5, -1, 0], [2, 0, 0]; rewards -0.1 * kl, plus the score on the last real token
     torch.testing.assert_close(rewards, torch.tensor([[-0.05, 0.1, 2.0], [-0.2 - 1.0, 0.0, 0.0]]))
-    assert metrics["objective/kl"].item() == pytest.approx((-0.5 + 2.0) / 2)
+    assert metrics["objective/kl"].item() == pytest.approx(0.75)  # the exact KL the rollout measured
+    assert metrics["objective/kl_estimate"].item() == pytest.approx((-0.5 + 2.0) / 2)  # what the penalty uses
     assert metrics["objective/scores"].item() == pytest.approx(0.5)
     assert metrics["objective/rlhf_reward"].item() == pytest.approx(0.5 - 0.1 * 1.5 / 2)
     assert metrics["objective/entropy"].item() == pytest.approx((3.5 + 1.0) / 2)

@@ -1,0 +1,38 @@
+"""Labelling primitives shared by the gold worlds (`bench.gold`: gold-relabelled HH pairs; `bench.onpolicy`: the
+reference's own samples): the label rule, and the source files and their fingerprint that caches are keyed by."""
+
+import hashlib
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+
+from bench.errors import ConfigError
+from datamodules.hh_rlhf import _local_split_files, is_local
+
+LabelRule = Literal["deterministic", "bradley-terry"]
+RULES = ("deterministic", "bradley-terry")
+
+
+def label_pairs(chosen_scores: np.ndarray, rejected_scores: np.ndarray, rule: LabelRule, temperature: float = 1.0,
+                seed: int = 0) -> np.ndarray:
+    """True where the human-chosen response stays chosen. Deterministic: where its gold score is not below the
+    rejected one's. Bradley-Terry: with probability sigma((r_chosen - r_rejected) / T), one uniform draw per pair
+    from `seed`, in pair order."""
+    margin = np.asarray(chosen_scores, dtype=np.float64) - np.asarray(rejected_scores, dtype=np.float64)
+    if rule == "deterministic":
+        return margin >= 0
+    keep_probability = torch.sigmoid(torch.from_numpy(margin / temperature)).numpy()
+    return np.random.default_rng(seed).random(len(margin)) < keep_probability
+
+
+def source_files(path: str, subsets: list[str] | None) -> list[Path]:
+    if not is_local(path):
+        raise ConfigError(f"gold labels are written for a local HH-RLHF folder; {path!r} is not one (download it "
+                          "first, e.g. with `huggingface-cli download Anthropic/hh-rlhf --repo-type dataset`)")
+    return [file for files in _local_split_files(Path(path).expanduser(), subsets).values() for file in files]
+
+
+def source_fingerprint(files: list[Path]) -> list[dict]:
+    return [{"file": str(f.resolve()), "sha256": hashlib.sha256(f.read_bytes()).hexdigest()} for f in files]
