@@ -30,6 +30,7 @@ from bench import onpolicy
 from bench.generation import JsonCache
 from bench.judges import load_scorer, scorer_fingerprint
 from bench.rewards import is_reward_spec, make_reward
+from bench import labelling
 from bench.labelling import RULES, LabelRule, label_pairs, source_files, source_fingerprint  # noqa: F401 - gold.label_pairs
 from bench.models import cache_dir
 from datamodules.hh_rlhf import (SPLITS, _check_keys, _read_jsonl_gz, assign_splits,
@@ -76,16 +77,8 @@ def expected_manifest(settings: GoldSettings, gold_fingerprint: str) -> dict:
 
 def check_manifest(folder: Path, expected: dict) -> dict:
     """The manifest of a relabelled copy, refused (ConfigError naming the field) when it does not match."""
-    path = folder / MANIFEST
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise DataError(f"{path}: not a readable gold-label manifest ({err})") from err
-    for field, value in expected.items():
-        if manifest.get(field) != value:
-            raise ConfigError(f"{path}: {field} is {manifest.get(field)!r}, but these settings ask for {value!r}; "
-                              "relabel with `bench label` instead of reusing this copy")
-    return manifest
+    return labelling.check_manifest(folder / MANIFEST, expected,
+                                    "relabel with `bench label` instead of reusing this copy")
 
 
 def relabelled_source(settings: GoldSettings, data: dict, scorer_factory, root: Path | None = None) -> tuple[Path, dict]:

@@ -2,13 +2,14 @@
 reference's own samples): the label rule, and the source files and their fingerprint that caches are keyed by."""
 
 import hashlib
+import json
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 import torch
 
-from bench.errors import ConfigError
+from bench.errors import ConfigError, DataError
 from datamodules.hh_rlhf import _local_split_files, is_local
 
 LabelRule = Literal["deterministic", "bradley-terry"]
@@ -36,3 +37,17 @@ def source_files(path: str, subsets: list[str] | None) -> list[Path]:
 
 def source_fingerprint(files: list[Path]) -> list[dict]:
     return [{"file": str(f.resolve()), "sha256": hashlib.sha256(f.read_bytes()).hexdigest()} for f in files]
+
+
+def check_manifest(path: Path, expected: dict, remedy: str) -> dict:
+    """The manifest at `path` of a cached labelled folder, refused (one line naming the field) where a field
+    differs from what these settings ask for; `remedy` says what to do instead."""
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise DataError(f"{path}: not a readable label manifest ({err})") from err
+    for field, value in expected.items():
+        if manifest.get(field) != value:
+            raise ConfigError(f"{path}: {field} is {manifest.get(field)!r}, but these settings ask for {value!r}; "
+                              f"{remedy}")
+    return manifest

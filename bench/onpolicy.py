@@ -29,6 +29,7 @@ import torch
 from bench.errors import ConfigError, DataError
 from bench.generation import JsonCache, Sampling, decode_responses, model_fingerprint, sample
 from bench.judges import load_scorer, scorer_fingerprint
+from bench import labelling
 from bench.labelling import label_pairs
 from bench.models import cache_dir, load_causal_lm, load_tokenizer
 from datamodules.formatting import Formatter
@@ -119,16 +120,8 @@ def expected_manifest(gold_spec: str, policy: str, settings: OnPolicySettings, l
 
 
 def check_manifest(folder: Path, expected: dict) -> dict:
-    path = folder / MANIFEST
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise DataError(f"{path}: not a readable on-policy manifest ({err})") from err
-    for name, value in expected.items():
-        if manifest.get(name) != value:
-            raise ConfigError(f"{path}: {name} is {manifest.get(name)!r}, but these settings ask for {value!r}; "
-                              "make the data again with `bench label` instead of reusing this folder")
-    return manifest
+    return labelling.check_manifest(folder / MANIFEST, expected,
+                                    "make the data again with `bench label` instead of reusing this folder")
 
 
 def labelled_folder(expected: dict, data: dict) -> Path:

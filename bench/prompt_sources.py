@@ -27,6 +27,7 @@ import json
 import os
 import re
 from pathlib import Path
+from collections.abc import Iterable, Iterator
 from typing import Callable, ClassVar
 
 import numpy as np
@@ -100,6 +101,20 @@ def source_prompts(name: str, data: dict, tokenizer, max_prompt_tokens: int, lim
     return make_prompt_source(name).prompts(data, tokenizer, max_prompt_tokens, limit, seed, fits)
 
 
+def kept_prompts(candidates: Iterable[str], fits: Fits, limit: int | None) -> list[str]:
+    """The candidates deduplicated in order, kept where they fit, at most `limit` of them."""
+    seen, prompts = set(), []
+    for prompt in candidates:
+        if prompt in seen:
+            continue
+        seen.add(prompt)
+        if fits(prompt):
+            prompts.append(prompt)
+            if limit is not None and len(prompts) == limit:
+                break
+    return prompts
+
+
 class HHFirstTurn(PromptSource):
     """The first human turn of each dialogue of the local HH source, deduplicated in source order (splits in
     name order), kept when it fits. `seed` is unused (nothing is drawn); `tokenizer` only counts a prompt's tokens
@@ -112,17 +127,8 @@ class HHFirstTurn(PromptSource):
         fits = fits or token_budget(tokenizer, max_prompt_tokens)
         path = data["path"]
         pairs, _ = read_pairs(path, data.get("subsets"))
-        seen, prompts = set(), []
-        for split in sorted(pairs):
-            for pair in pairs[split]:
-                prompt = first_turn_prompt(pair.prompt)
-                if prompt in seen or not prompt.startswith(HUMAN_TAG):
-                    continue
-                seen.add(prompt)
-                if fits(prompt):
-                    prompts.append(prompt)
-                    if limit is not None and len(prompts) == limit:
-                        return prompts
+        candidates = (first_turn_prompt(pair.prompt) for split in sorted(pairs) for pair in pairs[split])
+        prompts = kept_prompts((c for c in candidates if c.startswith(HUMAN_TAG)), fits, limit)
         if not prompts:
             raise DataError(f"{path}: no first human turn fits in {max_prompt_tokens} prompt tokens")
         return prompts
@@ -161,26 +167,22 @@ class IMDbPrefix(PromptSource):
         rng = np.random.default_rng(seed)
         order = rng.permutation(len(reviews))
         lengths = rng.integers(self.min_tokens, self.max_tokens + 1, size=len(reviews))
-        seen, prompts = set(), []
+        prompts = kept_prompts(self.candidates(tokenizer, reviews, order, lengths), fits, limit)
+        if not prompts:
+            raise DataError(f"{where}: no IMDb review prefix fits in {max_prompt_tokens} prompt tokens")
+        return prompts
+
+    def candidates(self, tokenizer, reviews: list[str], order, lengths) -> Iterator[str]:
+        """Each review's prefix as an HH prompt, in `order`, tokenized a chunk at a time (lazily: `limit` may stop
+        the reading early)."""
         for start in range(0, len(order), self.chunk):
             picked = order[start:start + self.chunk]
             texts = [clean(reviews[i])[:self.read_chars] for i in picked]
             encoded = tokenizer(texts, add_special_tokens=False).input_ids
             for ids, text, i in zip(encoded, texts, picked):
                 prefix = self.prefix(tokenizer, ids, int(lengths[i]), text)
-                if prefix is None:
-                    continue
-                prompt = hh_prompt(prefix)
-                if prompt in seen:
-                    continue
-                seen.add(prompt)
-                if fits(prompt):
-                    prompts.append(prompt)
-                    if limit is not None and len(prompts) == limit:
-                        return prompts
-        if not prompts:
-            raise DataError(f"{where}: no IMDb review prefix fits in {max_prompt_tokens} prompt tokens")
-        return prompts
+                if prefix is not None:
+                    yield hh_prompt(prefix)
 
     def prefix(self, tokenizer, ids: list[int], length: int, text: str) -> str | None:
         """The text of the first `length` tokens (fewer when a review is shorter, or when the cut would split a

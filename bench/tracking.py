@@ -34,7 +34,7 @@ def check_reachable(timeout: float = 5.0) -> None:
     except (urllib.error.URLError, OSError) as err:
         reason = getattr(err, "reason", err)
         raise BenchError(f"the MLflow tracking server {uri} (MLFLOW_TRACKING_URI) is unreachable: {reason}. Start it "
-                         "(`mlflow server`, see the README's Scale-out), or unset MLFLOW_TRACKING_URI to log to ./mlflow.db") from err
+                         "(`mlflow server`, see docs/scale-out.md), or unset MLFLOW_TRACKING_URI to log to ./mlflow.db") from err
 
 
 def check_local_store(database: Path) -> None:
