@@ -121,6 +121,11 @@ def find_finished_run(experiment: str, fingerprint: str) -> tuple[str, Path] | N
     return None
 
 
+def reward_train_subset(role: str, train_on: str) -> str:
+    """The train pairs a reward model reads: all of them for a shared or gold model, or when asked; else its role's half."""
+    return "all" if role in ("shared", "gold") or train_on == "all" else role
+
+
 def train_one(
     algorithm: str,
     recipe_name: str,
@@ -173,7 +178,7 @@ def train_one(
         def add_arguments_to_parser(self, parser):
             parser.link_arguments(f"model.{model_spec_key}", "data.tokenizer")
             if is_reward_model:
-                parser.link_arguments("model.role", "data.train_subset", compute_fn=lambda role: "all" if role in ("shared", "gold") else role)
+                parser.link_arguments(("model.role", "model.train_on"), "data.train_subset", compute_fn=reward_train_subset)
                 parser.link_arguments("model.max_length", "data.max_length")
             # Resumable runs: the last checkpoint every N steps, with optimizer, scheduler, loop and data position.
             parser.add_lightning_class_args(resume_checkpoint_class(), "checkpoint")

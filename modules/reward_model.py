@@ -38,6 +38,8 @@ class RewardModel(TrainedHFModel):
         lr, optimizer, weight_decay, warmup_steps: as for the policy modules.
         center_rewards_coefficient: c in c * mean((r+ + r-)^2), keeping rewards centred.
         max_length: transcripts are cut from the left to this many backbone tokens.
+        train_on: which train pairs a proxy or judge reads: its own half of the train split ("half"), or all of
+            them ("all": where no judge is trained from the same pairs, as in a gold world whose gold is given).
         nonfinite_loss: as for the policy modules ("error" or "skip").
     """
 
@@ -55,6 +57,7 @@ class RewardModel(TrainedHFModel):
         warmup_steps: NonNegativeInt = 0,
         center_rewards_coefficient: NonNegativeFloat = 0.0,
         max_length: int = 512,
+        train_on: Literal["half", "all"] = "half",
         trust_remote_code: bool = False,
         nonfinite_loss: NonFiniteLossPolicy = "error",
     ):
