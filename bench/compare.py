@@ -76,9 +76,8 @@ def stages_of(recipe_name: str, recipe: dict) -> list[str]:
     if optimising and "rm" not in stages:
         raise ConfigError(f"recipe {recipe_name}: compare.stages has {', '.join(optimising)}, which optimise a proxy "
                           "reward model, but no `rm` stage to train it")
-    # SFT before the reward models before the algorithms; arms in the order the recipe lists them
-    return sorted(stages, key=lambda s: (all_stages.index(algorithm_of(s, arms)) if s not in arms else len(all_stages),
-                                         stages.index(s)))
+    # SFT before the reward models before the algorithms; an arm where its algorithm stands, in the recipe's order
+    return sorted(stages, key=lambda s: (all_stages.index(algorithm_of(s, arms)), stages.index(s)))
 
 
 def budget_overrides(algorithm: str, config: dict, prompts: int) -> list[str]:
@@ -148,6 +147,8 @@ def dry_run_recipe(recipe: dict, data_path: str) -> dict:
     compare["budget_prompts"] = 2
     if compare.get("best_of_n"):
         compare["best_of_n"] = [1, 2]
+    if compare.get("best_of_n_gold"):
+        compare["best_of_n_gold"] = [2]
     if compare.get("overoptimisation"):
         compare["overoptimisation"] = {**compare["overoptimisation"], "n_prompts": 2, "every_n_steps": 1,
                                        "sampling": {"max_new_tokens": 4, "batch_size": 2}}

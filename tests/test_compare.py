@@ -26,8 +26,9 @@ def test_dry_run_builds_and_steps_every_stage_of_every_recipe(workdir, hh_path, 
     assert [s for s in ran if not s.startswith(("rm-", "best-of-"))] == expected
     gold_judge = (loaded.get("eval") or {}).get("judge") == "gold"  # the gold model judges: no judge is trained
     assert {"rm-proxy", *([] if gold_judge else ["rm-judge"])} <= set(ran)
-    assert [s for s in ran if s.startswith("best-of-")] == [f"best-of-{n}" for n in
-                                                           ([1, 2] if loaded["compare"].get("best_of_n") else [])]
+    assert [s for s in ran if s.startswith("best-of-")] == (
+        [f"best-of-{n}" for n in ([1, 2] if loaded["compare"].get("best_of_n") else [])]
+        + (["best-of-2-gold"] if loaded["compare"].get("best_of_n_gold") else []))  # the gold's pick: a ceiling
     assert not (workdir / "runs").exists() and not (workdir / "mlflow.db").exists()  # a throwaway workspace
 
 

@@ -152,7 +152,7 @@ def test_compare_arms_are_stages_of_their_algorithm():
     arms = arms_of(name, recipe)
     assert arms["dpo-beta0.5"] == ("dpo", {"model": {"beta": 0.5}})
     assert arms["rloo-kl0.2"] == ("rloo", {"model": {"beta": 0.2}})
-    assert stages_of(name, recipe) == ["rm", "ipo", "dpo-beta0.1", "dpo-beta0.5", "rloo-kl0.02", "rloo-kl0.2"]
+    assert stages_of(name, recipe) == ["rm", "dpo-beta0.1", "dpo-beta0.5", "ipo", "rloo-kl0.02", "rloo-kl0.2"]
     bad = recipes.deep_merge(recipe, {"compare": {"arms": {"x": {"algorithm": "nosuch"}}}})
     with pytest.raises(ConfigError, match=r"compare.arms.x.algorithm must name an aligned algorithm"):
         arms_of(name, bad)
