@@ -191,6 +191,28 @@ def collect_rows(experiment: str) -> list[Row]:
     return rows
 
 
+def proxy_agreement(experiment: str) -> str:
+    """A line on how often each seed's proxy orders the held-out pairs as the gold does (`bench compare` logs it
+    in a gold world), or "" when the newest finished comparison has no such measurement."""
+    client = mlflow.MlflowClient(tracking.tracking_uri())
+    found = client.get_experiment_by_name(experiment)
+    parents = client.search_runs([found.experiment_id], "tags.compare_role = 'parent' and attributes.status = "
+                                 "'FINISHED'", order_by=["attributes.start_time DESC"], max_results=1)
+    measured = []
+    for tag, value in sorted(parents[0].data.tags.items()) if parents else []:
+        if tag.startswith("stage.rm-proxy") and value.split():
+            run = client.get_run(value.split()[0])
+            if "eval/proxy_gold_agreement" in run.data.metrics:
+                measured.append((run.data.tags.get("seed", "?"), run.data.metrics))
+    if not measured:
+        return ""
+    cells = ", ".join(f"seed {seed} {m['eval/proxy_gold_agreement']:.3f} (its pairs' labels "
+                      f"{m['eval/label_gold_agreement']:.3f})" for seed, m in measured)
+    pairs = int(measured[0][1]["eval/proxy_gold_agreement_pairs"])
+    return (f"Proxy against the gold: on {pairs} held-out test pairs that the gold does not score equal, the share "
+            f"that the proxy orders as the gold does: {cells}.")
+
+
 def is_ceiling(name: str) -> bool:
     """best-of-N-gold: best-of-N picked by the gold reward, an upper reference point, not an algorithm."""
     return re.fullmatch(r"best-of-\d+-gold", name) is not None
@@ -577,6 +599,8 @@ def table(experiment: str, command: str, output_dir: Path = RESULTS_DIR) -> tupl
     md_path, csv_path = output_dir / f"{experiment}.md", output_dir / f"{experiment}.csv"
     check_not_anothers(md_path, result_owner(command))  # the CSV and PNGs beside it are the same table's
     text = markdown(experiment, records, command, source, published)  # its commit, before the PNGs dirty the tree
+    agreement = proxy_agreement(experiment)
+    text += f"\n{agreement}\n" if agreement else ""
     client = mlflow.MlflowClient(tracking.tracking_uri())
     plotted = figures.make_figures(figures.collect_runs(client, figure_runs(client, experiment, rows)))
     try:

@@ -200,3 +200,26 @@ def test_what_a_rows_kl_is():
     assert table.kl_kind_of([run(algorithm="dpo", **{"eval.kl_kind": "exact"})]) == "exact"
     assert table.kl_kind_of([run(**{"eval.kl_kind": "undefined (greedy sampling)"})]) == "undefined (greedy sampling)"
     assert table.kl_kind_of([run(algorithm="dpo")]) is None  # an old run does not say
+
+
+def test_the_proxy_agreement_line_reads_each_seeds_proxy(workdir):
+    import mlflow
+
+    from bench import tracking
+    from bench.table import proxy_agreement
+
+    client = mlflow.MlflowClient(tracking.tracking_uri())
+    experiment = client.create_experiment("agree")
+    assert proxy_agreement("agree") == ""  # no comparison yet
+    parent = client.create_run(experiment, tags={"compare_role": "parent"}).info.run_id
+    for seed, value in ((0, 0.7), (1, 0.75)):
+        child = client.create_run(experiment, tags={"seed": str(seed)}).info.run_id
+        for key, metric in (("eval/proxy_gold_agreement", value), ("eval/label_gold_agreement", 0.76),
+                            ("eval/proxy_gold_agreement_pairs", 289)):
+            client.log_metric(child, key, metric)
+        client.set_tag(parent, f"stage.rm-proxy.seed{seed}", child)
+    assert proxy_agreement("agree") == ""  # the comparison has not finished
+    client.set_terminated(parent)
+    line = proxy_agreement("agree")
+    assert "on 289 held-out test pairs" in line
+    assert "seed 0 0.700 (its pairs' labels 0.760), seed 1 0.750" in line
