@@ -893,7 +893,9 @@ def overoptimisation_curves(runs: Sequence[RunData]) -> list[OveroptCurve]:
     curves = []
     best_of_n = [r for r in runs if r.algorithm == BEST_OF_N and r.value(KL_METRIC) is not None]
     for arm, seed in sorted({(r.arm, r.seed) for r in best_of_n}, key=lambda k: (k[0] == BON_GOLD, str(k[1]))):
-        members = sorted((r for r in best_of_n if r.arm == arm and r.seed == seed),
+        # N = 1 is the reference's first draw whichever scorer picks: the gold's curve starts there too.
+        members = sorted((r for r in best_of_n if r.seed == seed and (r.arm == arm or (arm == BON_GOLD and
+                                                                                     r.best_of_n == 1))),
                          key=lambda r: (r.value(KL_METRIC), r.best_of_n or 0))
         if len(members) > 1:
             points = [(r.best_of_n or i, math.sqrt(max(r.value(KL_METRIC), 0.0)), r.value(JUDGE_METRIC),

@@ -155,12 +155,7 @@ def relabel(files: list[Path], root: Path, folder: Path, settings: GoldSettings,
     manifest = {**expected, "gold_model": settings.model, "source": str(root), "files": [str(f) for f in files],
                 "counts": counts, "agreement_with_human": agreement, "scoring_seconds": round(seconds, 1),
                 "settings": asdict(settings), "created": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
-    (partial / MANIFEST).write_text(json.dumps(manifest, indent=1))
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    if folder.exists():  # another process made it meanwhile: the same key, the same content
-        shutil.rmtree(partial)
-    else:
-        partial.rename(folder)
+    labelling.publish(partial, folder, manifest, MANIFEST)
     log.info("gold labels: %d pairs scored in %.0f s, %d flipped against the human labels, %d ties; written to %s",
              len(pairs), seconds, counts["flipped"], counts["ties"], folder)
     return manifest

@@ -3,6 +3,7 @@ reference's own samples): the label rule, and the source files and their fingerp
 
 import hashlib
 import json
+import shutil
 from pathlib import Path
 from typing import Literal
 
@@ -51,3 +52,15 @@ def check_manifest(path: Path, expected: dict, remedy: str) -> dict:
             raise ConfigError(f"{path}: {field} is {manifest.get(field)!r}, but these settings ask for {value!r}; "
                               f"{remedy}")
     return manifest
+
+
+def publish(partial: Path, folder: Path, manifest: dict, manifest_name: str = "manifest.json") -> None:
+    """Write the manifest into the finished `partial` folder and rename it to `folder`, atomically: a reader sees
+    the whole labelled copy or none of it. Another process that made it meanwhile wrote the same key, the same
+    content: ours is dropped."""
+    (partial / manifest_name).write_text(json.dumps(manifest, indent=1))
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    if folder.exists():
+        shutil.rmtree(partial)
+    else:
+        partial.rename(folder)

@@ -158,12 +158,7 @@ def write_folder(folder: Path, records: list[dict], manifest: dict) -> None:
     with gzip.open(partial / SUBSET / "train.jsonl.gz", "wt", encoding="utf-8") as out:
         for record in records:
             out.write(json.dumps(record) + "\n")
-    (partial / MANIFEST).write_text(json.dumps(manifest, indent=1))
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    if folder.exists():  # another process made it meanwhile: the same key, the same content
-        shutil.rmtree(partial)
-    else:
-        partial.rename(folder)
+    labelling.publish(partial, folder, manifest, MANIFEST)
 
 
 def on_policy_source(gold_spec: str, policy: str, settings: OnPolicySettings, rule: dict, data: dict,

@@ -14,6 +14,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from bench import tracking
 import bench.evaluation
 import bench.generation
 from bench.evaluation import EvalSettings, Target, eval_formatter, eval_pairs, responses_at_max, truncated_prompts
@@ -180,7 +181,7 @@ def test_eval_kl_is_the_exact_kl_of_the_policys_samples(workdir, hh_path, reward
     assert (expected > 0).all()
     assert metrics["eval/kl"] == pytest.approx(expected.mean().item(), rel=1e-4)
 
-    client = mlflow.MlflowClient()
+    client = mlflow.MlflowClient(tracking.tracking_uri())  # not mlflow's global URI, which other tests leave set
     (run,) = client.search_runs([client.get_experiment_by_name("kl-test").experiment_id])
     assert run.data.tags["eval.kl_kind"] == "exact" and run.data.tags["eval.kl_temperature"] == "0.7"
     table = json.loads(open(client.download_artifacts(run.info.run_id, "eval/samples.json")).read())
