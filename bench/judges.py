@@ -46,7 +46,21 @@ More helpful: <"A" or "B">"""
 VERDICT = re.compile(r'More helpful:\s*"?\s*([AB])\b', re.IGNORECASE)
 
 
-class RewardModelJudge:
+class ScoringJudge:
+    """A judge that scores each response on its own: the higher score wins, a tie counts one half. A subclass
+    gives `scores`; being local, it is always reachable."""
+
+    def check_reachable(self) -> None:
+        pass
+
+    def scores(self, prompts: list[str], responses: list[str]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def compare(self, prompts, policy_responses, baseline_responses) -> torch.Tensor:
+        return win_outcomes(self.scores(prompts, policy_responses), self.scores(prompts, baseline_responses))
+
+
+class RewardModelJudge(ScoringJudge):
     kind = "reward_model"
 
     def __init__(self, path: str, role: str = "judge", input_format: str = "auto"):
@@ -57,17 +71,11 @@ class RewardModelJudge:
         return {"kind": self.kind, "path": self.path, "trained_role": self.trained_role,
                 "input_format": self.module.input_format, "fingerprint": model_fingerprint(self.path)}
 
-    def check_reachable(self) -> None:
-        pass
-
     def scores(self, prompts: list[str], responses: list[str]) -> torch.Tensor:
         return self.module.score(prompts, responses)
 
-    def compare(self, prompts, policy_responses, baseline_responses) -> torch.Tensor:
-        return win_outcomes(self.scores(prompts, policy_responses), self.scores(prompts, baseline_responses))
 
-
-class RewardJudge:
+class RewardJudge(ScoringJudge):
     """A computable reward as the judge: the higher-scoring response wins, ties count one half."""
 
     kind = "reward"
@@ -81,14 +89,8 @@ class RewardJudge:
         return {"kind": self.kind, "path": self.path, "description": self.reward.description,
                 "fingerprint": self.reward.fingerprint()}
 
-    def check_reachable(self) -> None:
-        pass
-
     def scores(self, prompts: list[str], responses: list[str]) -> torch.Tensor:
         return self.reward.score(prompts, responses)
-
-    def compare(self, prompts, policy_responses, baseline_responses) -> torch.Tensor:
-        return win_outcomes(self.scores(prompts, policy_responses), self.scores(prompts, baseline_responses))
 
 
 def load_scorer(spec: str, role: str, input_format: str = "auto"):
