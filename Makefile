@@ -2,7 +2,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup test
+.PHONY: setup test test-fast
 
 # One command from a fresh clone: a venv with the project, its pinned deps, and the offline models.
 setup:
@@ -14,3 +14,7 @@ setup:
 
 test:
 	$(BIN)/python -m pytest -q --durations=15
+
+# While working: the pure and unit tests, about 2 minutes (tests marked slow or e2e are left out).
+test-fast:
+	$(BIN)/python -m pytest -q -m "not slow and not e2e" --durations=5

@@ -1,5 +1,8 @@
-"""Writing a results file so that a reader never sees half of it."""
+"""Writing a results file or a model folder so that a reader never sees half of it."""
 
+import contextlib
+import os
+import shutil
 from pathlib import Path
 
 
@@ -12,3 +15,35 @@ def write_atomically(path: Path, content: str | bytes) -> None:
         staging.replace(path)
     finally:
         staging.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def written_whole(target: Path):
+    """Yields a staging folder beside `target`, renamed to `target` when the block ends: a model folder is
+    there whole or not at all (a full disk, a crash), never a config without its weights."""
+    target = Path(target)
+    staging = target.with_name(f".{target.name}.partial")
+    shutil.rmtree(staging, ignore_errors=True)  # a crashed earlier attempt's
+    try:
+        yield staging
+        readable_as_umask_allows(staging)
+        if target.exists():  # an earlier save into the same folder: replaced whole, never merged into
+            replaced = target.with_name(f".{target.name}.replaced")
+            shutil.rmtree(replaced, ignore_errors=True)
+            target.rename(replaced)
+            staging.rename(target)
+            shutil.rmtree(replaced, ignore_errors=True)
+        else:
+            staging.rename(target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def readable_as_umask_allows(folder: Path) -> None:
+    """Files as an ordinary write would make them (0644 under umask 022): some writers (safetensors) make
+    theirs 0600, which hides a shared machine's runs and cache from everyone else."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for path in [folder, *folder.rglob("*")]:
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)

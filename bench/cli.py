@@ -14,6 +14,7 @@
 """
 
 import argparse
+import shlex
 import gc
 import json
 import logging
@@ -128,18 +129,24 @@ def train_command(argv: list[str]) -> None:
     recipe_name, recipe = recipes.load(recipe_arg)
     # torch and Lightning load here, after the cheap checks: help and argument errors stay fast.
     from bench import gold
-    from bench.training import evaluate_after_training, train_one
+    from bench.training import check_evaluation_possible, evaluate_after_training, train_one
 
     recipe = gold.gold_world(recipe_name, recipe)  # a gold-labelled recipe trains on its labels
+    recipe, argv = split_eval_overrides(recipe, argv)  # train evaluates: --eval.KEY=VALUE is its setting
+    if run_eval not in ("auto", "true", "false"):
+        raise BenchError(f"--eval takes auto, true or false, got {run_eval!r}")
+    if run_eval == "true" and algorithm != "rm":
+        check_evaluation_possible(recipe_name, recipe)  # before training, not after it
     if algorithm == "rm" and not any(a.startswith("--model.role") for a in argv):
         if resume:
             raise BenchError("--resume trains one reward model: add --model.role=proxy or --model.role=judge")
         # The default reward-model stage: a proxy and a judge, each on its own half of the train split.
         for role in ("proxy", "judge"):
             train_one(algorithm, recipe_name, recipe, [*argv, f"--model.role={role}"],
-                      run_name=f"rm-{role}-{datetime.now():%Y%m%d-%H%M%S}")
+                      run_name=f"rm-{role}-{datetime.now():%Y%m%d-%H%M%S}-{os.getpid()}")
     else:
-        run_id = train_one(algorithm, recipe_name, recipe, argv, resume=resume).run_id
+        run_id = train_one(algorithm, recipe_name, recipe, argv, resume=resume,
+                           bench_args=[] if run_eval == "auto" else ["--eval", run_eval]).run_id
         # The trainer, models and optimizer state form reference cycles; free them before evaluation
         # loads its own models (PPO's training state alone is about 17 GB with SmolLM2 on CPU).
         gc.collect()
@@ -195,7 +202,8 @@ def sweep_command(argv: list[str]) -> None:
     recipe = gold.gold_world(recipe_name, recipe)
     recipe, overrides = split_eval_overrides(recipe, rest)
     sweep(args.algorithm, recipe_name, recipe, args.n_trials, args.study_name, args.storage, args.sampler,
-          args.objective or ["eval/win_rate_vs_chosen"], args.seed, overrides, args.prune, args.space)
+          args.objective or ["eval/win_rate_vs_chosen"], args.seed, overrides, args.prune, args.space,
+          command=shlex.join(["bench", "sweep", *argv]))
 
 
 def seed_list(text: str) -> list[int]:
@@ -246,11 +254,13 @@ def compare_command(argv: list[str]) -> None:
     parser.add_argument("--seeds", type=seed_list, help="comma-separated seeds, each stage under each "
                         "(default: the recipe's compare.seeds, else its seed_everything)")
     args, rest = parser.parse_known_args(argv)
-    from bench.compare import compare
+    from bench.compare import compare, comparison_recipe
 
     recipe_name, recipe = recipes.load(args.recipe)
-    recipe, overrides = split_eval_overrides(recipe, rest)
-    runs = compare(recipe_name, recipe, overrides, dry_run=args.dry_run, data_path=args.data_path, seeds=args.seeds)
+    # compare.eval is merged first, so that the command line's --eval.KEY wins over it
+    recipe, overrides = split_eval_overrides(comparison_recipe(recipe), rest)
+    runs = compare(recipe_name, recipe, overrides, dry_run=args.dry_run, data_path=args.data_path, seeds=args.seeds,
+                   command=shlex.join(["bench", "compare", *argv]))
     if not args.dry_run:
         print(f"comparison finished: {json.dumps(runs)}; `bench table --experiment {recipe_name}` writes the table")
 
@@ -313,6 +323,9 @@ def eval_command(argv: list[str]) -> None:
     if args.recipe and run_recipe and recipes.load(args.recipe)[0] != run_recipe:
         log.warning("run %s was trained with recipe %s; evaluating with %s's eval settings, as --recipe asks",
                     args.target, run_recipe, args.recipe)
+    if not args.recipe and run_recipe and run_recipe not in recipes.available():
+        raise BenchError(f"run {args.target} was trained with recipe {run_recipe!r}, not one shipped with bench: "
+                         f"pass its file with --recipe PATH/{run_recipe}.yaml")
     recipe_name, recipe_config = recipes.load(args.recipe or run_recipe or "smol-hh")
     recipe_config = gold.gold_world(recipe_name, recipe_config)
     eval_config = dict(recipe_config.get("eval") or {})
@@ -408,9 +421,11 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
     try:
         if argv[0] in ("train", "eval", "sweep", "compare", "table", "label") and not {"-h", "--help", "--dry-run"} & set(argv):
+            from bench.paths import cache_dir, check_writable_dir
             from bench.tracking import check_reachable
 
-            check_reachable()
+            check_reachable(create=argv[0] != "table")  # a table reads a store, never makes one
+            check_writable_dir(cache_dir(), "the cache folder (BENCH_CACHE)")  # before work that fills it
         command(argv[1:])
     except BenchError as err:
         print(f"bench {argv[0]}: error: {err}", file=sys.stderr)

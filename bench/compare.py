@@ -15,6 +15,7 @@ import gc
 import inspect
 import logging
 import os
+import shlex
 import tempfile
 from datetime import datetime
 from pathlib import Path
@@ -29,6 +30,7 @@ from bench.errors import BenchError, ConfigError
 from bench.overoptimisation import ScoresAlongTraining
 from bench.rewards import reward_needs_hub
 from bench.strategies import check_strategies
+from bench.workers import WORKER_TAG, close_dead_runs, this_worker
 
 log = logging.getLogger(__name__)
 
@@ -189,7 +191,7 @@ def throwaway_workspace():
 
 
 def compare(recipe_name: str, recipe: dict, argv: list[str], dry_run: bool = False, data_path: str | None = None,
-            seeds: list[int] | None = None) -> dict:
+            seeds: list[int] | None = None, command: str | None = None) -> dict:
     """Run the comparison; returns {stage: run id}. `argv` holds LightningCLI overrides for every stage. A
     recipe with a gold world (`gold:`) first gets its gold model and gold labels (`bench label`), cached."""
     stages = stages_of(recipe_name, recipe)
@@ -211,7 +213,7 @@ def compare(recipe_name: str, recipe: dict, argv: list[str], dry_run: bool = Fal
     if data_path:
         recipe = recipes.deep_merge(recipe, {"data": {"path": data_path}})
     recipe = gold.gold_world(recipe_name, recipe, create=True)
-    return Comparison(recipe_name, recipe, stages, argv, seeds).run()
+    return Comparison(recipe_name, recipe, stages, argv, seeds, command=command).run()
 
 
 def seeds_of(recipe_name: str, recipe: dict, seeds: list[int] | None) -> list[int]:
@@ -233,8 +235,10 @@ class Comparison:
     model, or the one the first seed trains), so that every row is judged by the same judge."""
 
     def __init__(self, recipe_name: str, recipe: dict, stages: list[str], argv: list[str],
-                 seeds: list[int] | None = None):
+                 seeds: list[int] | None = None, command: str | None = None):
         self.recipe = comparison_recipe(recipe)
+        # What reruns this comparison: its finished stages are reused (by config), the rest trained.
+        self.command = command or shlex.join(["bench", "compare", "--recipe", recipe_name, *argv])
         self.recipe_name, self.stages, self.argv = recipe_name, stages, argv
         self.seeds = seeds_of(recipe_name, self.recipe, seeds)
         settings = self.recipe["compare"]
@@ -253,7 +257,8 @@ class Comparison:
     def parent_run(self) -> str:
         run = self.client.create_run(tracking.experiment_id(self.client, self.recipe_name), run_name=f"compare-{datetime.now():%Y%m%d-%H%M%S}",
                                      tags={"compare_role": "parent", "recipe": self.recipe_name,
-                                           "git_commit": tracking.git_commit()})
+                                           "git_commit": tracking.git_commit(), "command": self.command,
+                                           WORKER_TAG: this_worker()})  # closed by a later bench if this one is SIGKILLed
         self.client.log_param(run.info.run_id, "stages", ",".join(self.stages))
         self.client.log_param(run.info.run_id, "budget_prompts", str(self.budget))
         self.client.log_param(run.info.run_id, "seeds", ",".join(map(str, self.seeds)))
@@ -286,7 +291,7 @@ class Comparison:
         tags = {"mlflow.parentRunId": self.parent, "compare_stage": stage, "seed": str(seed)}
         result = train_one(algorithm, self.recipe_name, self.stage_recipe(stage), [*argv, *self.seed_args(seed), *self.argv],
                            run_name=f"{stage}-s{seed}-{datetime.now():%Y%m%d-%H%M%S}", tags=tags, reuse=True,
-                           callbacks=callbacks)
+                           callbacks=callbacks, rerun_command=self.command)
         gc.collect()  # free the trainer and its models before the next stage loads its own
         if result.run_id is None:
             raise BenchError(f"stage {stage} (seed {seed}) was interrupted")
@@ -300,16 +305,29 @@ class Comparison:
         budgets = {stage: budget_overrides(self.algorithm(stage), recipes.for_algorithm(self.stage_recipe(stage),
                                                                                          self.algorithm(stage)), self.budget)
                    for stage in self.aligned_stages() if self.budget}
+        close_dead_runs(self.client, self.recipe_name)
         self.parent = self.parent_run()
         log.info("comparison of %s over seeds %s under MLflow parent run %s", ", ".join(self.stages), self.seeds,
                  self.parent)
         judge = (self.recipe.get("eval") or {}).get("judge")
         self.judge = judge if judge not in (None, "latest") and not str(judge).startswith("http") else None
-        for seed in self.seeds:
-            self.run_seed(seed, budgets)
+        with tracking.closed_on_error(self.client, self.parent, "the comparison", self.command,
+                                      discard=self.refused_before_any_stage):
+            for seed in self.seeds:
+                self.run_seed(seed, budgets)
         self.client.set_terminated(self.parent)  # first: `bench table` reads finished comparisons only
         figures.log_figures_of_finished_run(self.client, self.parent, figures.comparison_run_ids(self.client, self.parent))
+        if self.aligned_stages() or self.best_of_n:  # rows to table: the parent run carries the table itself
+            from bench.table import log_to_parent_run
+
+            try:
+                log_to_parent_run(self.client, self.parent, self.recipe_name)
+            except BenchError as err:  # the comparison is done and kept; `bench table` says the same, at leisure
+                log.warning("the comparison's table was not logged on its parent run %s: %s", self.parent, err)
         return self.runs
+
+    def refused_before_any_stage(self, err: BaseException) -> bool:
+        return isinstance(err, BenchError) and not self.runs  # the parent then holds nothing worth keeping
 
     def run_seed(self, seed: int, budgets: dict[str, list[str]]) -> None:
         policy_args: list[str] = []

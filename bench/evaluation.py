@@ -23,6 +23,7 @@ import json
 import logging
 import random
 from contextlib import nullcontext
+from datetime import datetime
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -427,14 +428,29 @@ def win_rate_figure(metrics: dict):
     return figure
 
 
+def eval_run(client, target: Target) -> tuple[str, bool]:
+    """(the run an evaluation logs into, whether it was made for it). The training run's first evaluation goes
+    into that run; a later one is a run of its own nested under it (tag `eval_of`), so the run's `eval/` metrics,
+    params and samples stay one evaluation's and a comparison's table keeps reading the evaluation it made."""
+    if target.run_id is not None:
+        trained = client.get_run(target.run_id)
+        if not any(key.startswith("eval/") for key in trained.data.metrics):
+            return target.run_id, False
+        run_id = client.create_run(trained.info.experiment_id, run_name=f"{trained.info.run_name}-eval-{datetime.now():%Y%m%d-%H%M%S}",
+                                   tags={"mlflow.parentRunId": target.run_id, "eval_of": target.run_id,
+                                         "algorithm": "eval", "model": target.policy}).info.run_id
+        earlier = trained.data.tags.get("reevaluated_in")
+        client.set_tag(target.run_id, "reevaluated_in", f"{earlier},{run_id}" if earlier else run_id)
+        log.info("run %s was evaluated before: this evaluation is run %s, nested under it", target.run_id, run_id)
+        return run_id, True
+    return client.create_run(tracking.experiment_id(client, target.experiment), run_name=f"eval-{Path(target.policy).name}",
+                             tags={"algorithm": "eval", "model": target.policy}).info.run_id, True
+
+
 def record_eval(target: Target, settings: EvalSettings, judge, proxy, metrics: dict, table: dict) -> str:
-    """Log into the training run when there is one, else into a new run of the experiment."""
+    """Log into the training run's first evaluation, else into a run of the evaluation's own (`eval_run`)."""
     client = mlflow.MlflowClient(tracking.tracking_uri())
-    run_id = target.run_id
-    if run_id is None:
-        run_id = client.create_run(tracking.experiment_id(client, target.experiment),
-                                   run_name=f"eval-{Path(target.policy).name}",
-                                   tags={"algorithm": "eval", "model": target.policy}).info.run_id
+    run_id, own_run = eval_run(client, target)
     for key, value in metrics.items():
         client.log_metric(run_id, key, value)
     judge_info = judge.describe()
@@ -449,10 +465,8 @@ def record_eval(target: Target, settings: EvalSettings, judge, proxy, metrics: d
     params = {"eval.n_prompts": settings.n_prompts, "eval.confidence": settings.confidence, "eval.split": settings.split,
               "eval.prompt_seed": settings.prompt_seed,
               **{f"eval.sampling.{k}": v for k, v in asdict(settings.sampling).items()}}
-    existing = client.get_run(run_id).data.params
     for key, value in params.items():
-        if key not in existing:  # a re-evaluation with other settings keeps the first run's params
-            client.log_param(run_id, key, value)
+        client.log_param(run_id, key, value)
     client.log_table(run_id, data=table, artifact_file="eval/samples.json")
     figure = win_rate_figure(metrics)
     client.log_figure(run_id, figure, "eval/win_rates.png")
@@ -460,6 +474,6 @@ def record_eval(target: Target, settings: EvalSettings, judge, proxy, metrics: d
 
     plt.close(figure)
     log.info("eval metrics logged to run %s: %s", run_id, json.dumps({k: round(v, 4) for k, v in metrics.items()}))
-    if client.get_run(run_id).info.status != "FINISHED" and target.run_id is None:
+    if own_run:
         client.set_terminated(run_id)
     return run_id

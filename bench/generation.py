@@ -343,6 +343,15 @@ class SamplingStats:
 SAMPLING_STATS = SamplingStats()
 
 
+def check_fits_context(model, longest_prompt: int, max_new_tokens: int) -> None:
+    """A prompt and its response must fit the model's positions: past them a model reads garbage, or a
+    sampler sized for a billion tokens sits at 0 % for hours."""
+    positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if positions and longest_prompt + max_new_tokens > positions:
+        raise ConfigError(f"max_new_tokens {max_new_tokens} after prompts of up to {longest_prompt} tokens exceeds the "
+                          f"model's {positions} positions: give max_new_tokens <= {max(positions - longest_prompt, 0)}")
+
+
 @torch.no_grad()
 def sample(
     model, tokenizer, prompt_ids: list[list[int]], sampling: Sampling, desc: str, leave: bool = True
@@ -351,6 +360,7 @@ def sample(
     `sampling.backend`. The model is in eval mode (no dropout) while it samples."""
     if not prompt_ids:
         return []
+    check_fits_context(model, max(map(len, prompt_ids)), sampling.max_new_tokens)
     was_training = model.training
     model.eval()
     eos_ids = {tokenizer.eos_token_id}

@@ -10,11 +10,13 @@ A spec is one of
 import importlib.util
 import json
 import logging
-import os
+import re
 from pathlib import Path
 
 import torch
 from bench.errors import ModelSpecError
+from bench.atomic import written_whole
+from bench.paths import cache_dir
 from transformers import (
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
@@ -31,11 +33,6 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TINY_SPEC = "tiny"
 MINILM_SPEC = "all-minilm-l6-v2"
 BUILTIN_SPECS = (SMOLLM2_SPEC, TINY_SPEC, MINILM_SPEC)
-
-
-def cache_dir() -> Path:
-    """Where converted models and other derived artefacts live; ``BENCH_CACHE`` overrides."""
-    return Path(os.environ.get("BENCH_CACHE", Path.home() / ".cache" / "bench"))
 
 
 def _smollm2_gguf_dir() -> Path:
@@ -63,14 +60,13 @@ def _convert_smollm2() -> Path:
         del config.quantization_config
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(gguf_model.state_dict())
-    staging = target.with_name(target.name + ".partial")
-    model.save_pretrained(staging)
-    tokenizer.save_pretrained(staging)
-    config_path = staging / "config.json"
-    saved_config = json.loads(config_path.read_text())
-    if saved_config.pop("quantization_config", None) is not None:
-        config_path.write_text(json.dumps(saved_config, indent=2))
-    staging.rename(target)
+    with written_whole(target) as staging:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        config_path = staging / "config.json"
+        saved_config = json.loads(config_path.read_text())
+        if saved_config.pop("quantization_config", None) is not None:
+            config_path.write_text(json.dumps(saved_config, indent=2))
     return target
 
 
@@ -103,25 +99,20 @@ def _tiny_dir() -> Path:
         pad_token_id=tokenizer.pad_token_id,
     )
     torch.manual_seed(0)
-    staging = target.with_name(target.name + ".partial")
-    LlamaForCausalLM(config).save_pretrained(staging)
-    tokenizer.save_pretrained(staging)
-    staging.rename(target)
+    with written_whole(target) as staging:
+        LlamaForCausalLM(config).save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
     return target
 
 
 def resolve(spec: str) -> str:
-    """Turn a spec into something ``from_pretrained`` takes: a local folder or a hub id."""
-    if spec == SMOLLM2_SPEC:
-        return str(_convert_smollm2())
-    if spec == TINY_SPEC:
-        return str(_tiny_dir())
-    if spec == MINILM_SPEC:
-        return str(_minilm_dir())
-    path = Path(spec).expanduser()
+    """Turn a spec into something ``from_pretrained`` takes: a local folder (its weights checked) or a hub id."""
+    builtin = {SMOLLM2_SPEC: _convert_smollm2, TINY_SPEC: _tiny_dir, MINILM_SPEC: _minilm_dir}.get(spec)
+    path = builtin() if builtin else Path(spec).expanduser()
     if path.exists():
         if not (path / "config.json").exists():
             raise ModelSpecError(f"model spec {spec!r}: folder {path} has no config.json, so it is not an HF model")
+        check_weights(spec, path)
         return str(path)
     looks_like_hub_id = spec.count("/") == 1 and not spec.startswith((".", "/", "~"))
     if not looks_like_hub_id:
@@ -130,6 +121,22 @@ def resolve(spec: str) -> str:
             f"nor one of {', '.join(BUILTIN_SPECS)}"
         )
     return spec
+
+
+def check_weights(spec: str, folder: Path) -> None:
+    """Every safetensors file's header covers the file (a truncated or damaged one fails here in milliseconds,
+    not as a traceback inside a run)."""
+    from safetensors import safe_open
+
+    for weights in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(weights, "pt"):
+                pass
+        except Exception as err:  # SafetensorError, OSError
+            where = folder.resolve()
+            fix = (f"delete it (rm -r {where}) and it is rebuilt on the next run" if where.is_relative_to(cache_dir().resolve())
+                   else "restore it, or train it again")
+            raise ModelSpecError(f"model spec {spec!r}: {weights} is damaged ({' '.join(str(err).split())}); {fix}") from None
 
 
 def _from_pretrained(loader, spec: str, **kwargs):
@@ -147,11 +154,29 @@ def load_tokenizer(spec: str, trust_remote_code: bool = False) -> PreTrainedToke
     return tokenizer
 
 
+class _FreshHeadReport(logging.Filter):
+    """transformers' load report (a coloured table, at every load) when its only news is the new scalar head
+    that a reward backbone is meant to get; any other missing or unexpected weight is still reported."""
+
+    HEAD_KEYS = re.compile(r"^(classifier|score)\.(weight|bias)\s*\|\s*MISSING", re.MULTILINE)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = str(record.msg)
+        if "LOAD REPORT" not in message:
+            return True
+        rows = [line for line in message.splitlines() if "|" in line and not line.startswith(("Key", "-"))]
+        return not rows or len(self.HEAD_KEYS.findall(message)) != len(rows)
+
+
 def load_reward_backbone(spec: str, trust_remote_code: bool = False) -> torch.nn.Module:
     """Any HF sequence-classification model with one output; an encoder gets a fresh scalar head."""
-    return _from_pretrained(
-        AutoModelForSequenceClassification, spec, num_labels=1, dtype=torch.float32, trust_remote_code=trust_remote_code
-    )
+    report_filter, report_logger = _FreshHeadReport(), logging.getLogger("transformers.modeling_utils")
+    report_logger.addFilter(report_filter)
+    try:
+        return _from_pretrained(AutoModelForSequenceClassification, spec, num_labels=1, dtype=torch.float32,
+                                trust_remote_code=trust_remote_code)
+    finally:
+        report_logger.removeFilter(report_filter)
 
 
 def load_causal_lm(spec: str, trust_remote_code: bool = False) -> torch.nn.Module:

@@ -1,10 +1,17 @@
 """Checks that a folder or file bench is about to write can be written, made before the work that leads up
 to the write: a run, a benchmark or a table should not be computed only to fail on its output."""
 
+import errno
+import os
 import tempfile
 from pathlib import Path
 
 from bench.errors import BenchError
+
+
+def cache_dir() -> Path:
+    """Where converted models and other derived artefacts live; ``BENCH_CACHE`` overrides."""
+    return Path(os.environ.get("BENCH_CACHE", Path.home() / ".cache" / "bench"))
 
 
 def check_writable_dir(path: Path | str, what: str) -> None:
@@ -32,3 +39,13 @@ def check_writable_file(path: Path | str, what: str) -> None:
         check_writable_dir(path.parent, what)
     except BenchError as err:  # name the file the user gave, not its folder
         raise BenchError(str(err).replace(f"{what} {path.parent}", f"{what} {path}", 1)) from None
+
+
+def is_disk_full(err: BaseException) -> bool:
+    """ENOSPC, also when a library (safetensors, sqlite) wraps it in an error of its own."""
+    while err is not None:
+        if (isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT)) or "No space left" in str(err) \
+                or "database or disk is full" in str(err):
+            return True
+        err = err.__cause__ or err.__context__
+    return False

@@ -51,8 +51,14 @@ def quiet_libraries() -> None:
         warnings.filterwarnings("ignore", message=message)
     if _FILTERS:
         return
-    # Lightning's advertisement for its cloud logger, at every Trainer without one.
-    _FILTERS["lightning.pytorch.utilities.rank_zero"] = _DropMessages(("💡 Tip:",))
+    # Lightning's advertisement for its cloud logger, and the hardware lines, at every Trainer (a comparison
+    # builds a dozen); bench's run line names the device, and `bench perf` reports the machine.
+    _FILTERS["lightning.pytorch.utilities.rank_zero"] = _DropMessages(("💡 Tip:", "GPU available:", "TPU available:",
+                                                                        "HPU available:"))
+    # Every stage seeds itself: the seed is a param of its run.
+    _FILTERS["lightning.fabric.utilities.seed"] = _DropMessages(("Seed set to",))
+    # Each recipe is one MLflow experiment, created on first use: not a problem to warn about.
+    _FILTERS["lightning.pytorch.loggers.mlflow"] = _DropMessages(("Experiment with name",))
     # A surplus sweep trial (another worker took the study's last place) is normal, not a failure.
     _FILTERS["optuna.study._optimize"] = _DropTrialException("SurplusTrial")
     for name, log_filter in _FILTERS.items():

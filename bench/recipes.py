@@ -22,6 +22,10 @@ RECIPE_DIR = Path(__file__).resolve().parent / "recipes"
 PROJECT_ROOT = RECIPE_DIR.parents[1]
 DATA_ENV = "HH_RLHF_PATH"  # the one place the HH-RLHF source is set for every command
 CLI_SECTIONS = ("seed_everything", "trainer", "data", "model")
+# Every section a recipe may hold, and the keys of `compare:`; a misspelt one is refused, never ignored.
+SECTIONS = (*CLI_SECTIONS, "algorithms", "eval", "compare", "gold", "published")
+COMPARE_KEYS = ("stages", "arms", "seeds", "budget_prompts", "best_of_n", "best_of_n_gold", "overoptimisation",
+                "algorithms", "eval")
 
 
 def available() -> list[str]:
@@ -31,6 +35,8 @@ def available() -> list[str]:
 def recipe_path(name_or_path: str) -> Path:
     path = Path(name_or_path).expanduser()
     if path.suffix in (".yaml", ".yml") or path.exists():
+        if path.is_dir():
+            raise ConfigError(f"recipe {path} is a folder; give a recipe YAML file (for example {path / 'recipe.yaml'})")
         if not path.is_file():
             raise ConfigError(f"recipe file {path} does not exist")
         return path
@@ -63,6 +69,8 @@ def resolve_data_path(path: str, base: Path = PROJECT_ROOT) -> str:
 
 
 def _resolve_data_paths(recipe: dict, base: Path) -> None:
+    if os.environ.get(DATA_ENV) and isinstance(recipe.get("data") or {}, dict):  # also a recipe without data.path
+        recipe["data"] = {**(recipe.get("data") or {}), "path": os.environ[DATA_ENV]}
     sections = [recipe.get("data"), *((overrides or {}).get("data") for overrides in
                                       (recipe.get("algorithms") or {}).values() if isinstance(overrides, dict))]
     for section in sections:
@@ -79,8 +87,33 @@ def load(name_or_path: str) -> tuple[str, dict]:
         raise ConfigError(f"recipe {path} is not valid YAML: {err}") from err
     if not isinstance(recipe, dict):
         raise ConfigError(f"recipe {path} must be a mapping of config sections")
+    check_keys(path, recipe)
     _resolve_data_paths(recipe, PROJECT_ROOT if path.resolve().parent == RECIPE_DIR else path.resolve().parent)
     return path.stem, recipe
+
+
+def check_keys(path: Path, recipe: dict) -> None:
+    """Sections, algorithm names and comparison keys are known ones; LightningCLI checks what is inside
+    `trainer`, `data` and `model`, and `eval`/`gold` check their own settings."""
+    from modules import TRAINABLE
+
+    def refuse(where: str, unknown: set, known) -> None:
+        if unknown:
+            raise ConfigError(f"recipe {path}: unknown {where} {', '.join(map(repr, sorted(map(str, unknown))))}; "
+                              f"known: {', '.join(known)}")
+
+    refuse("section", set(recipe) - set(SECTIONS), SECTIONS)
+    for section in ("algorithms", "compare"):
+        if not isinstance(recipe.get(section) or {}, dict):
+            raise ConfigError(f"recipe {path}: `{section}:` must be a mapping")
+    compare = recipe.get("compare") or {}
+    refuse("compare key", set(compare) - set(COMPARE_KEYS), COMPARE_KEYS)
+    for where, sections in (("algorithms", recipe.get("algorithms") or {}), ("compare.algorithms", compare.get("algorithms") or {})):
+        refuse(f"algorithm under {where}:", set(sections) - set(TRAINABLE), TRAINABLE)
+        for name, overrides in sections.items():
+            if not isinstance(overrides or {}, dict):
+                raise ConfigError(f"recipe {path}: {where}.{name} must be a mapping of config sections")
+            refuse(f"section under {where}.{name}:", set(overrides or {}) - set(CLI_SECTIONS), CLI_SECTIONS)
 
 
 def for_algorithm(recipe: dict, algorithm: str) -> dict:

@@ -9,6 +9,7 @@ child run per trial.
 
 import copy
 import logging
+import shlex
 import shutil
 import time
 from dataclasses import dataclass
@@ -27,7 +28,7 @@ from optuna_integration import PyTorchLightningPruningCallback
 import modules
 from bench import figures, tracking
 from bench.errors import BenchError, ConfigError
-from bench.workers import is_dead_local_worker, this_worker
+from bench.workers import WORKER_TAG, is_dead_local_worker, this_worker
 
 log = logging.getLogger(__name__)
 
@@ -254,13 +255,18 @@ class Sweep:
     overrides: list[str]
     prune: bool
     parent_run_id: str
+    command: str  # what carries the study on: an interrupted trial's run says it, not `bench train`'s resume
 
     # --- one trial ----------------------------------------------------------------------------------
     def objective(self, trial: optuna.Trial):
         trial.set_user_attr("worker", this_worker())  # first: a retried trial arrives with its dead worker's
         self.check_not_surplus(trial)
         params = {name: suggest(trial, name, distribution) for name, distribution in self.space.distributions.items()}
-        return self.run_trial(trial, params)
+        try:
+            return self.run_trial(trial, params)
+        except (KeyboardInterrupt, SystemExit):  # Ctrl-C: Optuna would leave the trial RUNNING until its heartbeat
+            self.study._storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)  # expires (3 minutes)
+            raise
 
     def check_not_surplus(self, trial: optuna.Trial) -> None:
         """Workers check the count before asking for a trial, but two can ask at once; the lower numbers win."""
@@ -288,7 +294,7 @@ class Sweep:
         set_aside_stale_trial_dir(Path("runs", self.recipe_name, run_name))
         try:
             result = train_one(self.algorithm, self.recipe_name, self.recipe, argv, run_name=run_name, tags=tags,
-                               callbacks=[pruning] if pruning else None)
+                               callbacks=[pruning] if pruning else None, rerun_command=self.command)
         except optuna.TrialPruned:
             tag_trial_run(self.recipe_name, self.study.study_name, trial.number, "PRUNED", "KILLED")  # stopped on purpose, not failed
             raise
@@ -373,7 +379,7 @@ def record_best(study: optuna.Study, objectives: list[Objective], parent_run_id:
         for name, value in trial.params.items():
             client.set_tag(parent_run_id, f"best.{name}", str(value))
     client.set_tag(parent_run_id, "finished_trials", str(sum(t.state in FINISHED for t in study.get_trials())))
-    if client.get_run(parent_run_id).info.status == "RUNNING":
+    if client.get_run(parent_run_id).info.status != "FINISHED":  # it may be KILLED by a worker stopped earlier
         client.set_terminated(parent_run_id)
     figures.log_figures_of_finished_run(client, parent_run_id, figures.sweep_run_ids(client, parent_run_id))
 
@@ -412,6 +418,7 @@ def sweep(
     heartbeat_interval: int = 60,
     grace_period: int = 180,
     poll_seconds: float = 10.0,
+    command: str | None = None,
 ) -> optuna.Study:
     """Everything that can be wrong is checked before the first trial trains."""
     if algorithm not in modules.algorithms():
@@ -450,8 +457,14 @@ def sweep(
     finished = sum(t.state in FINISHED for t in study.get_trials(deepcopy=False))
     log.info("study %r in %s: %d of %d trials finished; MLflow parent run %s", study_name, storage.url,
              finished, n_trials, parent_run_id)
-    Sweep(algorithm, recipe_name, recipe, space, objectives, study, n_trials, overrides,
-          prune and len(objectives) == 1, parent_run_id).run(poll_seconds)
+    command = command or shlex.join(["bench", "sweep", algorithm, "--recipe", recipe_name, *overrides])
+    client = mlflow.MlflowClient(tracking.tracking_uri())
+    if client.get_run(parent_run_id).info.status != "RUNNING":  # an interrupted study, resumed
+        client.update_run(parent_run_id, status="RUNNING")
+    client.set_tag(parent_run_id, WORKER_TAG, this_worker())  # a later bench closes it if this worker is SIGKILLed
+    with tracking.closed_on_error(client, parent_run_id, f"study {study_name!r}", command):
+        Sweep(algorithm, recipe_name, recipe, space, objectives, study, n_trials, overrides,
+              prune and len(objectives) == 1, parent_run_id, command).run(poll_seconds)
     record_best(study, objectives, parent_run_id)
     print(summary(study, objectives))
     return study

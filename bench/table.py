@@ -571,6 +571,17 @@ def check_not_anothers(path: Path, owner: str) -> None:
                          "choose another output path")
 
 
+def check_not_users(md_path: Path, beside: list[Path]) -> None:
+    """The CSV and figures beside a table are bench's only when its Markdown (with its `Command:` line) is
+    there too; without it, a file of that name is the user's."""
+    if md_path.exists():
+        return
+    for path in beside:
+        if path.exists():
+            raise BenchError(f"{path} exists but {md_path.name} does not: bench did not write it; not overwriting it "
+                             "(move it, or choose another --output-dir)")
+
+
 def write_result(path: Path, text: str, command: str) -> None:
     check_not_anothers(path, result_owner(command))
     write_atomically(path, text)
@@ -585,22 +596,33 @@ def figure_runs(client: mlflow.MlflowClient, experiment: str, rows: list[Row]) -
     return run_ids
 
 
-def table(experiment: str, command: str, output_dir: Path = RESULTS_DIR) -> tuple[Path, Path]:
+def tested_records(experiment: str) -> tuple[list[Row], list[dict], str, list[dict]]:
+    """(rows, their records with each row's test, the published source, its numbers): what every form of the
+    table (`bench table`'s files, the comparison's parent run) is made of."""
     rows = collect_rows(experiment)
     baseline_tests(rows)
     source, published = published_rows(experiment)
     # A measured row sits beside the published figure for the same algorithm on the recipe's own model.
     by_algorithm = {p["algorithm"]: p for p in published if p.get("compare", True)}
-    records = [csv_record(r, by_algorithm) for r in rows]
+    return rows, [csv_record(r, by_algorithm) for r in rows], source, published
+
+
+def table_text(experiment: str, records: list[dict], command: str, source: str, published: list[dict]) -> str:
+    text = markdown(experiment, records, command, source, published)  # its commit, before the PNGs dirty the tree
+    agreement = proxy_agreement(experiment)
+    return text + (f"\n{agreement}\n" if agreement else "")
+
+
+def table(experiment: str, command: str, output_dir: Path = RESULTS_DIR) -> tuple[Path, Path]:
+    md_path, csv_path = output_dir / f"{experiment}.md", output_dir / f"{experiment}.csv"
+    check_not_anothers(md_path, result_owner(command))  # the CSV and PNGs beside it are the same table's
+    check_not_users(md_path, [csv_path, *(output_dir / f"{experiment}-{name}.png" for name in figures.CAPTIONS)])
+    rows, records, source, published = tested_records(experiment)
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=CSV_FIELDS)
     writer.writeheader()
     writer.writerows(records)
-    md_path, csv_path = output_dir / f"{experiment}.md", output_dir / f"{experiment}.csv"
-    check_not_anothers(md_path, result_owner(command))  # the CSV and PNGs beside it are the same table's
-    text = markdown(experiment, records, command, source, published)  # its commit, before the PNGs dirty the tree
-    agreement = proxy_agreement(experiment)
-    text += f"\n{agreement}\n" if agreement else ""
+    text = table_text(experiment, records, command, source, published)
     client = mlflow.MlflowClient(tracking.tracking_uri())
     plotted = figures.make_figures(figures.collect_runs(client, figure_runs(client, experiment, rows)))
     try:
@@ -611,3 +633,14 @@ def table(experiment: str, command: str, output_dir: Path = RESULTS_DIR) -> tupl
     write_atomically(csv_path, buffer.getvalue())
     write_atomically(md_path, text)
     return md_path, csv_path
+
+
+def log_to_parent_run(client: mlflow.MlflowClient, run_id: str, experiment: str) -> None:
+    """The comparison's table on its MLflow parent run, as `bench table` would write it now: an MLflow table
+    (`comparison/table.json`, shown as a table in the UI, one row per algorithm with its test and MDE) and the
+    Markdown (`comparison/table.md`); the figures are the run's `figures/`."""
+    _, records, source, published = tested_records(experiment)
+    client.log_table(run_id, data={field: [r[field] for r in records] for field in CSV_FIELDS},
+                     artifact_file="comparison/table.json")
+    text = table_text(experiment, records, f"bench table --experiment {experiment}", source, published)
+    client.log_text(run_id, text, "comparison/table.md")

@@ -1,5 +1,7 @@
 """MLflow: where runs go, and what each training run records besides its metrics."""
 
+import contextlib
+import logging
 import os
 import subprocess
 from pathlib import Path
@@ -7,23 +9,41 @@ from pathlib import Path
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
-def tracking_uri() -> str:
+def configured_uri() -> str:
     """``MLFLOW_TRACKING_URI`` if set, else a sqlite store in the working directory
     (the file store refuses to start in MLflow 3.13+)."""
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
 
 
-def check_reachable(timeout: float = 5.0) -> None:
-    """Fail now, naming the server, if runs would log to an MLflow server that does not answer: MLflow's
-    own client would retry for minutes and then fail after the training had run."""
+def tracking_uri() -> str:
+    """`configured_uri()`, for a client about to use it: a local sqlite store that does not exist yet is
+    created now, whole (`create_store`), rather than by MLflow in many steps that a full disk or a second
+    `bench` can interrupt. Commands refused before they touch MLflow never ask, so they leave no store."""
+    uri = configured_uri()
+    if uri.startswith("sqlite:///"):
+        database = Path(uri.removeprefix("sqlite:///"))
+        if not database.exists() and database.parent.is_dir():
+            create_store(database)
+    return uri
+
+
+# What MLflow can track to: its database stores (SQLAlchemy URLs) and a tracking server.
+TRACKING_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql", "http", "https", "databricks")
+
+
+def check_reachable(timeout: float = 5.0, create: bool = True) -> None:
+    """Fail now, in one line naming the problem, if runs cannot be logged where MLFLOW_TRACKING_URI points:
+    MLflow's own client would fail with a long traceback, or retry for minutes and fail after training.
+    A local sqlite store must be whole and of this MLflow's schema; with `create` false a missing one is refused."""
     import urllib.error
     import urllib.request
 
     from bench.errors import BenchError
 
-    uri = tracking_uri()
+    uri = configured_uri()
+    check_scheme(uri)
     if uri.startswith("sqlite:///"):
-        check_local_store(Path(uri.removeprefix("sqlite:///")))
+        check_local_store(Path(uri.removeprefix("sqlite:///")), create)
     if not uri.startswith(("http://", "https://")):
         return
     try:
@@ -37,9 +57,23 @@ def check_reachable(timeout: float = 5.0) -> None:
                          "(`mlflow server`, see docs/scale-out.md), or unset MLFLOW_TRACKING_URI to log to ./mlflow.db") from err
 
 
-def check_local_store(database: Path) -> None:
+def check_scheme(uri: str) -> None:
+    from bench.errors import BenchError
+
+    scheme = uri.split("://", 1)[0].split("+", 1)[0].lower() if "://" in uri else uri.lower()
+    if scheme in TRACKING_SCHEMES:
+        return
+    if scheme == "file" or "://" not in uri:
+        path = uri.split("://", 1)[-1] if "://" in uri else uri
+        raise BenchError(f"MLFLOW_TRACKING_URI={uri}: a folder is MLflow's file store, which this MLflow no longer "
+                         f"starts; use a sqlite store, for example MLFLOW_TRACKING_URI=sqlite:///{Path(path).expanduser().absolute() / 'mlflow.db'}")
+    raise BenchError(f"MLFLOW_TRACKING_URI={uri}: MLflow does not track to {scheme!r}; use sqlite:///PATH, "
+                     "http(s)://HOST:PORT (an `mlflow server`) or a database URL such as postgresql://…")
+
+
+def check_local_store(database: Path, create: bool = True) -> None:
     """A sqlite store in a folder that cannot be written makes MLflow retry for minutes, then fail with a
-    SQLAlchemy traceback."""
+    SQLAlchemy traceback; a damaged or half-built one fails every later command with one."""
     from bench.errors import BenchError
     from bench.paths import check_writable_dir
 
@@ -49,13 +83,66 @@ def check_local_store(database: Path) -> None:
         check_writable_dir(database.parent, what)
     except BenchError as err:
         raise BenchError(f"{err}; run bench from a folder you can write, or set MLFLOW_TRACKING_URI") from None
-    if database.exists() and not os.access(database, os.W_OK):
+    if not database.exists():
+        if not create:
+            raise BenchError(f"no MLflow store at {database}: run bench where your runs are, or set MLFLOW_TRACKING_URI")
+        return  # `tracking_uri()` builds it, when a command first uses it
+    if not os.access(database, os.W_OK):
         raise BenchError(f"{what} {database} is read-only")
+    check_store_schema(database)
+
+
+def create_store(database: Path) -> None:
+    """Build a new sqlite store under a temporary name, then link it into place: a full disk or a second
+    `bench` starting at the same moment never leaves a half-built store (MLflow builds it in many steps)."""
+    import mlflow
+
+    from bench.errors import BenchError
+
+    building = database.with_name(f".{database.name}.building-{os.getpid()}")
+    try:
+        mlflow.MlflowClient(f"sqlite:///{building}").search_experiments(max_results=1)
+        os.link(building, database)
+    except FileExistsError:
+        pass  # another bench built it first: use theirs
+    except Exception as err:
+        raise BenchError(f"could not create the MLflow store {database}: {first_line(err)}"
+                         f"{'; the disk is full' if 'full' in str(err) or 'space' in str(err) else ''}; nothing was written") from None
+    finally:
+        for leftover in database.parent.glob(f"{building.name}*"):  # the file and any sqlite journal beside it
+            leftover.unlink(missing_ok=True)
+
+
+def check_store_schema(database: Path) -> None:
+    """The store opens and its schema is the one this MLflow writes, else one line saying what to do."""
+    import sqlite3
+
+    from alembic.script import ScriptDirectory
+    from mlflow.store.db.utils import _get_alembic_config
+
+    from bench.errors import BenchError
+
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{database}?mode=ro", uri=True)) as connection:
+            revision = connection.execute("SELECT version_num FROM alembic_version").fetchone()
+    except sqlite3.Error as err:
+        raise BenchError(f"the MLflow store {database} is damaged ({err}): move it aside (mv {database} "
+                         f"{database}.damaged) and run again; the run folders under runs/ are kept") from None
+    head = ScriptDirectory.from_config(_get_alembic_config(f"sqlite:///{database}")).get_current_head()
+    if revision is None or revision[0] != head:
+        raise BenchError(f"the MLflow store {database} has schema {revision[0] if revision else 'none'}, this MLflow "
+                         f"writes {head}: a store from an older MLflow is upgraded with `mlflow db upgrade "
+                         f"sqlite:///{database}`; one left half-built (a full disk) must be moved aside "
+                         f"(mv {database} {database}.damaged)")
+
+
+def first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
 
 
 def artifact_location() -> str | None:
     """Artifacts of a local sqlite store go beside it; a tracking server chooses its own."""
-    uri = tracking_uri()
+    uri = configured_uri()
     if uri.startswith("sqlite:///"):
         return str(Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts")
     return None
@@ -74,6 +161,28 @@ def experiment_id(client, name: str) -> str:
         if found is None:
             raise
         return found.experiment_id
+
+
+@contextlib.contextmanager
+def closed_on_error(client, run_id: str, what: str, command: str, discard=lambda err: False):
+    """A parent run (a comparison's, a study's) never stays RUNNING after its command stopped: KILLED when
+    interrupted (and the user is told the command that carries on), FAILED on any other error, tagged why;
+    deleted when `discard(err)` says it holds nothing (a command refused before its first stage)."""
+    try:
+        yield
+    except BaseException as err:
+        if discard(err):
+            with contextlib.suppress(Exception):
+                client.delete_run(run_id)
+            raise
+        interrupted = isinstance(err, (KeyboardInterrupt, SystemExit))
+        status = "KILLED" if interrupted else "FAILED"
+        with contextlib.suppress(Exception):  # the store itself may be what failed
+            client.set_tag(run_id, "stopped", "interrupted" if interrupted else f"{type(err).__name__}: {err}"[:500])
+            client.set_terminated(run_id, status)
+        hint = f" The same command carries on from where it stopped:  {command}" if interrupted else ""
+        logging.getLogger(__name__).warning("%s stopped; its MLflow parent run %s is marked %s.%s", what, run_id, status, hint)
+        raise
 
 
 def git_commit() -> str:

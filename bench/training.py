@@ -20,8 +20,8 @@ import yaml
 
 from bench import recipes, tracking
 from bench.errors import BenchError
-from bench.paths import check_writable_dir
-from bench.workers import WORKER_TAG, close_dead_runs, this_worker
+from bench.paths import check_writable_dir, is_disk_full
+from bench.workers import WORKER_TAG, close_dead_runs, lock_run_dir, this_worker
 
 log = logging.getLogger(__name__)
 
@@ -137,6 +137,8 @@ def train_one(
     reuse: bool = False,
     resume: str | None = None,
     check_only: bool = False,
+    rerun_command: str | None = None,
+    bench_args: list[str] | None = None,
 ) -> TrainResult | None:
     """Train one module with LightningCLI and log it to MLflow.
 
@@ -145,9 +147,12 @@ def train_one(
     A run directory that holds a checkpoint is resumed from it, in the same MLflow run; `resume` names that
     directory, or is "latest" for the newest unfinished run of this algorithm and recipe.
     With `check_only`, the config is parsed and its model and data classes built (which checks every value),
-    and nothing else: no trainer, run, folder or MLflow store.
+    and nothing else: no trainer, run, folder or MLflow store. A caller that carries on by itself (a comparison,
+    a study) names its own command in `rerun_command`: that is what an interrupted run tells the user;
+    `bench_args` are the command's own flags (`--eval false`) that the printed resume command keeps.
     """
     from lightning.pytorch.cli import LightningCLI
+    from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
     import modules
     from bench.evaluation import find_reward_model
@@ -172,7 +177,8 @@ def train_one(
     elif int(os.environ.get("WORLD_SIZE", "1")) > 1 and not any(a.startswith("--trainer.default_root_dir") for a in argv):
         raise BenchError("started as one of several processes (torchrun, SLURM): pass --trainer.default_root_dir "
                          "so that every process trains in the same run directory")
-    run_name = run_name or f"{algorithm}-{datetime.now():%Y%m%d-%H%M%S}"
+    # The process id keeps two `bench train` started in the same second out of each other's folder.
+    run_name = run_name or f"{algorithm}-{datetime.now():%Y%m%d-%H%M%S}-{os.getpid()}"
 
     class TrainCLI(LightningCLI):
         def add_arguments_to_parser(self, parser):
@@ -240,6 +246,8 @@ def train_one(
             )
         except argparse.ArgumentError as err:  # jsonargparse's, with exit_on_error off: one line, not its usage
             raise BenchError(f"{' '.join(str(err).split())}; see `bench train {algorithm} --help`") from None
+        except MisconfigurationException as err:  # Lightning's word on a trainer setting (no GPU, max_steps=-5)
+            raise BenchError(f"trainer: {' '.join(str(err).split())}") from None
     if check_only:
         return None
     config = yaml.safe_load(cli.parser.dump(cli.config, skip_none=False))
@@ -260,9 +268,14 @@ def train_one(
     earlier = cli.earlier
     client = mlflow.MlflowClient(tracking.tracking_uri())
     resume_argv = [a for a in argv if not a.startswith("--trainer.default_root_dir")]
-    cli.resume_command = shlex.join(["bench", "train", algorithm, "--recipe", recipe_name, *resume_argv,
+    cli.rerun_command = rerun_command
+    cli.resume_command = shlex.join(["bench", "train", algorithm, "--recipe", recipe_name, *(bench_args or []), *resume_argv,
                                      f"--resume={cli.run_dir}"])
     close_dead_runs(client, recipe_name)
+    cli.run_dir.mkdir(parents=True, exist_ok=True)
+    cli.run_lock = lock_run_dir(cli.run_dir)  # held until fit ends
+    if earlier is None and (earlier := earlier_run(cli.run_dir)):  # written by a run that held the lock meanwhile
+        raise BenchError(f"{cli.run_dir} was taken by MLflow run {earlier['mlflow_run_id']} meanwhile; train in another folder")
     if cli.resume_from is not None:
         if earlier["config_fingerprint"] != fingerprint:
             raise BenchError(f"{cli.run_dir} holds a run with another config (fingerprint {earlier['config_fingerprint']}, "
@@ -276,7 +289,6 @@ def train_one(
         client.set_terminated(earlier["mlflow_run_id"], "KILLED")
         client.set_tag(earlier["mlflow_run_id"], "abandoned",
                        f"restarted in {cli.run_dir}: it died before its first checkpoint")
-    cli.run_dir.mkdir(parents=True, exist_ok=True)
     config_file = cli.run_dir / "config.yaml"
     config_file.write_text(yaml.safe_dump(config, sort_keys=False))
     data = config["data"]
@@ -314,8 +326,14 @@ def fit(cli, output_path: Path) -> TrainResult:
             interrupted(cli)
             sys.exit(130)
         raise
+    except Exception as err:
+        if is_disk_full(err) and cli.trainer.is_global_zero:  # Lightning has marked the run FAILED
+            raise BenchError(disk_full_message(cli)) from None
+        raise
     finally:
         os.environ.pop(RUN_DIR_ENV, None)
+        if getattr(cli, "run_lock", None):
+            cli.run_lock.close()
     if cli.trainer.interrupted or not cli.trainer.is_global_zero:
         return TrainResult(run_id=None, output_path=output_path)
     last = Path(cli.trainer.checkpoint_callback.last_model_path or cli.run_dir / LAST_CHECKPOINT)
@@ -327,16 +345,39 @@ def fit(cli, output_path: Path) -> TrainResult:
     return TrainResult(run_id=cli.run_logger.run_id, output_path=output_path)
 
 
+def disk_full_message(cli) -> str:
+    last = Path(cli.trainer.checkpoint_callback.dirpath or cli.run_dir / LAST_CHECKPOINT.parent) / LAST_CHECKPOINT.name
+    carry_on = (cli.rerun_command or cli.resume_command) if last.exists() else \
+        (cli.rerun_command or f"the same command with --trainer.default_root_dir={cli.run_dir}")
+    return (f"no space left on the device while training into {cli.run_dir}: MLflow run {cli.run_logger.run_id} is "
+            f"marked FAILED and no partial model is left{f'; its last checkpoint {last} is kept' if last.exists() else ''}. "
+            f"Free some space, then:  {carry_on}")
+
+
 def interrupted(cli) -> None:
     """A run stopped on purpose is KILLED, not FAILED, and the user is told how to continue it."""
     mlflow.MlflowClient(tracking.tracking_uri()).set_terminated(cli.run_logger.run_id, "KILLED")
     last = Path(cli.trainer.checkpoint_callback.dirpath or cli.run_dir / LAST_CHECKPOINT.parent) / LAST_CHECKPOINT.name
-    if last.exists():
+    if cli.rerun_command:  # a comparison's or a study's stage: its caller says how to carry on
+        log.warning("interrupted; MLflow run %s is marked KILLED", cli.run_logger.run_id)
+    elif last.exists():
         log.warning("interrupted; MLflow run %s is marked KILLED. Continue it from its last checkpoint with:  %s",
                     cli.run_logger.run_id, cli.resume_command)
     else:
         log.warning("interrupted before the run's first checkpoint; MLflow run %s is marked KILLED. The same "
                     "command with --trainer.default_root_dir=%s starts it over", cli.run_logger.run_id, cli.run_dir)
+
+
+def check_evaluation_possible(recipe_name: str, recipe: dict) -> None:
+    """`--eval true` needs a judge: the recipe's, or the experiment's newest judge reward model."""
+    from bench.evaluation import EvalSettings, find_reward_model
+
+    settings = EvalSettings.from_dict(recipe.get("eval"))
+    if settings.judge == "latest":
+        try:
+            find_reward_model(recipe_name, "judge")
+        except BenchError as err:
+            raise BenchError(f"--eval true: {err} (--eval.judge=PATH)") from None
 
 
 def evaluate_after_training(run_id: str, recipe_name: str, recipe: dict, required: bool) -> None:

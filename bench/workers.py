@@ -33,6 +33,28 @@ def is_dead_local_worker(worker: str) -> bool:
     return started != "?" and process_start_time(int(pid)) != started
 
 
+def lock_run_dir(run_dir: Path):
+    """An open file holding an exclusive lock on `run_dir` until it is closed (or this process ends): two
+    `bench` processes never train into one folder, where one model would silently replace the other."""
+    import fcntl
+
+    from bench.errors import BenchError
+
+    handle = open(run_dir / ".lock", "a+")  # noqa: SIM115 - held open for the whole training
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise BenchError(f"another bench ({holder}) is training in {run_dir}; wait for it to finish, or train in "
+                         "another --trainer.default_root_dir") from None
+    handle.truncate(0)
+    handle.write(this_worker())
+    handle.flush()
+    return handle
+
+
 def close_dead_runs(client, experiment: str) -> None:
     """Mark KILLED the RUNNING runs of the experiment whose `bench` process on this machine is gone."""
     import logging

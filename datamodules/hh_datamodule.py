@@ -32,7 +32,7 @@ from bench.generation import Sampling
 from datamodules.batches import REFERENCE_COLUMNS, pad_rows, sequence_key
 from datamodules.candidates import check_num_candidates, ranked_rows
 from datamodules.formatting import Formatter, RewardFormatter
-from datamodules.hh_rlhf import HUB_ID, Pair, ReadReport, is_local, load_splits
+from datamodules.hh_rlhf import HUB_ID, Pair, ReadReport, check_fractions, check_local_folder, is_local, load_splits
 from modules.reward_model import check_proxy
 
 log = logging.getLogger(__name__)
@@ -239,11 +239,9 @@ class HHRLHFDataModule(L.LightningDataModule):
         for name, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size or 1)):
             if value < 1:
                 raise ConfigError(f"data.{name} must be >= 1, got {value}")
-        for name, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
-            if not 0 <= value < 1:
-                raise ConfigError(f"data.{name} must be in [0, 1), got {value}")
-        if is_local(path) and not Path(path).expanduser().is_dir():
-            raise DataError(f"data.path {path} does not exist or is not a folder")
+        check_fractions(val_fraction, test_fraction)
+        if is_local(path):
+            check_local_folder(Path(path).expanduser(), "data.path")
         self.save_hyperparameters(logger=False)
         # Plain values only in hparams: checkpoints are read back with torch.load(weights_only=True).
         self.hparams.candidate_sampling = asdict(candidate_sampling)

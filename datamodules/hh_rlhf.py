@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench.errors import DataError
+from bench.errors import ConfigError, DataError
 
 ASSISTANT_TAG = "\n\nAssistant:"
 TURN_PATTERN = re.compile(r"\n\n(Human|Assistant):")
@@ -129,9 +129,25 @@ def is_local(path: str) -> bool:
     return Path(path).expanduser().exists() or path.startswith((".", "/", "~")) or path.count("/") != 1
 
 
-def _local_split_files(root: Path, subsets: list[str] | None) -> dict[str, list[Path]]:
+def check_local_folder(root: Path, what: str = "data path") -> None:
+    if root.is_file():
+        raise DataError(f"{what} {root} is a file; give the folder that holds <subset>/<split>.jsonl.gz "
+                        f"(for this file, {root.parent.parent})")
     if not root.is_dir():
-        raise DataError(f"data path {root} does not exist or is not a folder")
+        raise DataError(f"{what} {root} does not exist")
+
+
+def check_fractions(val_fraction: float, test_fraction: float) -> None:
+    for name, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+        if not 0 <= value < 1:
+            raise ConfigError(f"data.{name} must be in [0, 1), got {value}")
+    if val_fraction + test_fraction >= 1:
+        raise ConfigError(f"data.val_fraction + data.test_fraction must be < 1 (train needs pairs), got "
+                          f"{val_fraction} + {test_fraction}")
+
+
+def _local_split_files(root: Path, subsets: list[str] | None) -> dict[str, list[Path]]:
+    check_local_folder(root)
     subset_dirs = [root / s for s in subsets] if subsets else sorted(p for p in root.iterdir() if p.is_dir())
     by_split: dict[str, list[Path]] = {}
     for subset_dir in subset_dirs:
@@ -217,6 +233,7 @@ def assign_splits(
 def load_splits(
     path: str, subsets: list[str] | None = None, val_fraction: float = 0.1, test_fraction: float = 0.1
 ) -> tuple[dict[str, list[Pair]], ReadReport]:
+    check_fractions(val_fraction, test_fraction)
     source_splits, report = read_pairs(path, subsets)
     splits = assign_splits(source_splits, val_fraction, test_fraction)
     report.split_sizes = {name: len(splits[name]) for name in SPLITS}

@@ -4,6 +4,7 @@ format. The log-prob math is in `modules.logps`, the RNG state of checkpoints in
 offline family's base in `modules.paired`."""
 
 import logging
+import math
 import time
 import warnings
 from pathlib import Path
@@ -16,6 +17,7 @@ from jsonargparse.typing import NonNegativeInt, PositiveFloat, PositiveInt
 from bench.errors import BenchError, ConfigError
 from bench.models import load_causal_lm, load_tokenizer
 from bench.models import resolve as resolve_model
+from bench.atomic import written_whole
 from datamodules.batches import IGNORE_INDEX, REFERENCE_COLUMNS
 from modules.logps import SequenceLogps, head_computes_logits, sequence_logps_by_length
 from modules.reference_cache import ReferenceLogpCache, compute_logps
@@ -30,8 +32,8 @@ warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode a
 def require_positive(**values: float) -> None:
     """Config validation for callers that bypass the CLI's parse-time type checks."""
     for name, value in values.items():
-        if not value > 0:
-            raise ConfigError(f"model.{name} must be > 0, got {value}")
+        if not (value > 0 and math.isfinite(value)):  # jsonargparse's PositiveFloat lets inf through
+            raise ConfigError(f"model.{name} must be > 0 and finite, got {value}")
 
 
 def require_non_negative(**values: float) -> None:
@@ -173,8 +175,9 @@ class TrainedHFModel(L.LightningModule):
     def on_train_end(self) -> None:
         state_dict = self.gathered_state_dict()  # every process: under FSDP this is a collective
         if self.trainer.is_global_zero:
-            self.trained_model.save_pretrained(self.output_dir, state_dict=state_dict)
-            self.tokenizer.save_pretrained(self.output_dir)
+            with written_whole(self.output_dir) as staging:  # a full disk leaves no model without weights
+                self.trained_model.save_pretrained(staging, state_dict=state_dict)
+                self.tokenizer.save_pretrained(staging)
             log.info("saved the trained %s to %s", self.output_name, self.output_dir)
 
     def gathered_state_dict(self) -> dict | None:

@@ -59,3 +59,24 @@ def reward_models(tmp_path_factory):
         module.model.save_pretrained(root / role)
         module.tokenizer.save_pretrained(root / role)
     return {role: str(root / role) for role in ("proxy", "judge")}
+
+
+@pytest.fixture
+def ctrl_c_at_third_batch(monkeypatch):
+    """Ctrl-C during the DPO loss of the third training batch (step 2), as a user would press it."""
+    import signal
+
+    import modules.dpo
+
+    calls, real_loss, armed = [], modules.dpo.dpo_loss, {"armed": True}
+
+    def dpo_loss(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3 and armed["armed"]:
+            raise KeyboardInterrupt
+        return real_loss(*args, **kwargs)
+
+    monkeypatch.setattr(modules.dpo, "dpo_loss", dpo_loss)
+    handler = signal.getsignal(signal.SIGINT)
+    yield armed
+    signal.signal(signal.SIGINT, handler)  # Lightning ignores SIGINT once interrupted

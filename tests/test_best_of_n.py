@@ -36,6 +36,7 @@ def test_bad_n_is_refused():
             check_ns(ns)
 
 
+@pytest.mark.slow  # over 3 s: left out of `make test-fast`
 def test_each_n_is_a_judged_run_whose_samples_are_the_proxys_choice(workdir, hh_path, reward_models, monkeypatch):
     monkeypatch.setattr(bench.generation, "cache_dir", lambda: workdir / "cache")
     settings = EvalSettings.from_dict({"n_prompts": 4, "judge": reward_models["judge"], "proxy": reward_models["proxy"],

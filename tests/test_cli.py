@@ -109,6 +109,7 @@ def test_bad_input_is_one_clear_line(workdir, capsys, argv, message):
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.slow  # over 3 s: left out of `make test-fast`
 def test_train_rm_trains_a_proxy_and_a_judge_on_disjoint_halves(workdir, hh_path):
     run_bench("train", "rm", "--recipe", "tiny", f"--data.path={hh_path}", "--trainer.max_steps=2",
               "--trainer.val_check_interval=2")

@@ -1,6 +1,7 @@
 """`bench compare` and `bench table` on the tiny model, the dry run of every recipe, and bad input."""
 
 import csv
+import json
 
 import mlflow
 import numpy as np
@@ -16,6 +17,7 @@ ALIGNED = [s for s in recipes.load("tiny")[1]["compare"]["stages"] if s != "rm"]
 
 
 @pytest.mark.parametrize("recipe", recipes.available())
+@pytest.mark.slow  # over 3 s: left out of `make test-fast`
 def test_dry_run_builds_and_steps_every_stage_of_every_recipe(workdir, hh_path, capsys, recipe):
     main(["compare", "--recipe", recipe, "--dry-run", "--data-path", hh_path])
     out = capsys.readouterr().out
@@ -37,6 +39,7 @@ def compare_runs(client, experiment_id):
     return runs
 
 
+@pytest.mark.slow  # over 3 s: left out of `make test-fast`
 def test_compare_trains_every_stage_on_one_budget_then_reuses_them_and_tables(workdir, hh_path, capsys, monkeypatch):
     main(["compare", "--recipe", "tiny", "--data-path", hh_path])
     client = mlflow.MlflowClient()
@@ -58,9 +61,16 @@ def test_compare_trains_every_stage_on_one_budget_then_reuses_them_and_tables(wo
         assert client.get_run(stage_runs[algorithm].info.run_id).data.tags["eval.judge.path"] == \
             stage_runs["rm-judge"].data.tags["output_path"]
 
-    # The comparison's figures, on its parent run.
+    # The comparison's figures and its table (with each row's test), on its parent run.
     figures = {a.path for a in client.list_artifacts(parent.info.run_id, "figures")}
     assert figures == {"figures/win_rates.png", "figures/reward_vs_kl.png", "figures/training_curves.png"}
+    logged = json.loads(open(mlflow.artifacts.download_artifacts(run_id=parent.info.run_id, dst_path=str(workdir / "p"),
+                                                                 artifact_path="comparison/table.json")).read())
+    cells = dict(zip(logged["columns"], zip(*logged["data"])))
+    assert sorted(cells["algorithm"]) == sorted(ALIGNED)
+    for algorithm, win_rate in zip(cells["algorithm"], cells["win_rate_vs_chosen"]):
+        assert float(win_rate) == pytest.approx(stage_runs[algorithm].data.metrics["eval/win_rate_vs_chosen"])
+    assert {"p_holm", "mde", "diff_vs_reference"} <= set(cells)
 
     main(["compare", "--recipe", "tiny", "--data-path", hh_path])
     again = compare_runs(client, experiment.experiment_id)[0]
@@ -87,11 +97,36 @@ def test_compare_trains_every_stage_on_one_budget_then_reuses_them_and_tables(wo
         assert float(row["diff_vs_best"]) == pytest.approx(float(row["win_rate_vs_chosen"]) - float(best["win_rate_vs_chosen"]))
     markdown = (workdir / "results" / "tiny.md").read_text()
     assert markdown.startswith("# tiny\n\nCommand: `bench table --experiment tiny")
+    reevaluation_keeps_the_table(client, stage_runs["dpo"], workdir, capsys)
     assert "Commit: before  " in markdown
     assert "Machine:" in markdown and markdown.count("\n| ") == 1 + len(ALIGNED)  # the header and one row each
     for name in ("win_rates", "reward_vs_kl", "training_curves"):  # embedded, and beside the table
         assert f"(tiny-{name}.png)" in markdown
         assert (workdir / "results" / f"tiny-{name}.png").read_bytes().startswith(b"\x89PNG")
+
+
+def reevaluation_keeps_the_table(client, dpo_run, workdir, capsys) -> None:
+    """Issue 26 item 1: `bench eval` of a comparison's run, with its settings or others, is a run of its own nested
+    under it; the comparison's run keeps its one evaluation, and `bench table` reads the same table again."""
+    run_id = dpo_run.info.run_id
+    before = (workdir / "results" / "tiny.csv").read_text()
+    samples = lambda run: len(json.loads(open(mlflow.artifacts.download_artifacts(  # noqa: E731
+        run_id=run, artifact_path="eval/samples.json", dst_path=str(workdir / "dl" / run))).read())["data"])
+    main(["eval", run_id])
+    main(["eval", run_id, "--n-prompts", "4", "--max-new-tokens", "6"])
+    run = client.get_run(run_id)
+    assert run.data.params == dpo_run.data.params and samples(run_id) == 8
+    assert run.data.metrics["eval/win_rate_vs_chosen"] == dpo_run.data.metrics["eval/win_rate_vs_chosen"]
+    children = run.data.tags["reevaluated_in"].split(",")
+    assert len(children) == 2
+    for child, n_prompts in zip(children, (8, 4)):
+        child_run = client.get_run(child)
+        assert child_run.data.tags["eval_of"] == run_id and child_run.data.tags["mlflow.parentRunId"] == run_id
+        assert child_run.info.status == "FINISHED" and child_run.data.params["eval.n_prompts"] == str(n_prompts)
+        assert samples(child) == n_prompts
+    capsys.readouterr()
+    main(["table", "--experiment", "tiny", "--output-dir", str(workdir / "results")])
+    assert (workdir / "results" / "tiny.csv").read_text() == before
 
 
 def paired_bootstrap(a, b):  # one seed: the paired prompt bootstrap

@@ -4,6 +4,7 @@ import json
 import os
 import socket
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -32,6 +33,7 @@ def worker(rank: int, world_size: int, port: int, out: str) -> None:
     dist.destroy_process_group()
 
 
+@pytest.mark.slow  # over 3 s: left out of `make test-fast`
 def test_win_rate_is_the_same_under_ddp(tmp_path):
     out = str(tmp_path / "result")
     mp.spawn(worker, args=(2, free_port(), out), nprocs=2, join=True)

@@ -221,6 +221,7 @@ def tolerance(name: str, expected: float, logp_scale: float) -> float:
 
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("algorithm", list(ALGORITHMS))
+@pytest.mark.slow  # over 3 s: left out of `make test-fast`
 def test_ddp_training_equals_one_process_on_the_global_batch(algorithm, ddp_runs, hh_path, tmp_path):
     train(algorithm, hh_path, tmp_path, devices=1)
     single, ddp = read_run(tmp_path, devices=1), ddp_runs[algorithm]
@@ -287,6 +288,7 @@ def test_ddp_training_equals_one_process_on_the_global_batch(algorithm, ddp_runs
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.slow  # over 3 s: left out of `make test-fast`
 def test_bench_train_launches_ddp_processes_that_share_one_run(tmp_path, hh_path):
     """`bench train --trainer.devices=2 --trainer.strategy=ddp`: Lightning's launcher reruns the command in a
     second process, which must train in rank 0's run directory and leave the run's records to rank 0."""

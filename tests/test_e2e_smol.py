@@ -10,6 +10,7 @@ from bench.cli import main
 pytestmark = pytest.mark.e2e
 
 
+@pytest.mark.slow  # over 3 s: left out of `make test-fast`
 def test_dpo_on_smollm2_and_hh(workdir, hh_path):
     main(["train", "dpo", "--recipe", "smol-hh", f"--data.path={hh_path}", "--trainer.max_steps=3",
           "--data.batch_size=2", "--data.eval_batch_size=2", "--trainer.val_check_interval=3",

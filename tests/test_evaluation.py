@@ -38,6 +38,7 @@ def trained(workdir, hh_path, sample_cache):
     return client, runs[0]
 
 
+@pytest.mark.slow  # over 3 s: left out of `make test-fast`
 def test_training_ends_with_a_full_evaluation_in_mlflow(trained, sample_cache):
     client, run = trained
     metrics = run.data.metrics
@@ -59,6 +60,7 @@ def test_training_ends_with_a_full_evaluation_in_mlflow(trained, sample_cache):
     assert len(list(sample_cache.glob("*.json"))) == 1
 
 
+@pytest.mark.slow  # over 3 s: left out of `make test-fast`
 def test_a_second_evaluation_reuses_the_reference_samples(trained, sample_cache, caplog, monkeypatch):
     _, run = trained
     generated = []
@@ -71,6 +73,7 @@ def test_a_second_evaluation_reuses_the_reference_samples(trained, sample_cache,
     assert "reusing cached reference samples" in caplog.text
 
 
+@pytest.mark.slow  # over 3 s: left out of `make test-fast`
 def test_untrained_reference_against_itself_is_even(workdir, hh_path, sample_cache, capsys):
     main(["train", "rm", "--recipe", "tiny", f"--data.path={hh_path}", "--trainer.max_steps=1",
           "--trainer.limit_val_batches=0", "--model.role=shared"])

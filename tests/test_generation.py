@@ -279,6 +279,7 @@ def test_unknown_backend_and_unhonoured_settings_are_named(tiny, capsys, workdir
 
 
 @pytest.mark.e2e
+@pytest.mark.slow  # over 3 s: left out of `make test-fast`
 def test_greedy_equals_model_generate_on_smollm2(hh_path):
     """In fp32 the two backends compute the same numbers, so greedy decoding agrees token for token. Under bf16
     autocast they round differently (the harness stores keys and values in bf16, as autocast's attention

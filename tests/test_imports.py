@@ -99,6 +99,7 @@ def test_modules_and_datamodules_use_only_the_bench_modules_below_them():
 
 
 @pytest.mark.parametrize("package", PACKAGES)
+@pytest.mark.slow  # over 3 s: left out of `make test-fast`
 def test_every_module_imports_on_its_own(package):
     """Each module imported first, in a fresh interpreter state of this project's modules (third-party ones
     stay loaded: they cannot make a project import fail, and reloading torch per module would be slow)."""

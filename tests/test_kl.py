@@ -147,6 +147,7 @@ def perturbed_tiny(tmp_path):
     return str(folder)
 
 
+@pytest.mark.slow  # over 3 s: left out of `make test-fast`
 def test_eval_kl_is_the_exact_kl_of_the_policys_samples(workdir, hh_path, reward_models, perturbed_tiny,
                                                          monkeypatch):
     monkeypatch.setattr(bench.generation, "cache_dir", lambda: workdir / "cache")

@@ -17,6 +17,7 @@ def runs_of(experiment: str) -> list:
     return client.search_runs([found.experiment_id]) if found else []
 
 
+@pytest.mark.slow  # over 3 s: left out of `make test-fast`
 def test_bench_eval_takes_the_recipe_and_experiment_of_the_run(workdir, hh_path, capsys, reward_models):
     main(["train", "dpo", *TINY_TRAIN, f"--data.path={hh_path}"])
     (run,) = runs_of("tiny")
@@ -50,6 +51,7 @@ def test_a_sweep_checks_its_overrides_before_creating_anything(workdir, hh_path,
     assert sorted(p.name for p in workdir.iterdir()) == []  # no optuna.db, mlflow.db or run folder
 
 
+@pytest.mark.slow  # over 3 s: left out of `make test-fast`
 def test_a_trial_folder_left_by_an_earlier_study_is_set_aside(workdir, hh_path, reward_models, capsys, recwarn):
     """After deleting optuna.db and mlflow.db to start over, trial 0's old folder names a run no store holds."""
     stale = workdir / "runs" / "tiny" / "tiny-dpo-trial-0"
@@ -148,6 +150,7 @@ def test_recipes_find_their_data_from_any_folder(workdir, hh_path, monkeypatch, 
     assert printed_data_path("--recipe", "tiny", "--data.path=elsewhere") == "elsewhere"
 
 
+@pytest.mark.slow  # over 3 s: left out of `make test-fast`
 def test_ctrl_c_while_bench_ui_starts_prints_no_traceback(tmp_path):
     import os
     import signal
@@ -178,27 +181,7 @@ def test_ctrl_c_while_bench_ui_starts_prints_no_traceback(tmp_path):
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
 
 
-@pytest.fixture
-def ctrl_c_at_third_batch(monkeypatch):
-    """Ctrl-C during the DPO loss of the third training batch (step 2), as a user would press it."""
-    import signal
-
-    import modules.dpo
-
-    calls, real_loss, armed = [], modules.dpo.dpo_loss, {"armed": True}
-
-    def dpo_loss(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 3 and armed["armed"]:
-            raise KeyboardInterrupt
-        return real_loss(*args, **kwargs)
-
-    monkeypatch.setattr(modules.dpo, "dpo_loss", dpo_loss)
-    handler = signal.getsignal(signal.SIGINT)
-    yield armed
-    signal.signal(signal.SIGINT, handler)  # Lightning ignores SIGINT once interrupted
-
-
+@pytest.mark.slow  # over 3 s: left out of `make test-fast`
 def test_ctrl_c_then_resume_anywhere_and_dead_runs_are_closed(workdir, hh_path, capsys, monkeypatch,
                                                                ctrl_c_at_third_batch):
     from bench.workers import WORKER_TAG, this_worker
@@ -213,8 +196,8 @@ def test_ctrl_c_then_resume_anywhere_and_dead_runs_are_closed(workdir, hh_path, 
     (run,) = runs_of("tiny")
     assert run.info.status == "KILLED" and run.data.tags[WORKER_TAG] == this_worker()
     assert (f"interrupted; MLflow run {run.info.run_id} is marked KILLED. Continue it from its last checkpoint with:  "
-            f"bench train dpo --recipe tiny --data.path={hh_path} --checkpoint.every_n_train_steps=1 "
-            "--resume=elsewhere/dpo-a") in err
+            f"bench train dpo --recipe tiny --eval false --data.path={hh_path} --checkpoint.every_n_train_steps=1 "
+            "--resume=elsewhere/dpo-a") in err  # with --eval false, which the command had
     # A run whose process died without a word (SIGKILL) is RUNNING until a later bench sees its process is gone.
     client = mlflow.MlflowClient()
     orphan = client.create_run(run.info.experiment_id, run_name="sigkilled",
@@ -239,3 +222,17 @@ def test_values_that_cannot_train_fail_before_any_run(workdir, hh_path, capsys, 
     err = capsys.readouterr().err
     assert "Traceback" not in err and needle in err
     assert sorted(p.name for p in workdir.iterdir()) == []
+
+
+def test_a_reward_backbones_new_head_is_not_reported_but_other_load_news_is(capfd):
+    import logging
+
+    from bench.models import _FreshHeadReport, load_reward_backbone
+
+    load_reward_backbone("all-minilm-l6-v2")  # MiniLM has no classifier: the head is new, as meant
+    assert "LOAD REPORT" not in capfd.readouterr().err
+    report = ("BertForSequenceClassification LOAD REPORT from: x\nKey | Status |\n---+---\n"
+              "classifier.bias   | MISSING | \n{row}\n\nNotes:\n- MISSING:\tthose params were newly initialized")
+    record = lambda row: logging.LogRecord("t", logging.WARNING, "", 0, report.format(row=row), None, None)  # noqa: E731
+    assert not _FreshHeadReport().filter(record("classifier.weight | MISSING | "))
+    assert _FreshHeadReport().filter(record("bert.encoder.layer.0.weight | MISSING | "))  # a real fault: shown

@@ -82,6 +82,7 @@ def make_on_policy(source, monkeypatch, tmp_path, seed=0, create=True):
     return onpolicy.on_policy_source("reward:vader", "tiny", settings, rule, data, create)
 
 
+@pytest.mark.slow  # over 3 s: left out of `make test-fast`
 def test_on_policy_pairs_read_back_through_the_loader(source, monkeypatch, tmp_path):
     from datamodules.hh_rlhf import load_splits
 
@@ -104,6 +105,7 @@ def test_on_policy_pairs_read_back_through_the_loader(source, monkeypatch, tmp_p
     assert manifest["counts"]["flip_rate"] == pytest.approx(against_gold)
 
 
+@pytest.mark.slow  # over 3 s: left out of `make test-fast`
 def test_on_policy_data_is_cached_and_refused_when_its_manifest_does_not_match(source, monkeypatch, tmp_path):
     folder, manifest = make_on_policy(source, monkeypatch, tmp_path)
     again, _ = make_on_policy(source, monkeypatch, tmp_path, create=False)
@@ -117,6 +119,7 @@ def test_on_policy_data_is_cached_and_refused_when_its_manifest_does_not_match(s
         make_on_policy(source, monkeypatch, tmp_path)
 
 
+@pytest.mark.slow  # over 3 s: left out of `make test-fast`
 def test_proxy_gold_agreement_counts_the_pairs_the_gold_decides(source, monkeypatch, tmp_path):
     from bench import onpolicy
 

@@ -18,6 +18,7 @@ def report(hh_path):
     return settings, perf.perf(settings, generation=generation)
 
 
+@pytest.mark.slow  # its module fixture runs a benchmark/comparison
 def test_every_variant_reports_speed_and_memory(report):
     settings, found = report
     rows = found["results"]
@@ -33,6 +34,7 @@ def test_every_variant_reports_speed_and_memory(report):
     assert set(found["ratios"]) == {"warm / trl", "cold / trl-precompute", "cold / trl", "warm / trl-precompute"}
 
 
+@pytest.mark.slow  # its module fixture runs a benchmark/comparison
 def test_generation_part_compares_the_sampler_with_generate_and_the_weight_bound(report):
     _, found = report
     by_variant = {r["variant"]: r for r in found["generation"]}
@@ -51,6 +53,7 @@ def test_generation_part_compares_the_sampler_with_generate_and_the_weight_bound
     assert ratios["harness / weight-bound"] == pytest.approx(harness["tokens_per_s"] / harness["bound_tokens_per_s"])
 
 
+@pytest.mark.slow  # its module fixture runs a benchmark/comparison
 def test_machine_load_is_recorded(report):
     _, found = report
     load = found["machine_load"]
@@ -70,6 +73,7 @@ def test_a_busy_machine_is_flagged(monkeypatch):
     assert load.report["other_processes_cores"] == pytest.approx(1.0) and load.report["busy"]
 
 
+@pytest.mark.slow  # its module fixture runs a benchmark/comparison
 def test_harness_and_trl_train_the_same_steps(report):
     """Same pairs, order, optimizer and loss: the per-step losses match, whichever way the reference is served."""
     _, found = report
@@ -90,6 +94,7 @@ def test_bad_perf_settings_are_one_clear_line(capsys):
         assert message in err and "Traceback" not in err
 
 
+@pytest.mark.slow  # its module fixture runs a benchmark/comparison
 def test_json_report_round_trips(report):
     _, found = report
     decoded = json.loads(perf.dumps(found))

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -16,6 +18,7 @@ def bench(folder: Path, *argv: str) -> subprocess.CompletedProcess:
                           text=True, timeout=600)
 
 
+@pytest.mark.slow  # over 3 s: left out of `make test-fast`
 def test_the_quick_start_from_a_fresh_folder(tmp_path, hh_path, monkeypatch):
     monkeypatch.setenv("HH_RLHF_PATH", hh_path)
     folder = tmp_path / "first-hour"

@@ -121,6 +121,7 @@ def test_a_corrupted_shard_is_rebuilt_not_used(hh_path, tmp_path, caplog, cache_
     assert len(list(cache_root.glob("*/shard-*"))) == 1
 
 
+@pytest.mark.slow  # over 3 s: left out of `make test-fast`
 def test_second_bench_train_says_it_does_not_load_the_reference(workdir, hh_path, caplog):
     from bench.cli import main
 

@@ -50,6 +50,7 @@ def last_values(client: mlflow.MlflowClient, run_id: str, key: str) -> dict[int,
 
 @pytest.mark.parametrize("checkpoints_before_kill, steps", [(4, (8, 9)), (3, (6, 7))],
                          ids=["mid-epoch", "at-epoch-end"])
+@pytest.mark.slow  # over 3 s: left out of `make test-fast`
 def test_killed_training_resumes_to_the_same_result(workdir, hh_path, capsys, checkpoints_before_kill, steps):
     """Killed after the step-8 checkpoint (2 batches into epoch 1), or after the step-6 one (epoch 0's last
     batch: the resumed run must start epoch 1 at its first batch)."""
@@ -88,6 +89,7 @@ def test_killed_training_resumes_to_the_same_result(workdir, hh_path, capsys, ch
     assert "which already finished" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # over 3 s: left out of `make test-fast`
 def test_resume_refuses_another_config(workdir, hh_path, capsys):
     data = f"--data.path={hh_path}"
     run_dir = workdir / "runs" / "tiny" / "dpo-first"

@@ -89,6 +89,7 @@ def test_a_format_can_be_asked_for(pair_model, chat_model):
         load_reward_model(str(pair_model), role="judge", input_format="xml")
 
 
+@pytest.mark.slow  # over 3 s: left out of `make test-fast`
 def test_a_spec_that_is_not_a_one_output_classifier_is_refused(tmp_path, chat_model):
     policy = resolve("tiny")
     with pytest.raises(ConfigError, match=rf"judge reward model {policy} is not a reward model: architectures "

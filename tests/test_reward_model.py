@@ -1,5 +1,6 @@
 """The reward model: its data view, halves of the train split, learning, and scoring text."""
 
+import pytest
 import torch
 import lightning.pytorch as L
 from transformers import AutoConfig
@@ -30,6 +31,7 @@ def test_reward_view_reads_raw_transcripts_with_the_backbone_tokenizer(hh_path):
     assert all(batch["input_ids"][i, n - 1] == dm.tokenizer.sep_token_id for i, n in enumerate(lengths))
 
 
+@pytest.mark.slow  # over 3 s: left out of `make test-fast`
 def test_reward_model_learns_and_saves_its_role(hh_path, tmp_path):
     dm = HHRLHFDataModule(path=hh_path, tokenizer="all-minilm-l6-v2", view="reward", max_length=64,
                           batch_size=8, max_train_pairs=8, max_val_pairs=8)

@@ -99,6 +99,7 @@ def test_rrhf_loss_is_weighted_ranking_plus_sft_of_the_best(hh_path, reward_mode
     assert metrics["rank_accuracy"] == (pytest.approx(agree / pairs), pairs)
 
 
+@pytest.mark.slow  # over 3 s: left out of `make test-fast`
 def test_rrhf_trains_from_the_cli_and_a_rerun_reuses_the_candidates(workdir, hh_path, reward_models, candidate_cache,
                                                                     caplog):
     argv = ["train", "rrhf", "--recipe", "tiny", f"--data.path={hh_path}", f"--data.proxy={reward_models['proxy']}",
@@ -156,6 +157,7 @@ def test_ppo_step_updates_policy_and_value_and_keeps_the_reference(hh_path, rewa
     assert 0 < metrics["train/response_len"].item() <= 6
 
 
+@pytest.mark.slow  # over 3 s: left out of `make test-fast`
 def test_ppo_trains_from_the_cli_against_the_latest_proxy(workdir, hh_path):
     main(["train", "rm", "--recipe", "tiny", f"--data.path={hh_path}", "--model.role=proxy",
           "--trainer.max_steps=1", "--trainer.limit_val_batches=0"])

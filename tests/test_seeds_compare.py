@@ -41,6 +41,7 @@ def compared(tmp_path_factory, hh_path):
             os.environ["MLFLOW_TRACKING_URI"] = previous[1]
 
 
+@pytest.mark.slow  # its module fixture runs a benchmark/comparison
 def test_every_stage_runs_under_every_seed_with_one_judge(compared):
     _, client = compared
     experiment = client.get_experiment_by_name("seeded")
@@ -64,6 +65,7 @@ def test_every_stage_runs_under_every_seed_with_one_judge(compared):
         assert abs(min(kl, key=lambda m: m.step).value) < 1e-3  # before the first step the policy is the reference
 
 
+@pytest.mark.slow  # its module fixture runs a benchmark/comparison
 def test_table_rows_are_means_over_seeds_with_seed_and_prompt_cis(compared):
     workdir, client = compared
     with open(workdir / "results" / "seeded.csv") as file:

@@ -31,6 +31,7 @@ def finished_trials(storage: str, study_name: str) -> list[optuna.trial.FrozenTr
     return [t for t in study.get_trials() if t.state == TrialState.COMPLETE]
 
 
+@pytest.mark.slow  # over 3 s: left out of `make test-fast`
 def test_a_rerun_resumes_the_study_and_mlflow_nests_each_trial(workdir, hh_path, reward_models, capsys):
     main(sweep_args(hh_path, reward_models, "--n-trials", "2"))
     storage = f"sqlite:///{workdir / 'optuna.db'}"
@@ -60,6 +61,7 @@ def test_a_rerun_resumes_the_study_and_mlflow_nests_each_trial(workdir, hh_path,
     assert figures == {"figures/win_rates.png", "figures/reward_vs_kl.png", "figures/training_curves.png"}
 
 
+@pytest.mark.slow  # over 3 s: left out of `make test-fast`
 def test_two_workers_on_postgres_finish_exactly_n_trials(tmp_path, hh_path, reward_models):
     n_trials = 3
     tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -148,6 +150,7 @@ def test_samplers_check_their_needs_before_a_study_starts(tmp_path):
     assert sorted(t.params["model.beta"] for t in study.trials) == [0.05, 0.1, 0.5]  # the DPO paper's betas
 
 
+@pytest.mark.slow  # over 3 s: left out of `make test-fast`
 def test_workers_racing_to_create_a_new_optuna_database_both_connect():
     """Two workers opening the same new PostgreSQL database at once race to create Optuna's tables."""
     import threading
@@ -180,6 +183,7 @@ def test_workers_racing_to_create_a_new_optuna_database_both_connect():
         admin.dispose()
 
 
+@pytest.mark.slow  # over 3 s: left out of `make test-fast`
 def test_a_sweep_killed_mid_trial_reruns_that_trial_and_finishes_exactly_n(workdir, hh_path, reward_models):
     """SIGKILL while trial 1 trains; the rerun marks it failed, retries its parameters, and stops at 2 finished."""
     storage = f"sqlite:///{workdir / 'optuna.db'}"

@@ -55,6 +55,7 @@ def browser_binaries() -> tuple[str, str]:
     return chromium, chromedriver
 
 
+@pytest.mark.slow  # over 3 s: left out of `make test-fast`
 def test_ui_shows_every_compare_run_and_its_eval_metrics(tmp_path, monkeypatch, hh_path):
     binaries = browser_binaries()  # before the minute of training
     monkeypatch.chdir(tmp_path)

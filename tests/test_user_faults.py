@@ -8,6 +8,7 @@ import lightning.pytorch  # noqa: F401 - its log handler binds sys.stderr at imp
 import mlflow
 import pytest
 
+from bench import tracking
 from bench.cli import main
 
 
@@ -64,6 +65,7 @@ def test_a_damaged_data_file_stops_bench_train_before_any_run(workdir, capsys, b
 
 
 def test_unwritable_or_bad_output_folders_are_named_before_any_work(workdir, capsys):
+    mlflow.MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}").search_experiments()  # `bench table` reads a store
     a_file = workdir / "a-file"
     a_file.write_text("x")
     # /sys cannot be written, even by root.
@@ -77,7 +79,7 @@ def test_unwritable_or_bad_output_folders_are_named_before_any_work(workdir, cap
         fails_in_one_line(capsys, ["train", "dpo", "--recipe", "tiny", f"--trainer.default_root_dir={root_dir}"],
                           f"--trainer.default_root_dir {root_dir}", problem)
     nothing_written(workdir)
-    assert sorted(p.name for p in workdir.iterdir()) == ["a-file"]
+    assert sorted(p.name for p in workdir.iterdir()) == ["a-file", "mlflow.db"]
 
 
 def test_an_unwritable_working_directory_is_named_instead_of_mlflow_retrying(workdir, capsys, monkeypatch):
@@ -92,3 +94,68 @@ def test_lightningclis_optimizer_options_are_not_offered(workdir, capsys):
     fails_in_one_line(capsys, ["train", "dpo", "--recipe", "tiny", "--optimizer=SGD"],
                       "unrecognized arguments: --optimizer=SGD", "see `bench train dpo --help`")
     nothing_written(workdir)
+
+
+def test_values_that_pass_the_parser_but_mean_nothing_are_named(workdir, hh_path, capsys, monkeypatch):
+    """Issue 26 item 10: each was accepted, or got the wrong message."""
+    fails_in_one_line(capsys, ["data", hh_path, "--val-fraction", "1.5"], "data.val_fraction must be in [0, 1), got 1.5")
+    fails_in_one_line(capsys, ["data", hh_path, "--val-fraction", "0.6", "--test-fraction", "0.5"],
+                      "data.val_fraction + data.test_fraction must be < 1")
+    fails_in_one_line(capsys, ["train", "dpo", "--recipe", "tiny", "--model.lr=inf"],
+                      "model.lr must be > 0 and finite, got inf")
+    (workdir / "recipes").mkdir()
+    fails_in_one_line(capsys, ["train", "dpo", "--recipe", "recipes"], "recipe recipes is a folder; give a recipe YAML file")
+    data_file = Path(hh_path) / "harmless-base" / "test.jsonl.gz"
+    monkeypatch.setenv("HH_RLHF_PATH", str(data_file))
+    fails_in_one_line(capsys, ["train", "dpo", "--recipe", "tiny"], f"data.path {data_file} is a file",
+                      f"for this file, {Path(hh_path)}")
+    nothing_written(workdir)
+
+
+@pytest.mark.slow  # over 3 s: left out of `make test-fast`
+def test_hh_rlhf_path_is_the_source_of_a_recipe_without_data_path(workdir, hh_path, capsys, monkeypatch):
+    import yaml
+
+    from bench import recipes
+
+    _, recipe = recipes.load("tiny")
+    del recipe["data"]["path"]  # the user's own recipe: it would read the hub
+    (workdir / "mine.yaml").write_text(yaml.safe_dump(recipe))
+    monkeypatch.setenv("HH_RLHF_PATH", hh_path)
+    assert recipes.load(str(workdir / "mine.yaml"))[1]["data"]["path"] == hh_path
+    main(["train", "dpo", "--recipe", "mine.yaml", "--eval", "false", "--trainer.max_steps=1",
+          "--trainer.limit_val_batches=1", "--trainer.val_check_interval=1"])
+    client = mlflow.MlflowClient(tracking.tracking_uri())
+    (run,) = client.search_runs([client.get_experiment_by_name("mine").experiment_id])
+    assert run.data.tags["data_source"] == hh_path and run.info.status == "FINISHED"
+    # `bench eval` of that run cannot find the recipe by its name: it says how to give it.
+    fails_in_one_line(capsys, ["eval", run.info.run_id], "trained with recipe 'mine', not one shipped with bench",
+                      "pass its file with --recipe PATH/mine.yaml")
+
+
+@pytest.mark.slow  # over 3 s: left out of `make test-fast`
+def test_the_command_lines_eval_settings_win_in_train_and_compare(workdir, hh_path, reward_models, monkeypatch):
+    """Issue 25's defect: compare merged the recipe's compare.eval over --eval.n_prompts; train refused it."""
+    import bench.compare
+
+    seen = {}
+    monkeypatch.setattr(bench.compare, "compare", lambda name, recipe, *args, **kwargs: seen.update(recipe) or {})
+    main(["compare", "--recipe", "smol-hh", "--eval.n_prompts=8"])  # smol-hh's compare.eval says 48
+    assert seen["eval"]["n_prompts"] == 8
+    main(["train", "dpo", "--recipe", "tiny", f"--data.path={hh_path}", "--trainer.max_steps=1",
+          "--trainer.limit_val_batches=1", "--trainer.val_check_interval=1", "--eval", "true", "--eval.n_prompts=3",
+          f"--eval.judge={reward_models['judge']}", f"--eval.proxy={reward_models['proxy']}"])
+    client = mlflow.MlflowClient(tracking.tracking_uri())
+    (run,) = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
+    assert run.data.params["eval.n_prompts"] == "3" and "eval/win_rate_vs_chosen" in run.data.metrics
+
+
+def test_max_new_tokens_past_the_models_positions_is_refused_before_sampling(tokenizer):
+    from bench.errors import ConfigError
+    from bench.generation import Sampling, sample
+    from bench.models import load_causal_lm
+
+    model = load_causal_lm("tiny")  # 1,024 positions
+    for max_new_tokens in (2000, 1_000_000_000):
+        with pytest.raises(ConfigError, match="exceeds the model's 1024 positions: give max_new_tokens <= 1014"):
+            sample(model, tokenizer, [[1] * 10], Sampling(max_new_tokens=max_new_tokens), "policy samples")
