@@ -15,3 +15,8 @@ class DataError(BenchError):
 
 class ModelSpecError(BenchError):
     """A model spec that names no loadable model."""
+
+
+def first_line(err: BaseException) -> str:
+    """An exception's first line for a one-line message (its type when it says nothing)."""
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]

@@ -32,7 +32,7 @@ from typing import Callable, ClassVar
 
 import numpy as np
 
-from bench.errors import ConfigError, DataError
+from bench.errors import ConfigError, DataError, first_line
 from bench.labelling import source_files, source_fingerprint
 from datamodules.hh_rlhf import ASSISTANT_TAG, is_local, read_pairs
 
@@ -214,7 +214,7 @@ class IMDbPrefix(PromptSource):
         try:
             loaded = datasets.load_dataset(where, split=self.split)
         except (OSError, ValueError) as err:  # ConnectionError, DatasetNotFoundError (FileNotFoundError), ...
-            detail = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+            detail = first_line(err)[:200]
             raise DataError(f"imdb-prefix prompts: cannot load the hub dataset {where!r} (split {self.split}): "
                             f"{detail}; the HF hub is unreachable or the dataset is not cached, so give a local copy "
                             f"as data.path (e.g. `huggingface-cli download {where} --repo-type dataset --local-dir DIR` "

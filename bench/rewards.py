@@ -24,7 +24,7 @@ from typing import ClassVar
 import torch
 from tqdm.auto import tqdm
 
-from bench.errors import ConfigError
+from bench.errors import ConfigError, first_line
 
 PREFIX = "reward:"
 REWARDS: dict[str, type["Reward"]] = {}
@@ -117,7 +117,7 @@ class HubSentimentClassifier(Reward):
             tokenizer = AutoTokenizer.from_pretrained(self.model_id, **kwargs)
             model = AutoModelForSequenceClassification.from_pretrained(self.model_id, dtype=torch.float32, **kwargs)
         except (OSError, ValueError) as err:  # offline, not cached, no such model
-            detail = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+            detail = first_line(err)[:200]
             raise ConfigError(f"{self.spec}: the sentiment classifier {self.model_id} could not be loaded ({detail}); "
                               f"it needs the HF hub or a local copy (`huggingface-cli download {self.model_id}` on a "
                               "machine with access fills the HF cache, HF_HOME)") from err

@@ -97,7 +97,8 @@ def create_store(database: Path) -> None:
     `bench` starting at the same moment never leaves a half-built store (MLflow builds it in many steps)."""
     import mlflow
 
-    from bench.errors import BenchError
+    from bench.errors import BenchError, first_line
+    from bench.paths import is_disk_full
 
     building = database.with_name(f".{database.name}.building-{os.getpid()}")
     try:
@@ -107,7 +108,7 @@ def create_store(database: Path) -> None:
         pass  # another bench built it first: use theirs
     except Exception as err:
         raise BenchError(f"could not create the MLflow store {database}: {first_line(err)}"
-                         f"{'; the disk is full' if 'full' in str(err) or 'space' in str(err) else ''}; nothing was written") from None
+                         f"{'; the disk is full' if is_disk_full(err) else ''}; nothing was written") from None
     finally:
         for leftover in database.parent.glob(f"{building.name}*"):  # the file and any sqlite journal beside it
             leftover.unlink(missing_ok=True)
@@ -134,10 +135,6 @@ def check_store_schema(database: Path) -> None:
                          f"writes {head}: a store from an older MLflow is upgraded with `mlflow db upgrade "
                          f"sqlite:///{database}`; one left half-built (a full disk) must be moved aside "
                          f"(mv {database} {database}.damaged)")
-
-
-def first_line(err: BaseException) -> str:
-    return (str(err).strip().splitlines() or [type(err).__name__])[0]
 
 
 def artifact_location() -> str | None:
