@@ -113,7 +113,7 @@ def evaluate_best_of_n(reference: str, data: dict, settings: EvalSettings, ns: l
                                       **(tags or {})})
         client.log_param(run.info.run_id, "best_of_n", n)
         record_eval(Target(policy=f"best-of-{n}({reference})", reference=reference, experiment=experiment,
-                           data=data, run_id=run.info.run_id), settings, judge, proxy, metrics, table)
+                           data=data, run_id=run.info.run_id), settings, judge, proxy, metrics, table, pairs)
         client.set_tag(run.info.run_id, "eval.kl_kind", "bound")  # after record_eval, which tags exact KLs
         client.set_terminated(run.info.run_id)
         runs[n] = run.info.run_id

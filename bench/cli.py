@@ -87,7 +87,8 @@ Train one algorithm with a recipe, log the run to MLflow, then evaluate it.
 ALGO: {algorithms}
 
 bench's own options:
-  --recipe NAME|PATH    a recipe in bench/recipes ({recipes}) or a YAML file (default: smol-hh)
+  --recipe NAME|PATH    a recipe in bench/recipes ({recipes}) or a YAML file (default: smol-hh,
+                        SmolLM2 on HH: about 20 minutes with its evaluation; `tiny` runs in seconds)
   --eval auto|true|false
                         evaluate the policy after training: auto (default) when the recipe's experiment has
                         a judge reward model, true to insist, false to skip
@@ -101,24 +102,25 @@ Overrides are LightningCLI's: --trainer.max_steps=50, --model.beta=0.3, --data.b
 
 def train_help(algorithm: str | None) -> str:
     from bench import recipes
-    from modules import TRAINABLE
+    from modules import declared_names
 
     more = (f"LightningCLI's options of {algorithm} follow." if algorithm else
             "`bench train ALGO --help` lists every option of ALGO (its model, data and trainer settings).")
-    return TRAIN_HELP.format(algorithms=", ".join(TRAINABLE), recipes=", ".join(recipes.available()), more=more)
+    return TRAIN_HELP.format(algorithms=", ".join(declared_names()), recipes=", ".join(recipes.available()), more=more)
 
 
 def train_command(argv: list[str]) -> None:
     from bench import recipes
-    from modules import TRAINABLE
+    from modules import declared_names
 
+    algorithms = declared_names()  # not the registry: it loads torch, and help and argument errors stay fast
     wants_help = bool({"-h", "--help"} & set(argv))
-    if wants_help and (not argv or argv[0] not in TRAINABLE):
+    if wants_help and (not argv or argv[0] not in algorithms):
         print(train_help(None))
         return
-    if not argv or argv[0] not in TRAINABLE:
+    if not argv or argv[0] not in algorithms:
         given = f"unknown algorithm {argv[0]!r}" if argv else "no algorithm given"
-        raise BenchError(f"{given}; choose one of {', '.join(TRAINABLE)} (see `bench train --help`)")
+        raise BenchError(f"{given}; choose one of {', '.join(algorithms)} (see `bench train --help`)")
     algorithm, argv = argv[0], argv[1:]
     if wants_help:  # bench's own options first, then LightningCLI's
         print(train_help(algorithm) + "\n")
@@ -214,7 +216,8 @@ def seed_list(text: str) -> list[int]:
 
 
 def label_command(argv: list[str]) -> None:
-    from bench import gold, recipes
+    from bench import recipes
+    from bench.labelling import RULES
 
     parser = OneLineParser(prog="bench label", description="Label a recipe's preference data with its gold: every "
                            "HH pair relabelled by a gold reward model, or (with the recipe's gold.on_policy) the "
@@ -223,12 +226,14 @@ def label_command(argv: list[str]) -> None:
     parser.add_argument("--gold", help="the gold: a registered computable reward (reward:vader), a folder or hub id "
                         "of a one-output sequence classifier, or `train` (the recipe's gold.train; default: the "
                         "recipe's gold.model)")
-    parser.add_argument("--rule", choices=gold.RULES)
+    parser.add_argument("--rule", choices=RULES)
     parser.add_argument("--temperature", type=float, help="the bradley-terry rule's T")
     parser.add_argument("--seed", type=int)
     parser.add_argument("--input-format", choices=("auto", "transcript", "pair", "chat"))
     parser.add_argument("--data-path", help="HH-RLHF source (default: the recipe's)")
     args = parser.parse_args(argv)
+    from bench import gold
+
     recipe_name, recipe = recipes.load(args.recipe)
     given = {key: value for key, value in (("model", args.gold), ("rule", args.rule), ("temperature", args.temperature),
                                            ("seed", args.seed), ("input_format", args.input_format)) if value is not None}
@@ -347,8 +352,6 @@ def eval_command(argv: list[str]) -> None:
 
 def perf_command(argv: list[str]) -> None:
     from bench import perf, recipes
-    from bench.table import RESULTS_DIR, check_not_anothers, result_owner, write_result
-    from bench.training import default_precision
 
     defaults = perf.PerfSettings()
     parser = OneLineParser(prog="bench perf", description="DPO pairs/s, tokens/s, MFU and memory: this "
@@ -361,7 +364,8 @@ def perf_command(argv: list[str]) -> None:
     parser.add_argument("--policy", default=defaults.policy)
     parser.add_argument("--data-path", default=recipes.resolve_data_path(defaults.data_path),
                         help="HH-RLHF source (default: $HH_RLHF_PATH, else ../shared/data/hh-rlhf beside the repository)")
-    parser.add_argument("--precision", default=default_precision(), choices=("bf16-mixed", "32-true"))
+    parser.add_argument("--precision", choices=("bf16-mixed", "32-true"),
+                        help="default: bf16-mixed where the hardware has bf16 arithmetic, else 32-true")
     parser.add_argument("--variants", nargs="+", choices=perf.VARIANTS, default=list(perf.VARIANTS),
                         help="training variants")
     parser.add_argument("--parts", nargs="+", choices=perf.PARTS, default=list(perf.PARTS))
@@ -370,8 +374,12 @@ def perf_command(argv: list[str]) -> None:
     parser.add_argument("--gen-max-new-tokens", type=int, default=generation.max_new_tokens)
     parser.add_argument("--gen-batch-size", type=int, default=generation.batch_size)
     parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
-    parser.add_argument("--output", help=f"also write the table here (e.g. {RESULTS_DIR / 'perf.md'})")
+    parser.add_argument("--output", help="also write the table here (e.g. results/perf.md)")
     args = parser.parse_args(argv)
+    # MLflow and Lightning load after the arguments are parsed: help and argument errors stay fast
+    from bench.table import check_not_anothers, result_owner, write_result
+    from bench.training import default_precision
+
     for name in ("steps", "batch_size", "max_length", "max_prompt_length", "gen_prompts", "gen_max_new_tokens",
                  "gen_batch_size"):
         if getattr(args, name) < 1:
@@ -384,7 +392,8 @@ def perf_command(argv: list[str]) -> None:
         check_not_anothers(Path(args.output), result_owner(command))
     settings = perf.PerfSettings(data_path=args.data_path, policy=args.policy, steps=args.steps,
                                  batch_size=args.batch_size, max_length=args.max_length,
-                                 max_prompt_length=args.max_prompt_length, lr=args.lr, precision=args.precision)
+                                 max_prompt_length=args.max_prompt_length, lr=args.lr,
+                                 precision=args.precision or default_precision())
     generation = perf.GenerationSettings(n_prompts=args.gen_prompts, max_new_tokens=args.gen_max_new_tokens,
                                          batch_size=args.gen_batch_size)
     report = perf.perf(settings, tuple(args.variants) if "training" in args.parts else (),

@@ -330,7 +330,7 @@ def evaluate(target: Target, settings: EvalSettings) -> dict:
         **ratios,
         **pair_metrics,
     })
-    record_eval(target, settings, judge, proxy, metrics, table)
+    record_eval(target, settings, judge, proxy, metrics, table, pairs)
     return metrics
 
 
@@ -447,7 +447,8 @@ def eval_run(client, target: Target) -> tuple[str, bool]:
                              tags={"algorithm": "eval", "model": target.policy}).info.run_id, True
 
 
-def record_eval(target: Target, settings: EvalSettings, judge, proxy, metrics: dict, table: dict) -> str:
+def record_eval(target: Target, settings: EvalSettings, judge, proxy, metrics: dict, table: dict,
+                pairs: list[Pair]) -> str:
     """Log into the training run's first evaluation, else into a run of the evaluation's own (`eval_run`)."""
     client = mlflow.MlflowClient(tracking.tracking_uri())
     run_id, own_run = eval_run(client, target)
@@ -468,6 +469,8 @@ def record_eval(target: Target, settings: EvalSettings, judge, proxy, metrics: d
     for key, value in params.items():
         client.log_param(run_id, key, value)
     client.log_table(run_id, data=table, artifact_file="eval/samples.json")
+    tracking.log_datasets(client, run_id, target.data["path"], target.data.get("subsets"), {settings.split: pairs},
+                          {settings.split: "evaluation"})
     figure = win_rate_figure(metrics)
     client.log_figure(run_id, figure, "eval/win_rates.png")
     import matplotlib.pyplot as plt

@@ -563,6 +563,18 @@ def _draw_method_frontiers(axis, points: Iterable[tuple[str, float, float]]) -> 
     return len(frontiers)
 
 
+def _label_points(axis, labels: Iterable[tuple[str, float, float]], dx: float = 4, dy: float = 4,
+                  gid: str = "point-label") -> None:
+    """Each (text, x, y) beside its point, on the side that faces the middle of the axes: to the right of a point
+    near the right edge, a label runs out of the axes and under the legend beside them. Reads the x limits, so
+    every point and line must be drawn (and the margins set) first."""
+    low, high = axis.get_xlim()
+    for text, x, y in labels:
+        left = high > low and (x - low) / (high - low) > 0.5
+        axis.annotate(text, (x, y), xytext=(-dx if left else dx, dy), textcoords="offset points",
+                      ha="right" if left else "left", fontsize=7, color="#333333", gid=gid)
+
+
 def _draw_best_of_n(axis, shown: Sequence[RunData], kl_metric: str, reward_metric: str) -> None:
     """The gold-picked best-of-N as a dashed ceiling through its mean per N, and each N named once by its
     points (the proxy-picked ones where there are)."""
@@ -580,9 +592,8 @@ def _draw_best_of_n(axis, shown: Sequence[RunData], kl_metric: str, reward_metri
     if len(ceiling) > 1:
         axis.plot([mean(g, kl_metric) for g in ceiling.values()], [mean(g, reward_metric) for g in ceiling.values()],
                   color=GOLD_CEILING_COLOUR, linestyle="--", linewidth=1.3, zorder=2, gid="ceiling:best-of-n-gold")
-    for n, group in (by_n("proxy") or ceiling).items():
-        axis.annotate(f"N={n}", (mean(group, kl_metric), mean(group, reward_metric)), xytext=(6, -10),
-                      textcoords="offset points", fontsize=7, color="#333333", gid="n-label")
+    _label_points(axis, [(f"N={n}", mean(group, kl_metric), mean(group, reward_metric))
+                         for n, group in (by_n("proxy") or ceiling).items()], dx=6, dy=-10, gid="n-label")
 
 
 def _method_view(axis, shown: Sequence[RunData], styles: Mapping[str, ArmStyle], kl_metric: str,
@@ -627,6 +638,7 @@ def reward_kl_scatter(runs: Sequence[RunData], reward_metric: str | None = None,
     scorer = axis_scorer(runs, reward_metric)
     shown, skipped, other_scorer = _split_runs(runs, reward_metric, kl_metric, scorer)
     figure, axis = plt.subplots(figsize=FIGSIZE, dpi=DPI)
+    axis.margins(0.08)  # before any label is placed: `_label_points` reads the final x limits
     styles = arm_styles(shown)
     _draw_final_points(axis, shown, styles, kl_metric, reward_metric)
     handles, notes = _arm_handles(shown, styles), []
@@ -635,16 +647,13 @@ def reward_kl_scatter(runs: Sequence[RunData], reward_metric: str | None = None,
     else:
         handles += _draw_global_frontier(axis, shown, kl_metric, reward_metric)
     if annotate if annotate is not None else (frontiers == "global" and len(shown) <= 12):
-        for run in shown:
-            axis.annotate(run.label, (run.value(kl_metric), run.value(reward_metric)), xytext=(4, 4),
-                          textcoords="offset points", fontsize=7, color="#333333")
+        _label_points(axis, [(run.label, run.value(kl_metric), run.value(reward_metric)) for run in shown])
     if not shown:
         _empty(axis, f"no run has both {kl_metric} and {reward_metric}")
     if handles:
         _make_room(figure, [_legend_outside(axis, handles)])
     axis.set_xlabel(METRIC_LABELS.get(kl_metric, kl_metric), fontsize=9)
     axis.set_ylabel(reward_label(reward_metric, scorer, gold), fontsize=9)
-    axis.margins(0.08)
     what = {JUDGE_METRIC: "Gold reward" if gold else "Judge reward", PROXY_METRIC: "Proxy reward"}.get(reward_metric,
                                                                                                      "Reward")
     view = "each method's frontier" if frontiers == "method" else "the Pareto frontier"

@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-import torch
 
 from bench.errors import ConfigError, DataError
 from datamodules.hh_rlhf import _local_split_files, is_local
@@ -25,6 +24,8 @@ def label_pairs(chosen_scores: np.ndarray, rejected_scores: np.ndarray, rule: La
     margin = np.asarray(chosen_scores, dtype=np.float64) - np.asarray(rejected_scores, dtype=np.float64)
     if rule == "deterministic":
         return margin >= 0
+    import torch  # here, not at the top: `bench label --help` reads RULES without loading torch
+
     keep_probability = torch.sigmoid(torch.from_numpy(margin / temperature)).numpy()
     return np.random.default_rng(seed).random(len(margin)) < keep_probability
 

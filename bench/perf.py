@@ -131,7 +131,8 @@ def run_harness(settings: PerfSettings, dm) -> dict:
                             limit_val_batches=0, num_sanity_val_steps=0, logger=False, enable_checkpointing=False,
                             enable_model_summary=False, gradient_clip_val=settings.max_grad_norm,
                             callbacks=[recorder], default_root_dir=run_dir)
-        trainer.fit(module, datamodule=dm)
+        with contextlib.redirect_stdout(sys.stderr):  # the progress bar: stdout carries the table or --json only
+            trainer.fit(module, datamodule=dm)
         seconds = time.perf_counter() - started
     return {"seconds": seconds, "losses": recorder.losses, "model": module.policy}
 
@@ -166,7 +167,8 @@ def run_trl(settings: PerfSettings, dm, precompute: bool) -> dict:
         started = time.perf_counter()
         trainer = AlignedDPOTrainer(model=load_causal_lm(settings.policy), args=args, train_dataset=rows,
                                     processing_class=load_tokenizer(settings.policy))
-        trainer.train()
+        with contextlib.redirect_stdout(sys.stderr):  # its progress and per-step logs, as for the harness
+            trainer.train()
         seconds = time.perf_counter() - started
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     return {"seconds": seconds, "losses": losses, "model": trainer.model}

@@ -20,6 +20,15 @@ from bench.errors import ConfigError
 
 RECIPE_DIR = Path(__file__).resolve().parent / "recipes"
 PROJECT_ROOT = RECIPE_DIR.parents[1]
+SWEEP_DIR = PROJECT_ROOT / "sweeps"  # ALGO.yaml: an algorithm's search space (`bench.sweep.load_space` checks it)
+
+
+def key_settings(algorithm: str) -> list[str]:
+    """The settings that matter for an algorithm: the config paths its search space tunes (`model.beta`,
+    `model.lr`); `model.lr` for one without a space."""
+    file = SWEEP_DIR / f"{algorithm}.yaml"
+    space = (yaml.safe_load(file.read_text()) or {}).get("space") if file.is_file() else None
+    return list(space) if isinstance(space, dict) and space else ["model.lr"]
 DATA_ENV = "HH_RLHF_PATH"  # the one place the HH-RLHF source is set for every command
 CLI_SECTIONS = ("seed_everything", "trainer", "data", "model")
 # Every section a recipe may hold, and the keys of `compare:`; a misspelt one is refused, never ignored.
@@ -95,7 +104,9 @@ def load(name_or_path: str) -> tuple[str, dict]:
 def check_keys(path: Path, recipe: dict) -> None:
     """Sections, algorithm names and comparison keys are known ones; LightningCLI checks what is inside
     `trainer`, `data` and `model`, and `eval`/`gold` check their own settings."""
-    from modules import TRAINABLE
+    from modules import declared_names
+
+    trainable = declared_names()
 
     def refuse(where: str, unknown: set, known) -> None:
         if unknown:
@@ -109,7 +120,7 @@ def check_keys(path: Path, recipe: dict) -> None:
     compare = recipe.get("compare") or {}
     refuse("compare key", set(compare) - set(COMPARE_KEYS), COMPARE_KEYS)
     for where, sections in (("algorithms", recipe.get("algorithms") or {}), ("compare.algorithms", compare.get("algorithms") or {})):
-        refuse(f"algorithm under {where}:", set(sections) - set(TRAINABLE), TRAINABLE)
+        refuse(f"algorithm under {where}:", set(sections) - set(trainable), trainable)
         for name, overrides in sections.items():
             if not isinstance(overrides or {}, dict):
                 raise ConfigError(f"recipe {path}: {where}.{name} must be a mapping of config sections")

@@ -28,11 +28,11 @@ from optuna_integration import PyTorchLightningPruningCallback
 import modules
 from bench import figures, tracking
 from bench.errors import BenchError, ConfigError
+from bench.recipes import SWEEP_DIR
 from bench.workers import WORKER_TAG, is_dead_local_worker, this_worker
 
 log = logging.getLogger(__name__)
 
-SWEEP_DIR = Path(__file__).resolve().parents[1] / "sweeps"
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 SAMPLERS = ("tpe", "grid", "cmaes")
 

@@ -20,6 +20,7 @@ import tempfile
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
+from unittest import mock
 
 import mlflow
 import numpy as np
@@ -87,7 +88,9 @@ class Row:
 
 
 def _run_outcomes(client: mlflow.MlflowClient, run_id: str) -> tuple[dict, list]:
-    with tempfile.TemporaryDirectory() as folder:
+    # One small file per run: MLflow's download bar for each (11 in a comparison) would bury the table's output.
+    no_bars = mock.patch.dict(os.environ, {"MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"})
+    with tempfile.TemporaryDirectory() as folder, no_bars:
         try:
             path = client.download_artifacts(run_id, "eval/samples.json", folder)
         except Exception as err:  # noqa: BLE001 - MLflow raises several kinds for a missing artifact
@@ -283,9 +286,11 @@ def _adjust(tests: list[RowTest], alpha: float) -> None:
 
 
 def _describe_vs_best(group: list[Row]) -> None:
-    """Win rate vs chosen minus the group's best row's: a description only, with no interval and no mark."""
+    """Win rate vs chosen minus the group's best row's: a description only, with no interval and no mark. A row
+    alone in its table (a sweep's best trial, on its own prompts) is best of nothing: it gets none, or every
+    sweep that joins would add a second row at 0, "best", beside the comparison's."""
     scored = [r for r in group if "win_rate_vs_chosen" in r.outcomes]
-    if scored:
+    if len(scored) > 1:
         best = max(r.outcomes["win_rate_vs_chosen"].mean() for r in scored)
         for row in scored:
             row.vs_best = float(row.outcomes["win_rate_vs_chosen"].mean() - best)
@@ -493,14 +498,25 @@ def _method(tested: list[dict]) -> str:
     counts = " or ".join(map(str, sorted({r["tests_in_group"] for r in tested})))
     ceiling = (" (best-of-N-gold rows are tested but are a ceiling, not an algorithm)"
                if any(is_ceiling(r["algorithm"]) for r in tested) else "")
-    return ("Model: with one seed, the paired t-test over prompts; with several, crossed random effects "
-            "D[s, p] = μ + seed_s + prompt_p + e, whose mean has variance (MS_seed + MS_prompt - MS_resid) / (S P), "
-            "with Satterthwaite degrees of freedom computed at the seed mean square's 95 % upper confidence bound "
-            f"(few seeds cannot claim many degrees of freedom). Holm's step-down procedure over the {counts} rows "
+    return (_model(tested) + f" Holm's step-down procedure over the {counts} rows "
             f"tested in each table{ceiling} keeps the chance of any false * at 5 %: * marks a Holm-adjusted "
             "p < 0.05, and each Δ's CI is drawn at the level beside it, at which it excludes 0 exactly when Holm "
             "rejects. MDE: the smallest true Δ a row's test detects with 80 % power at Holm's worst-case level "
             "0.05 / m, from the row's own standard error and degrees of freedom.")
+
+
+def _model(tested: list[dict]) -> str:
+    """The model of the tests that ran, only: a one-seed table says nothing of seeds it does not have."""
+    seeds = {len(r["seeds"].split()) > 1 for r in tested}
+    one = "the paired t-test over prompts"
+    several = ("crossed random effects D[s, p] = μ + seed_s + prompt_p + e, whose mean has variance "
+               "(MS_seed + MS_prompt - MS_resid) / (S P), with Satterthwaite degrees of freedom computed at the seed "
+               "mean square's 95 % upper confidence bound (few seeds cannot claim many degrees of freedom)")
+    if seeds == {False}:
+        return f"Model: {one} (one seed)."
+    if seeds == {True}:
+        return f"Model: {several}."
+    return f"Model: with one seed, {one}; with several, {several}."
 
 
 def _limits(tested: list[dict]) -> str:

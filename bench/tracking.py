@@ -222,11 +222,36 @@ def flatten(config: dict, prefix: str = "") -> dict[str, object]:
     return flat
 
 
-def record_run(logger, config: dict, config_file: Path, tags: dict[str, str]) -> None:
-    """Tags, every resolved config value as a param, and the config YAML as an artifact. Done here
-    rather than by LightningCLI's SaveConfigCallback, which fails with MLflow on sqlite (Lightning #16310)."""
+def record_run(logger, config: dict, config_file: Path, tags: dict[str, str], key_params: dict | None = None) -> None:
+    """Tags, every resolved config value as a param (and `key_params` besides), and the config YAML as an
+    artifact. Done here rather than by LightningCLI's SaveConfigCallback, which fails with MLflow on sqlite
+    (Lightning #16310)."""
     client, run_id = logger.experiment, logger.run_id
     for key, value in tags.items():
         client.set_tag(run_id, key, value)
-    logger.log_hyperparams(flatten(config))
+    logger.log_hyperparams({**flatten(config), **(key_params or {})})
     client.log_artifact(run_id, str(config_file))
+
+
+def log_datasets(client, run_id: str, source: str, subsets: list[str] | None, pairs_by_split: dict, context: dict) -> None:
+    """The preference pairs a run trained, validated or was evaluated on, as MLflow datasets: named by source,
+    subsets and split, with the digest of the rows themselves, so that runs on different data differ in the UI.
+    `context` maps each split to MLflow's dataset context ("training", "validation", "evaluation")."""
+    from dataclasses import asdict
+
+    import mlflow.data
+    import pandas as pd
+    from mlflow.data.huggingface_dataset_source import HuggingFaceDatasetSource
+    from mlflow.entities import DatasetInput, InputTag
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+    where = f"{Path(source).name or source}" + (f"[{','.join(subsets)}]" if subsets else "")
+    inputs = []
+    for split, pairs in pairs_by_split.items():
+        # A local folder (the data was just read: it exists) is its own source; a hub id is a dataset on the hub.
+        origin = (str(Path(source).expanduser().resolve()) if Path(source).expanduser().exists() else
+                  HuggingFaceDatasetSource(path=source, data_dir=",".join(subsets) if subsets else None, split=split))
+        dataset = mlflow.data.from_pandas(pd.DataFrame([asdict(pair) for pair in pairs]), source=origin,
+                                          name=f"{where}:{split}")
+        inputs.append(DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag(MLFLOW_DATASET_CONTEXT, context[split])]))
+    client.log_inputs(run_id, datasets=inputs)

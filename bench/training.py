@@ -2,6 +2,7 @@
 `bench train`, every `bench compare` stage and every `bench sweep` trial go through `train_one`."""
 
 import argparse
+import contextlib
 import hashlib
 import json
 import logging
@@ -105,6 +106,35 @@ def earlier_run(run_dir: Path) -> dict | None:
         raise BenchError(f"{run_dir} holds MLflow run {record['mlflow_run_id']}, which already finished; "
                          "train in a new directory")
     return record
+
+
+def another_config_message(run_dir: Path, earlier: dict, config: dict) -> str:
+    """Why a resume is refused: the settings that differ from the run's own (its config.yaml), and the command
+    that resumes it."""
+    differences = []
+    if (run_dir / "config.yaml").exists():
+        original = tracking.flatten(yaml.safe_load((run_dir / "config.yaml").read_text()))
+        given = tracking.flatten(json.loads(json.dumps(config)))  # as the YAML holds it: lists, not tuples
+        differences = [f"{key} {original.get(key, '(unset)')} there, {given.get(key, '(unset)')} now"
+                       for key in sorted(set(original) | set(given)) if original.get(key) != given.get(key)]
+    shown = "; ".join(differences[:4]) + (f"; and {len(differences) - 4} more" if len(differences) > 4 else "")
+    command = earlier.get("resume_command")
+    return (f"{run_dir} holds a run with another config ({shown or 'fingerprint ' + earlier['config_fingerprint']}); "
+            + (f"resume it with `{command}`" if command else "resume with the same recipe and overrides")
+            + ", or train in a new directory")
+
+
+def at_a_glance(algorithm: str, config: dict, tags: dict[str, str]) -> tuple[str, dict[str, object]]:
+    """The run's name in the MLflow UI (what, seed, budget) and its key params. The `algo.` params sort before
+    every config section: MLflow's compare view plots the first three params that differ, alphabetically."""
+    trainer, flat = config["trainer"], tracking.flatten(config)
+    budget = (f"{trainer['max_steps']} steps" if (trainer.get("max_steps") or -1) > 0
+              else f"{trainer.get('max_epochs') or 1} epoch" + ("s" if (trainer.get("max_epochs") or 1) > 1 else ""))
+    label = tags.get("compare_stage") or (f"{tags['optuna.study']} trial {tags['optuna.trial']}"
+                                          if "optuna.trial" in tags else algorithm)
+    params = {"algo.name": algorithm, "algo.seed": config["seed_everything"], "algo.budget": budget,
+              **{f"algo.{key.split('.')[-1]}": flat.get(key) for key in recipes.key_settings(algorithm)}}
+    return f"{label} · seed {config['seed_everything']} · {budget}", params
 
 
 def find_finished_run(experiment: str, fingerprint: str) -> tuple[str, Path] | None:
@@ -278,8 +308,7 @@ def train_one(
         raise BenchError(f"{cli.run_dir} was taken by MLflow run {earlier['mlflow_run_id']} meanwhile; train in another folder")
     if cli.resume_from is not None:
         if earlier["config_fingerprint"] != fingerprint:
-            raise BenchError(f"{cli.run_dir} holds a run with another config (fingerprint {earlier['config_fingerprint']}, "
-                             f"this one {fingerprint}); resume with the same recipe and overrides, or train in a new directory")
+            raise BenchError(another_config_message(cli.run_dir, earlier, config))
         client.set_tag(earlier["mlflow_run_id"], "resumed_from", str(cli.resume_from))
         client.set_tag(earlier["mlflow_run_id"], WORKER_TAG, this_worker())
         client.update_run(earlier["mlflow_run_id"], status="RUNNING")  # it was KILLED (or left RUNNING by a SIGKILL)
@@ -310,9 +339,13 @@ def train_one(
     proxy = config["model"].get("proxy") or (config["data"]["proxy"] if config["data"]["view"] == "ranked" else None)
     if proxy:
         run_tags["proxy"] = proxy
-    tracking.record_run(cli.run_logger, config, config_file, run_tags)
+    name, key_params = at_a_glance(algorithm, config, {**(tags or {}), **run_tags})
+    tracking.record_run(cli.run_logger, config, config_file, {**run_tags, "mlflow.runName": name}, key_params)
+    tracking.log_datasets(client, cli.run_logger.run_id, data["path"], data.get("subsets"), cli.datamodule.pairs,
+                          {"train": "training", "validation": "validation"})
     (cli.run_dir / RUN_RECORD).write_text(json.dumps({"mlflow_run_id": cli.run_logger.run_id,
-                                                      "config_fingerprint": fingerprint}))
+                                                      "config_fingerprint": fingerprint,
+                                                      "resume_command": cli.resume_command}))
     log.info("MLflow run %s (experiment %r) at %s", cli.run_logger.run_id, recipe_name, tracking.tracking_uri())
     return fit(cli, output_path)
 
@@ -320,7 +353,9 @@ def train_one(
 def fit(cli, output_path: Path) -> TrainResult:
     os.environ[RUN_DIR_ENV] = str(cli.run_dir.resolve())
     try:
-        cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.resume_from)
+        # Lightning's progress bars write to stdout, which carries the command's result only (a run, a JSON line)
+        with contextlib.redirect_stdout(sys.stderr):
+            cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.resume_from)
     except SystemExit:  # Lightning exits after Ctrl-C, with the run marked FAILED
         if cli.trainer.interrupted and cli.trainer.is_global_zero:
             interrupted(cli)

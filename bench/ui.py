@@ -46,13 +46,19 @@ def ui_command(argv: list[str]) -> None:
     # The server gets its own process group, which bench stops on Ctrl-C or SIGTERM (even when started in the
     # background, where the shell ignores SIGINT): mlflow runs uvicorn and job-runner processes under it.
     handlers = signal.signal(signal.SIGINT, signal.default_int_handler), signal.signal(signal.SIGTERM, interrupt)
-    server = subprocess.Popen(command, start_new_session=True)
+    # The server's own output goes to stderr (stdout carries the URLs), without the deprecation warnings of its
+    # dependencies (starlette's is a UserWarning), which a user of bench cannot act on.
+    quiet = "ignore::DeprecationWarning,ignore:starlette.middleware.wsgi is deprecated"
+    server = subprocess.Popen(command, start_new_session=True, stdout=sys.stderr,
+                              env={**os.environ, "PYTHONWARNINGS": quiet})
     up = False
     try:
         wait_until_up(server, urls[0], args.port)
         up = True
         for url in urls:
             print(f"MLflow UI: {url}", flush=True)
+        if latest := latest_comparison():  # its run page shows the table, its tests and figures
+            print(f"latest comparison: {urls[0]}/#/{latest}", flush=True)
         if server.wait() != 0:
             raise BenchError(f"the MLflow server exited with code {server.returncode}")
     except KeyboardInterrupt:
@@ -63,6 +69,20 @@ def ui_command(argv: list[str]) -> None:
         stop(server, graceful=up)
         signal.signal(signal.SIGINT, handlers[0])
         signal.signal(signal.SIGTERM, handlers[1])
+
+
+def latest_comparison() -> str | None:
+    """The UI's path to the newest `bench compare` parent run (its table, tests and figures), else to the newest
+    sweep's, else None. Read from the store the server serves."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri())
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    for role in ("tags.compare_role = 'parent'", "tags.sweep_role = 'study'"):
+        runs = client.search_runs(experiments, role, order_by=["attributes.start_time DESC"], max_results=1) if experiments else []
+        if runs:
+            return f"experiments/{runs[0].info.experiment_id}/runs/{runs[0].info.run_id}"
+    return None
 
 
 def interrupt(signum, frame):
@@ -81,13 +101,13 @@ def server_command(host: str, port: int, workers: int, hostnames: list[str]) -> 
         command += ["--default-artifact-root", artifacts, "--artifacts-destination", artifacts]
     names = ["127.0.0.1" if host in ("0.0.0.0", "::") else host, *hostnames]  # the first is polled: it must be local
     urls = [f"http://{f'[{n}]' if ':' in n else n}:{port}" for n in names]
-    foreign = [n for n in names if not default_allowed(n)]
-    if foreign:
-        from mlflow.server.security_utils import get_default_allowed_hosts
+    from mlflow.server.security_utils import get_default_allowed_hosts
 
-        hosts = [f"[{n}]" if ":" in n else n for n in foreign]
-        command += ["--allowed-hosts", ",".join([*get_default_allowed_hosts(), *hosts, *(f"{h}:{port}" for h in hosts)]),
-                    "--cors-allowed-origins", ",".join(f"http://{h}:{port}" for h in hosts)]
+    # The allowed hosts are always given: without them, mlflow recommends its own flags, which bench ui does not take.
+    hosts = [f"[{n}]" if ":" in n else n for n in names if not default_allowed(n)]
+    command += ["--allowed-hosts", ",".join([*get_default_allowed_hosts(), *hosts, *(f"{h}:{port}" for h in hosts)])]
+    if hosts:
+        command += ["--cors-allowed-origins", ",".join(f"http://{h}:{port}" for h in hosts)]
     return command, urls
 
 
@@ -132,11 +152,11 @@ def wait_until_up(server: subprocess.Popen, url: str, port: int) -> None:
 
 
 def stop(server: subprocess.Popen, graceful: bool = True) -> None:
-    """SIGINT to the server's process group (mlflow and its uvicorn), then SIGTERM, then SIGKILL. A server
-    still starting gets SIGTERM first: SIGINT would make each of its processes print a KeyboardInterrupt
-    traceback from wherever its imports were."""
-    signals = ((signal.SIGINT, 10), (signal.SIGTERM, 5), (signal.SIGKILL, 5))
-    for sig, wait_s in signals if graceful else signals[1:]:
+    """SIGTERM to the server's process group (mlflow and its uvicorn), then SIGKILL. Uvicorn shuts down
+    gracefully on SIGTERM; SIGINT would make the mlflow process print a KeyboardInterrupt traceback from its
+    threading shutdown, and a server still starting, one from wherever its imports were."""
+    signals = ((signal.SIGTERM, 10 if graceful else 5), (signal.SIGKILL, 5))
+    for sig, wait_s in signals:
         try:
             os.killpg(server.pid, sig)
         except ProcessLookupError:

@@ -248,6 +248,7 @@ class HHRLHFDataModule(L.LightningDataModule):
         self.candidate_sampling = candidate_sampling
         self.report: ReadReport | None = None
         self.views: dict[str, datasets.Dataset] = {}
+        self.pairs: dict[str, list[Pair]] = {}  # the pairs each view was made from (logged as the run's datasets)
 
     def setup(self, stage: str | None = None) -> None:
         if self.views:
@@ -267,6 +268,7 @@ class HHRLHFDataModule(L.LightningDataModule):
             if not pairs:
                 raise DataError(f"split {split!r} of {hp.path} is empty; check val_fraction and the source")
             self.views[split] = datasets.Dataset.from_list(self._rows(pairs, formatter, split))
+            self.pairs[split] = pairs
         self.test_pairs = splits["test"]
         log.info("HH-RLHF %s view: %s", hp.view, {k: len(v) for k, v in self.views.items()})
 

@@ -61,6 +61,8 @@ def test_compare_trains_every_stage_on_one_budget_then_reuses_them_and_tables(wo
         assert client.get_run(stage_runs[algorithm].info.run_id).data.tags["eval.judge.path"] == \
             stage_runs["rm-judge"].data.tags["output_path"]
 
+    at_a_glance_in_the_ui(client, stage_runs)
+
     # The comparison's figures and its table (with each row's test), on its parent run.
     figures = {a.path for a in client.list_artifacts(parent.info.run_id, "figures")}
     assert figures == {"figures/win_rates.png", "figures/reward_vs_kl.png", "figures/training_curves.png"}
@@ -105,6 +107,32 @@ def test_compare_trains_every_stage_on_one_budget_then_reuses_them_and_tables(wo
         assert (workdir / "results" / f"tiny-{name}.png").read_bytes().startswith(b"\x89PNG")
 
 
+def at_a_glance_in_the_ui(client, stage_runs) -> None:
+    """Issue 27: names that say what, seed and budget; the algorithm's key params first among the params (the compare
+    view plots the first three that differ); the data each run trained, validated and was evaluated on as datasets."""
+    dpo = client.get_run(stage_runs["dpo"].info.run_id)
+    steps = dpo.data.params["trainer.max_steps"]  # the comparison's budget
+    assert dpo.info.run_name == f"dpo · seed 0 · {steps} steps"
+    assert {k: v for k, v in dpo.data.params.items() if k.startswith("algo.")} == {
+        "algo.name": "dpo", "algo.seed": "0", "algo.budget": f"{steps} steps",
+        "algo.beta": dpo.data.params["model.beta"], "algo.lr": dpo.data.params["model.lr"]}
+    assert sorted(dpo.data.params)[0].startswith("algo.")
+    rloo = client.get_run(stage_runs["rloo"].info.run_id)
+    assert rloo.data.params["algo.num_generations"] == rloo.data.params["model.num_generations"]
+    n_eval = recipes.load("tiny")[1]["eval"]["n_prompts"]
+    datasets = {}
+    for stage in ("dpo", "rloo"):
+        run = client.get_run(stage_runs[stage].info.run_id)
+        datasets[stage] = {i.tags[0].value: (i.dataset.name, json.loads(i.dataset.profile)["num_rows"], i.dataset.digest)
+                           for i in run.inputs.dataset_inputs}
+        assert {context: found[:2] for context, found in datasets[stage].items()} == {
+            "training": ("hh-rlhf:train", int(run.data.params["data.max_train_pairs"])),
+            "validation": ("hh-rlhf:validation", datasets[stage]["validation"][1]), "evaluation": ("hh-rlhf:test", n_eval)}
+    # The same test prompts; the online algorithm trains on fewer prompts than DPO's pairs: other data, another digest.
+    assert datasets["dpo"]["evaluation"] == datasets["rloo"]["evaluation"]
+    assert datasets["dpo"]["training"][2] != datasets["rloo"]["training"][2]
+
+
 def reevaluation_keeps_the_table(client, dpo_run, workdir, capsys) -> None:
     """Issue 26 item 1: `bench eval` of a comparison's run, with its settings or others, is a run of its own nested
     under it; the comparison's run keeps its one evaluation, and `bench table` reads the same table again."""
@@ -127,6 +155,7 @@ def reevaluation_keeps_the_table(client, dpo_run, workdir, capsys) -> None:
     capsys.readouterr()
     main(["table", "--experiment", "tiny", "--output-dir", str(workdir / "results")])
     assert (workdir / "results" / "tiny.csv").read_text() == before
+    assert "Downloading artifacts" not in capsys.readouterr().err  # one bar per run buried the table (item 12)
 
 
 def paired_bootstrap(a, b):  # one seed: the paired prompt bootstrap

@@ -301,6 +301,7 @@ def test_bench_train_launches_ddp_processes_that_share_one_run(tmp_path, hh_path
     assert (run_dir / "policy" / "model.safetensors").exists()
     client = mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"])
     (run,) = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
-    assert run.info.status == "FINISHED" and run.info.run_name == run_dir.name
+    assert run.info.status == "FINISHED" and run.data.tags["output_path"] == str((run_dir / "policy").resolve())
+    assert run.info.run_name.startswith("dpo · seed ")  # what, seed and budget at a glance
     assert json.loads((run_dir / "run.json").read_text())["mlflow_run_id"] == run.info.run_id
     assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == [0, 1, 2, 3]

@@ -9,6 +9,7 @@ import matplotlib
 import numpy as np
 import pytest
 from matplotlib.colors import to_rgba
+from matplotlib.container import BarContainer
 
 from bench import figures as F
 from bench.figures import RunData
@@ -534,6 +535,82 @@ def test_a_run_that_dwarfs_the_others_gets_a_symlog_panel_that_says_so():
     boxes = sorted((t.get_window_extent(figure.canvas.get_renderer()) for t in axis.get_yticklabels() if t.get_text()),
                    key=lambda box: box.y0)
     assert len(boxes) >= 4 and all(a.y1 <= b.y0 for a, b in zip(boxes, boxes[1:]))
+
+
+# --- issue 26 item 15: a comparison with a sweep beside it, and SLiC's summed margin near -200 -----------
+def comparison_and_sweep(trials):
+    """A one-seed comparison (test prompts; win rates near 1, where a legend inside the axes would sit) and a
+    sweep's trials beside it (validation prompts: every x label gets a second line), as `bench table` draws them."""
+    stages = [("sft", "sft", 0.55), ("dpo-beta0.1", "dpo", 0.97), ("dpo-beta0.5", "dpo", 0.93), ("ipo", "ipo", 0.9),
+              ("kto", "kto", 0.88), ("slic", "slic", 0.95), ("ppo", "ppo", 0.7), ("best-of-4", "best-of-n", 0.6)]
+    runs = [RunData(stage, f"{stage} (seed 0)", algorithm, {**win_metrics(win, win - 0.02), "eval/kl": 0.5 * i,
+                                                            "eval/proxy_score": 0.2 + 0.02 * i},
+                    kind="stage", split="test", seed="0") for i, (stage, algorithm, win) in enumerate(stages)]
+    runs += [RunData(f"t{i}", f"dpo trial {i}", "dpo", {**win_metrics(0.9 + 0.002 * i, 0.95), "eval/kl": 0.1 * i,
+                                                        "eval/proxy_score": 0.2 + 0.01 * i},
+                     kind="trial", split="validation") for i in range(trials)]
+    return runs
+
+
+@pytest.mark.parametrize("trials", [3, 30])
+def test_win_rates_with_sweep_rows_keep_the_legend_off_the_bars_and_the_labels_apart(trials):
+    figure = F.win_rate_bars(comparison_and_sweep(trials))
+    axis = figure.axes[0]
+    figure.canvas.draw()
+    renderer = figure.canvas.get_renderer()
+    legend = axis.get_legend().get_window_extent(renderer)
+    bars = [bar.get_window_extent(renderer) for container in axis.containers if isinstance(container, BarContainer)
+            for bar in container]
+    labels = [t.get_window_extent(renderer) for t in axis.get_xticklabels()]
+    assert len(bars) == 2 * len(labels) == 2 * (8 + trials)
+    assert [t.get_text().split("\n")[-1] for t in axis.get_xticklabels()] == ["(test)"] * 8 + ["(validation)"] * trials
+    for box in [axis.get_window_extent(renderer), *bars, *labels]:
+        assert not overlaps(legend, box)
+    for a, b in itertools.combinations(labels, 2):
+        assert not overlaps(a, b)
+    assert all(0 <= box.x0 and box.x1 <= figure.bbox.width and 0 <= box.y0 for box in [legend, *labels])  # not cut
+
+
+def test_reward_kl_point_labels_stay_in_the_axes_clear_of_the_legend():
+    """At most 12 runs are labelled; a label to the right of the rightmost point ran out of the axes and under
+    the legend beside them."""
+    runs = comparison_and_sweep(3)
+    figure = F.reward_kl_scatter(runs)
+    axis = figure.axes[0]
+    assert_legend_outside(figure, axis)  # and no point under it
+    renderer = figure.canvas.get_renderer()
+    legend, frame = axis.get_legend().get_window_extent(renderer), axis.get_window_extent(renderer)
+    labels = {t.get_text(): t.get_window_extent(renderer) for t in axis.texts}
+    assert set(labels) == {r.label for r in runs}
+    for text, box in labels.items():
+        assert frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0 and box.y1 <= frame.y1, text
+        assert not overlaps(legend, box), text
+
+
+def test_slics_summed_margin_leaves_every_other_curve_most_of_its_height():
+    """SLiC's margin is summed log-probs (near -200 here) beside DPO, IPO and KTO's β-scaled margins (near ±1):
+    on one linear axis theirs were flat lines at 0. Each keeps at least half the height (in display coordinates)
+    it has in the same panel without SLiC, and SLiC's whole curve stays inside the axes."""
+    ends = {"dpo": 1.2, "ipo": 0.6, "kto": -0.9, "slic": -200.0}
+    runs = [RunData(a, a, a, histories={"train/rewards/margins": [(s, end * s / 40) for s in range(41)]},
+                    kind="stage", split="test") for a, end in ends.items()]
+
+    def heights(runs):
+        axis = F.training_curves(runs).axes[0]
+        axis.figure.canvas.draw()
+        frame = axis.get_window_extent().height
+        spans = {}
+        for line in axis.lines:
+            ys = axis.transData.transform(np.column_stack([line.get_xdata(), line.get_ydata()]))[:, 1]
+            spans[line.get_label()] = (ys.max() - ys.min()) / frame
+        return spans, axis.get_ylim()
+
+    alone, _ = heights(runs[:3])
+    together, (low, high) = heights(runs)
+    assert set(together) == set(ends)
+    for algorithm in ("dpo", "ipo", "kto"):
+        assert alone[algorithm] >= 0.25 and together[algorithm] >= 0.5 * alone[algorithm], (algorithm, together)
+    assert low <= -200.0 and high >= 1.2 and together["slic"] > 0.2
 
 
 # --- outputs ---------------------------------------------------------------------------------------------

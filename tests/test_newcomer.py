@@ -98,7 +98,7 @@ def test_bench_train_help_shows_benchs_options_and_writes_nothing(workdir, capsy
     for argv in (["train", "--help"], ["train", "-h"]):
         main(argv)
         out = capsys.readouterr().out
-        assert out.startswith("usage: bench train ALGO") and "dpo, ipo, kto" in out and "tiny" in out
+        assert out.startswith("usage: bench train ALGO") and "ALGO: dpo, grpo, ipo, kto" in out and "tiny" in out
         assert all(option in out for option in ("--recipe", "--eval auto|true|false", "--resume [RUN_DIR]"))
     with pytest.raises(SystemExit) as exit_info:
         main(["train", "dpo", "--recipe", "tiny", "--help"])
@@ -112,8 +112,23 @@ def test_bench_train_help_shows_benchs_options_and_writes_nothing(workdir, capsy
     assert sorted(p.name for p in workdir.iterdir()) == []  # no mlflow.db, no runs/
 
 
+@pytest.mark.parametrize("argv, not_loaded", [
+    (["train", "--help"], "torch"), (["train", "dpoo"], "torch"), (["label", "--help"], "torch"),
+    (["compare", "--help"], "torch"), (["sweep", "--help"], "torch"), (["perf", "--help"], "lightning"),
+])
+def test_help_and_argument_errors_do_not_load_the_heavy_libraries(argv, not_loaded):
+    # They took 5-8.5 s when they imported torch, Lightning and transformers for a list of names.
+    import subprocess
+    import sys
+
+    code = (f"import sys\nfrom bench.cli import main\ntry:\n    main({argv!r})\nexcept SystemExit:\n    pass\n"
+            f"print({not_loaded!r} in sys.modules, file=sys.stderr)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.stderr.splitlines()[-1] == "False", done.stderr
+
+
 @pytest.mark.parametrize("argv, needles", [
-    (["train"], ["bench train: error: no algorithm given; choose one of ", "sft, dpo, ipo", "`bench train --help`"]),
+    (["train"], ["bench train: error: no algorithm given; choose one of ", "dpo, grpo, ipo", "rm, rrhf, sft", "`bench train --help`"]),
     (["train", "dpo", "--recipe", "tiny", "--trainer.max_stepz=3"],
      ["unrecognized arguments: --trainer.max_stepz=3", "see `bench train dpo --help`"]),
     (["data", "--max-length", "many"], ["argument --max-length: invalid int value: 'many'", "`bench data --help`"]),
@@ -150,8 +165,8 @@ def test_recipes_find_their_data_from_any_folder(workdir, hh_path, monkeypatch, 
     assert printed_data_path("--recipe", "tiny", "--data.path=elsewhere") == "elsewhere"
 
 
-@pytest.mark.slow  # over 3 s: left out of `make test-fast`
-def test_ctrl_c_while_bench_ui_starts_prints_no_traceback(tmp_path):
+def ctrl_c_bench_ui(tmp_path, once_up: bool) -> tuple[str, str]:
+    """Start `bench ui` as a user would, press Ctrl-C while its server starts or once it answers; its stdout and stderr."""
     import os
     import signal
     import socket
@@ -174,11 +189,28 @@ def test_ctrl_c_while_bench_ui_starts_prints_no_traceback(tmp_path):
         while not children.read_text().strip() and time.monotonic() < deadline:
             time.sleep(0.05)
         time.sleep(0.5)
+        while once_up and "MLflow UI:" not in (tmp_path / "out").read_text() and time.monotonic() < deadline:
+            time.sleep(0.2)
         process.send_signal(signal.SIGINT)
         process.wait(timeout=60)
-    out, err = (tmp_path / "out").read_text(), (tmp_path / "err").read_text()
+    return (tmp_path / "out").read_text(), (tmp_path / "err").read_text()
+
+
+@pytest.mark.slow  # over 3 s: left out of `make test-fast`
+def test_ctrl_c_while_bench_ui_starts_prints_no_traceback(tmp_path):
+    out, err = ctrl_c_bench_ui(tmp_path, once_up=False)
     assert "MLflow UI:" not in out  # it was stopped during start-up
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+
+
+@pytest.mark.slow
+def test_bench_ui_prints_its_url_alone_on_stdout_and_stops_without_a_traceback(tmp_path):
+    out, err = ctrl_c_bench_ui(tmp_path, once_up=True)
+    assert out.splitlines() == [line for line in out.splitlines() if line.startswith("MLflow UI: http://127.0.0.1:")]
+    assert len(out.splitlines()) == 1
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    assert "--allowed-hosts" not in err and "Warning" not in err, err  # no advice to use flags bench ui does not take
+    assert "Finished server process" in err  # uvicorn shut down gracefully
 
 
 @pytest.mark.slow  # over 3 s: left out of `make test-fast`

@@ -37,6 +37,11 @@ def test_every_algorithm_states_its_facts_once_and_bench_reads_them():
     assert online == sorted(online)
 
 
+def test_the_names_read_from_source_are_the_registry_s():
+    # help and argument errors list them without importing torch
+    assert modules.declared_names() == sorted(modules.registry())
+
+
 REFERENCE_FREE_PAIRED = [name for name, cls in modules.registry().items()
                          if issubclass(cls, PairedPreferenceModule) and not cls.needs_reference]
 

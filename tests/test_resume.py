@@ -66,7 +66,8 @@ def test_killed_training_resumes_to_the_same_result(workdir, hh_path, capsys, ch
     main([*TRAIN, data, "--resume"])  # the newest unfinished dpo run of the recipe: the killed one
 
     client = mlflow.MlflowClient()
-    runs = {run.info.run_name: run for run in client.search_runs([client.get_experiment_by_name("tiny").experiment_id])}
+    runs = {Path(run.data.tags["output_path"]).parent.name: run  # by run folder
+            for run in client.search_runs([client.get_experiment_by_name("tiny").experiment_id])}
     assert set(runs) == {"dpo-whole", "dpo-killed"}  # resumed in the same MLflow run, not a new one
     whole, resumed = runs["dpo-whole"], runs["dpo-killed"]
     assert resumed.info.status == "FINISHED" and resumed.data.tags["resumed_from"].endswith("last.ckpt")
@@ -97,7 +98,11 @@ def test_resume_refuses_another_config(workdir, hh_path, capsys):
     kill_after_checkpoints(process, run_dir / "checkpoints" / "last.ckpt", count=1)
     with pytest.raises(SystemExit):
         main([*TRAIN, data, "--model.beta=0.5", f"--resume={run_dir}"])
-    assert "holds a run with another config" in capsys.readouterr().err
+    # One line: what differs, and the command that resumes it.
+    (line,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("bench train: error:")]
+    assert "holds a run with another config (model.beta 0.1 there, 0.5 now)" in line
+    assert "resume it with `bench train dpo --recipe tiny --eval false --trainer.max_steps=10 " in line
+    assert f" {data} --resume={run_dir}`, or train in a new directory" in line
     with pytest.raises(SystemExit):
         main([*TRAIN, data, "--resume=runs/tiny/nothing-here"])
     assert "runs/tiny/nothing-here/checkpoints/last.ckpt does not exist" in capsys.readouterr().err

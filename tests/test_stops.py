@@ -94,4 +94,4 @@ def test_a_stopped_study_is_killed_and_the_same_command_finishes_it(workdir, hh_
     (parent,) = [r for r in runs if r.data.tags.get("sweep_role") == "study"]
     assert parent.info.status == "FINISHED" and parent.data.tags["finished_trials"] == "1"
     trials = {r.info.run_name: r.info.status for r in runs if r.data.tags.get("sweep_role") == "trial"}
-    assert trials == {"tiny-dpo-trial-0": "KILLED", "tiny-dpo-trial-1": "FINISHED"}
+    assert trials == {"tiny-dpo trial 0 · seed 0 · 3 steps": "KILLED", "tiny-dpo trial 1 · seed 0 · 3 steps": "FINISHED"}

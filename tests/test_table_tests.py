@@ -223,3 +223,59 @@ def test_the_proxy_agreement_line_reads_each_seeds_proxy(workdir):
     line = proxy_agreement("agree")
     assert "on 289 held-out test pairs" in line
     assert "seed 0 0.700 (its pairs' labels 0.760), seed 1 0.750" in line
+
+
+# --- issue 26 item 15: a sweep row joins a comparison's table ---------------------------------------------
+SWEEP_PROMPTS = "validation split, 128 prompts, prompt seed 0"
+
+
+def comparison_and_sweep_row(rng, seeds):
+    """A comparison's rows (test prompts, `seeds` seeds) and a sweep's best trial (one seed, validation prompts),
+    as `collect_rows` builds them: the sweep row sits in a table of its own."""
+    difficulty = rng.normal(0, PROMPT_SD, (1, PROMPTS))
+
+    def outcomes(shift, seeds=seeds):
+        return {"judge_policy": judge_scores(rng, difficulty, shift, seeds=seeds),
+                "win_rate_vs_chosen": (rng.random((seeds, PROMPTS)) < 0.5 + shift / 4).astype(float),
+                "win_rate_vs_ref": (rng.random((seeds, PROMPTS)) < 0.5 + shift / 4).astype(float)}
+
+    rows = [row(name, outcomes(shift), seeds=seeds) for name, shift in ((BASELINE, 0.0), ("dpo", 1.0), ("ipo", 0.6))]
+    sweep = row("dpo", outcomes(1.2, seeds=1), seeds=1, prompts=SWEEP_PROMPTS, texts=[f"v{i}" for i in range(PROMPTS)])
+    sweep.source = "sweep s best trial 3"
+    return rows, sweep
+
+
+def table_cells(text):
+    return [[cell.strip() for cell in line.strip("|").split("|")] for line in text.splitlines()
+            if line.startswith("| ") and not line.startswith("| algorithm |")]
+
+
+def test_a_sweep_row_joining_marks_no_second_best_and_changes_no_comparison_row(quiet_markdown):
+    rows, sweep = comparison_and_sweep_row(np.random.default_rng(18), seeds=1)
+    alone = quiet_markdown(rows)
+    joined = quiet_markdown(rows + [sweep])
+    cells = table_cells(joined)
+    assert [c[0] for c in cells] == [BASELINE, "dpo", "ipo", "dpo (sweep best trial)"]
+    assert not [cell for line in cells for cell in line if cell == "best" or "**" in cell]  # no row marked best
+    assert cells[:3] == table_cells(alone)  # the comparison's rows, their Δ and p, as before the sweep joined
+    # Its CSV says which row is the comparison's best (Δ 0): one row; the sweep's, alone in its table, is best of
+    # nothing.
+    records = [csv_record(r, {}) for r in rows + [sweep]]
+    assert [r["diff_vs_best"] == 0 for r in records].count(True) == 1 and records[-1]["diff_vs_best"] is None
+    wins = [r.outcomes["win_rate_vs_chosen"].mean() for r in rows]
+    assert records[int(np.argmax(wins))]["diff_vs_best"] == 0
+
+
+def test_a_one_seed_table_says_nothing_of_several_seeds(quiet_markdown):
+    rows, sweep = comparison_and_sweep_row(np.random.default_rng(19), seeds=1)
+    text = quiet_markdown(rows + [sweep])
+    for several in ("With 3 seeds", "several seeds", "seed values", "few seeds", "with several", "Satterthwaite",
+                    "crossed random effects", "lower bounds"):
+        assert several.lower() not in text.lower(), several
+    assert "Model: the paired t-test over prompts (one seed)." in text
+    assert "With one seed the seed variance is not in the interval at all" in text
+    # Three seeds beside a one-seed sweep row: each model that ran is described, and the few-seeds caveat is given.
+    rows, sweep = comparison_and_sweep_row(np.random.default_rng(20), seeds=3)
+    text = quiet_markdown(rows + [sweep])
+    assert "Model: with one seed, the paired t-test over prompts; with several, crossed random effects" in text
+    assert "With 3 seeds the seed variance is estimated from 3 values" in text

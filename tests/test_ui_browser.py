@@ -78,7 +78,7 @@ def check_ui(workdir: Path, binaries: tuple[str, str], shots: Path) -> None:
         [r.info.run_name for r in runs]
     assert set(COLUMNS) <= set(eval_metrics)
 
-    with ui_server(workdir) as url, chrome(*binaries) as driver:
+    with ui_server(workdir) as (url, latest), chrome(*binaries) as driver:
         # The runs page: every run by name, and the eval/ columns with each run's values.
         driver.get(f"{url}/#/experiments/{experiment.experiment_id}/runs")
         parent = next(r for r in runs if r.data.tags.get("compare_role") == "parent")
@@ -117,6 +117,8 @@ def check_ui(workdir: Path, binaries: tuple[str, str], shots: Path) -> None:
             expected = run.data.metrics.get(COLUMNS[0])
             ok = shown == "NaN" if expected is None else float(shown) == pytest.approx(expected, rel=1e-2, abs=1e-3)
             assert ok, (run.info.run_name, shown, expected)
+        # The algorithms' key params sort first, so the parallel-coordinates plot picks them (issue 27).
+        wait_for(driver, lambda: shows(driver, ["algo.beta", "algo.budget", "algo.lr"]), "the key params", shots)
         collapse_sections(driver, ["Parameters", "Artifacts"])  # long, and the artifacts pane is a screen high
         save_screenshot(driver, shots, "mlflow-ui-compare.png", full_page=True)
 
@@ -130,6 +132,15 @@ def check_ui(workdir: Path, binaries: tuple[str, str], shots: Path) -> None:
         wait_for(driver, lambda: driver.execute_script(drawn, width, height) and shows(driver, ["\nwin_rates.png\n"]),
                  f"the figure {figure} ({width}x{height}), and its name in the artifact tree", shots)
         save_screenshot(driver, shots, "mlflow-ui-artifact.png")
+
+        # The latest comparison, as `bench ui` names it: its parent run, and on it the table with each row's test.
+        assert latest == f"{url}/#/experiments/{experiment.experiment_id}/runs/{parent.info.run_id}"
+        driver.get(f"{latest}/artifacts/comparison/table.json")
+        table = json.loads((Path(parent.info.artifact_uri) / "comparison" / "table.json").read_text())
+        cells = [str(value) for row in table["data"] for value in row[:2]]  # each row's algorithm and seeds
+        wait_for(driver, lambda: shows(driver, [parent.info.run_name, "table.json", "p_holm", *aligned, *cells[:4]]),
+                 "the comparison's table on its parent run", shots)
+        save_screenshot(driver, shots, "mlflow-ui-comparison.png")
 
 
 # --- the server -----------------------------------------------------------------------------------------------
@@ -153,7 +164,9 @@ def ui_server(workdir: Path):
                         if line.startswith("MLflow UI: ")), None)
             time.sleep(0.5)
         assert url == f"http://127.0.0.1:{port}", f"bench ui printed no URL; its log:\n{log_path.read_text()[-3000:]}"
-        yield url
+        latest = next((line.removeprefix("latest comparison: ").strip() for line in log_path.read_text().splitlines()
+                       if line.startswith("latest comparison: ")), None)
+        yield url, latest
     finally:
         process.send_signal(signal.SIGINT)
         code = process.wait(60)
