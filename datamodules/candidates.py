@@ -6,16 +6,16 @@ proxy's weights, the prompts and responses, and the sampling settings. Sweep tri
 """
 
 import logging
+from collections.abc import Callable
 from dataclasses import asdict
 
 import torch
 
-from bench.errors import ConfigError
-from bench.generation import JsonCache, Sampling, decode_responses, model_fingerprint, sample
-from bench.models import load_causal_lm
+from bench.core.errors import ConfigError
+from bench.core.models import load_causal_lm
+from bench.sampling.generation import JsonCache, Sampling, decode_responses, model_fingerprint, sample
 from datamodules.formatting import Formatter
 from datamodules.hh_rlhf import Pair
-from modules.reward_model import load_proxy
 
 log = logging.getLogger(__name__)
 
@@ -33,11 +33,14 @@ def ranked_rows(
     proxy: str,
     num_candidates: int,
     sampling: Sampling,
+    load_proxy: Callable[[str, bool], object],
     allow_judge_as_proxy: bool = False,
     split: str = "train",
 ) -> list[dict]:
     """Rows of prompt_ids, k candidate_ids, their proxy rewards, and which candidates are valid
-    (a sample that decodes to empty text is not a response, so it is masked out, and counted)."""
+    (a sample that decodes to empty text is not a response, so it is masked out, and counted). `load_proxy(proxy,
+    allow_judge_as_proxy)` gives the scorer (`modules.reward_model.load_proxy`): passed in, so that the data layer
+    does not import the modules above it."""
     check_num_candidates(num_candidates)
     samples_per_prompt = num_candidates - 2
     prompt_ids = [formatter.generation_prompt_ids(p.prompt) for p in pairs]
@@ -55,8 +58,8 @@ def ranked_rows(
         log.info("RRHF %s: reusing cached candidates and proxy scores %s (%d prompts, k=%d)",
                  split, cache.path(key), len(pairs), num_candidates)
     else:
-        cached = score_candidates(pairs, prompt_ids, formatter, policy, proxy, samples_per_prompt, sampling,
-                                  allow_judge_as_proxy, split)
+        cached = score_candidates(pairs, prompt_ids, formatter, policy, load_proxy(proxy, allow_judge_as_proxy),
+                                  samples_per_prompt, sampling, split)
         log.info("RRHF %s: stored candidates and proxy scores at %s", split, cache.store(key, cached))
     rows, invalid = [], 0
     eos = [formatter.tokenizer.eos_token_id]
@@ -79,14 +82,13 @@ def score_candidates(
     prompt_ids: list[list[int]],
     formatter: Formatter,
     policy: str,
-    proxy: str,
+    reward_model,
     samples_per_prompt: int,
     sampling: Sampling,
-    allow_judge_as_proxy: bool,
     split: str,
 ) -> dict:
-    """Sample from the policy and score chosen, rejected and every sample with the proxy."""
-    reward_model = load_proxy(proxy, allow_judge_as_proxy)  # fails on a bad proxy before generating
+    """Sample from the policy and score chosen, rejected and every sample with the proxy (`reward_model`, loaded
+    first: a bad proxy fails before any sampling)."""
     samples: list[list[list[int]]] = [[] for _ in pairs]
     texts: list[list[str]] = [[] for _ in pairs]
     if samples_per_prompt:

@@ -7,9 +7,9 @@ Truncation follows the DPO reference code: keep the end of the prompt, then cut 
 
 from dataclasses import dataclass
 
-from bench.errors import ConfigError
 from transformers import PreTrainedTokenizerBase
 
+from bench.core.errors import ConfigError
 from datamodules.hh_rlhf import Pair, hh_to_messages
 
 

@@ -26,14 +26,13 @@ from jsonargparse.typing import PositiveInt
 from torch.utils.data import DataLoader, DistributedSampler
 from transformers.trainer_pt_utils import get_length_grouped_indices
 
-from bench.errors import ConfigError, DataError
-from bench.models import load_tokenizer
-from bench.generation import Sampling
-from datamodules.batches import REFERENCE_COLUMNS, pad_rows, sequence_key
+from bench.core.batches import REFERENCE_COLUMNS, pad_rows, sequence_key
+from bench.core.errors import ConfigError, DataError
+from bench.core.models import load_tokenizer
+from bench.sampling.generation import Sampling
 from datamodules.candidates import check_num_candidates, ranked_rows
 from datamodules.formatting import Formatter, RewardFormatter
 from datamodules.hh_rlhf import HUB_ID, Pair, ReadReport, check_fractions, check_local_folder, is_local, load_splits
-from modules.reward_model import check_proxy
 
 log = logging.getLogger(__name__)
 
@@ -235,7 +234,6 @@ class HHRLHFDataModule(L.LightningDataModule):
             check_num_candidates(num_candidates)
             if not proxy:
                 raise ConfigError("the ranked view needs data.proxy: a proxy reward-model folder, or 'latest'")
-            check_proxy(proxy, allow_judge_as_proxy)
         for name, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size or 1)):
             if value < 1:
                 raise ConfigError(f"data.{name} must be >= 1, got {value}")
@@ -249,6 +247,9 @@ class HHRLHFDataModule(L.LightningDataModule):
         self.report: ReadReport | None = None
         self.views: dict[str, datasets.Dataset] = {}
         self.pairs: dict[str, list[Pair]] = {}  # the pairs each view was made from (logged as the run's datasets)
+        # How the ranked view loads the proxy that scores its candidates: `load_proxy(proxy, allow_judge_as_proxy)`,
+        # set by whoever builds it with a module (`bench.runs.training`), as the data layer sits below `modules`.
+        self.load_proxy = None
 
     def setup(self, stage: str | None = None) -> None:
         if self.views:
@@ -281,8 +282,11 @@ class HHRLHFDataModule(L.LightningDataModule):
             return prompt_rows(pairs, formatter)
         if self.hparams.view == "ranked":
             hp = self.hparams
+            if self.load_proxy is None:
+                raise ConfigError("the ranked view scores candidates with a proxy: set the datamodule's load_proxy "
+                                  "(modules.reward_model.load_proxy) before setup")
             return ranked_rows(pairs, formatter, hp.tokenizer, hp.proxy, hp.num_candidates, self.candidate_sampling,
-                               hp.allow_judge_as_proxy, split)
+                               self.load_proxy, hp.allow_judge_as_proxy, split)
         return unpaired_rows(pairs, formatter, self.hparams.seed)
 
     def formatting(self) -> dict:

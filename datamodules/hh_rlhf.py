@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench.errors import ConfigError, DataError
+from bench.core.errors import ConfigError, DataError
 
 ASSISTANT_TAG = "\n\nAssistant:"
 TURN_PATTERN = re.compile(r"\n\n(Human|Assistant):")

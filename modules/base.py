@@ -14,15 +14,14 @@ import lightning.pytorch as L
 import torch
 from jsonargparse.typing import NonNegativeInt, PositiveFloat, PositiveInt
 
-from bench.errors import BenchError, ConfigError
-from bench.models import load_causal_lm, load_tokenizer
-from bench.models import resolve as resolve_model
-from bench.atomic import written_whole
-from datamodules.batches import IGNORE_INDEX, REFERENCE_COLUMNS
+from bench.core.atomic import written_whole
+from bench.core.batches import IGNORE_INDEX, REFERENCE_COLUMNS
+from bench.core.errors import BenchError, ConfigError
+from bench.core.models import load_causal_lm, load_tokenizer
+from bench.core.models import resolve as resolve_model
 from modules.logps import SequenceLogps, head_computes_logits, sequence_logps_by_length
 from modules.reference_cache import ReferenceLogpCache, compute_logps
 from modules.rng import rng_states, set_rng_states
-
 
 log = logging.getLogger(__name__)
 # The policy and the reference are in eval mode on purpose (AlignmentModule.train).

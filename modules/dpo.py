@@ -2,7 +2,7 @@
 
 from jsonargparse.typing import PositiveFloat
 
-from bench.errors import ConfigError
+from bench.core.errors import ConfigError
 from modules.base import require_positive
 from modules.losses import dpo_loss
 from modules.paired import PairedPreferenceModule

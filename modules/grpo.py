@@ -5,7 +5,7 @@ from typing import Literal
 from jsonargparse.typing import NonNegativeFloat, PositiveFloat
 
 from modules.grouped import GroupedOnlineModule
-from modules.losses import grpo_loss, group_advantages, k3_kl
+from modules.losses import group_advantages, grpo_loss, k3_kl
 
 
 class GRPO(GroupedOnlineModule):

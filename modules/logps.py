@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from datamodules.batches import IGNORE_INDEX
+from bench.core.batches import IGNORE_INDEX
 
 
 @dataclass

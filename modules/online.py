@@ -18,12 +18,11 @@ import torch
 import torch.nn.functional as F
 from jsonargparse.typing import PositiveFloat, PositiveInt, restricted_number_type
 
-from bench.errors import ConfigError
-from bench.generation import Sampling, check_backend, decode_responses, sample
+from bench.core.errors import ConfigError
+from bench.sampling.generation import Sampling, check_backend, decode_responses, sample
 from modules.base import AlignmentModule, require_positive
 from modules.logps import token_kl
 from modules.reward_model import check_proxy, load_proxy
-
 
 # k, the responses sampled per prompt by the group methods (RLOO, GRPO): a baseline needs at least two.
 AtLeastTwo = restricted_number_type("AtLeastTwo", int, (">=", 2))
@@ -81,7 +80,7 @@ class OnlineModule(AlignmentModule):
         proxy: proxy reward-model folder, or ``latest``: the newest proxy of the recipe's experiment.
         allow_judge_as_proxy: let a model trained as the judge be optimised, on purpose.
         temperature, max_new_tokens: sampling of the responses.
-        sampling_backend: the sampler (`bench.generation`): harness or hf.
+        sampling_backend: the sampler (`bench.sampling.generation`): harness or hf.
         missing_eos_penalty: subtracted from the score of a response that never ended (no EOS).
         max_grad_norm: gradient clipping of each update (manual optimisation clips here, not in Trainer).
     """

@@ -11,7 +11,7 @@ import torch
 from jsonargparse.typing import NonNegativeFloat, PositiveFloat, PositiveInt
 from tqdm.auto import tqdm
 
-from bench.errors import ConfigError
+from bench.core.errors import ConfigError
 from modules.base import require_positive
 from modules.losses import gae, masked_mean, masked_whiten, ppo_policy_loss, ppo_value_loss
 from modules.online import OnlineModule, Samples, Sequences

@@ -25,9 +25,9 @@ import datasets
 import torch
 from tqdm.auto import tqdm
 
-from bench.generation import model_fingerprint
-from bench.models import cache_dir
-from datamodules.batches import pad_rows
+from bench.core.batches import pad_rows
+from bench.core.models import cache_dir
+from bench.sampling.generation import model_fingerprint
 
 log = logging.getLogger(__name__)
 

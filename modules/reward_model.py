@@ -8,13 +8,13 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from tqdm.auto import tqdm
 from jsonargparse.typing import NonNegativeFloat, NonNegativeInt, PositiveFloat
+from tqdm.auto import tqdm
 from transformers import AutoConfig
 
-from bench.errors import BenchError, ConfigError
-from bench.models import load_reward_backbone, load_tokenizer
-from bench.models import resolve as resolve_model
+from bench.core.errors import BenchError, ConfigError
+from bench.core.models import load_reward_backbone, load_tokenizer
+from bench.core.models import resolve as resolve_model
 from datamodules.formatting import RewardFormatter
 from modules.base import NonFiniteLossPolicy, TrainedHFModel, require_positive
 from modules.losses import bradley_terry_loss

@@ -16,7 +16,7 @@ def hh_path() -> str:
 
 @pytest.fixture(scope="session")
 def tokenizer():
-    from bench.models import load_tokenizer
+    from bench.core.models import load_tokenizer
 
     return load_tokenizer("tiny")
 

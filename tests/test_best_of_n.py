@@ -7,12 +7,12 @@ import mlflow
 import pytest
 import torch
 
-import bench.generation
-from bench import tracking
-from bench.best_of_n import best_of, best_of_n_kl, check_ns, evaluate_best_of_n
-from bench.errors import ConfigError
-from bench.evaluation import EvalSettings
-from bench.models import load_tokenizer
+import bench.sampling.generation
+from bench.core.errors import ConfigError
+from bench.core.models import load_tokenizer
+from bench.evaluation.best_of_n import best_of, best_of_n_kl, check_ns, evaluate_best_of_n
+from bench.evaluation.evaluate import EvalSettings
+from bench.runs import tracking
 from modules.reward_model import load_reward_model
 
 
@@ -38,7 +38,7 @@ def test_bad_n_is_refused():
 
 @pytest.mark.slow  # over 3 s: left out of `make test-fast`
 def test_each_n_is_a_judged_run_whose_samples_are_the_proxys_choice(workdir, hh_path, reward_models, monkeypatch):
-    monkeypatch.setattr(bench.generation, "cache_dir", lambda: workdir / "cache")
+    monkeypatch.setattr(bench.sampling.generation, "cache_dir", lambda: workdir / "cache")
     settings = EvalSettings.from_dict({"n_prompts": 4, "judge": reward_models["judge"], "proxy": reward_models["proxy"],
                                        "sampling": {"max_new_tokens": 6, "batch_size": 8, "temperature": 1.0}})
     data = {"path": hh_path, "max_length": 128, "max_prompt_length": 64}
@@ -55,7 +55,7 @@ def test_each_n_is_a_judged_run_whose_samples_are_the_proxys_choice(workdir, hh_
         table = json.loads(open(client.download_artifacts(run_id, "eval/samples.json")).read())
         rows = [dict(zip(table["columns"], values)) for values in table["data"]]
         for row, prompt_draws in zip(rows, draws):
-            texts = bench.generation.decode_responses(tokenizer, prompt_draws[:n])
+            texts = bench.sampling.generation.decode_responses(tokenizer, prompt_draws[:n])
             scores = proxy.score([row["prompt"]] * n, texts)
             assert row["policy"] == texts[int(scores.argmax())]
             assert row["proxy_policy"] == pytest.approx(float(scores.max()), abs=1e-5)

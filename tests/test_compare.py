@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import yaml
 
-from bench import recipes, tracking
 from bench.cli import main
-from bench.stats import paired_seed_prompt_bootstrap
-from bench.table import published_rows
+from bench.evaluation.stats import paired_seed_prompt_bootstrap
+from bench.reports.table import published_rows
+from bench.runs import recipes, tracking
 
 ALIGNED = [s for s in recipes.load("tiny")[1]["compare"]["stages"] if s != "rm"]  # every aligned algorithm
 

@@ -6,9 +6,9 @@ import json
 import pytest
 import torch
 
-from bench.errors import DataError
+from bench.core.batches import IGNORE_INDEX
+from bench.core.errors import DataError
 from datamodules.formatting import Formatter
-from datamodules.batches import IGNORE_INDEX
 from datamodules.hh_datamodule import Collator, HHRLHFDataModule, paired_rows, unpaired_rows
 from datamodules.hh_rlhf import Pair, hh_to_messages, load_splits, parse_record, read_pairs
 

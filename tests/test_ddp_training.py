@@ -52,7 +52,7 @@ from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities import rank_zero_only
 from safetensors.torch import load_file
 
-from bench.models import resolve as resolve_model
+from bench.core.models import resolve as resolve_model
 from datamodules.hh_datamodule import HHRLHFDataModule
 from modules import DPO, KTO
 

@@ -10,10 +10,10 @@ import mlflow
 import pytest
 import torch
 
-import bench.evaluation
-import bench.generation
+import bench.evaluation.evaluate
+import bench.sampling.generation
 from bench.cli import main
-from bench.judges import ChatCompletionsJudge
+from bench.evaluation.judges import ChatCompletionsJudge
 from modules.metrics import WinRate, bootstrap_ci
 
 EVAL_KEYS = ["win_rate_vs_chosen", "win_rate_vs_ref", "judge_score", "proxy_score"]
@@ -21,7 +21,7 @@ EVAL_KEYS = ["win_rate_vs_chosen", "win_rate_vs_ref", "judge_score", "proxy_scor
 
 @pytest.fixture
 def sample_cache(tmp_path, monkeypatch):
-    monkeypatch.setattr(bench.generation, "cache_dir", lambda: tmp_path / "cache")
+    monkeypatch.setattr(bench.sampling.generation, "cache_dir", lambda: tmp_path / "cache")
     return tmp_path / "cache" / "reference_samples"
 
 
@@ -64,10 +64,10 @@ def test_training_ends_with_a_full_evaluation_in_mlflow(trained, sample_cache):
 def test_a_second_evaluation_reuses_the_reference_samples(trained, sample_cache, caplog, monkeypatch):
     _, run = trained
     generated = []
-    real_sample = bench.evaluation.sample
-    monkeypatch.setattr(bench.evaluation, "sample",
+    real_sample = bench.evaluation.evaluate.sample
+    monkeypatch.setattr(bench.evaluation.evaluate, "sample",
                         lambda *a, **k: generated.append(k["desc"]) or real_sample(*a, **k))
-    with caplog.at_level(logging.INFO, logger="bench.evaluation"):
+    with caplog.at_level(logging.INFO, logger="bench.evaluation.evaluate"):
         main(["eval", run.info.run_id, "--recipe", "tiny"])
     assert generated == ["policy samples"]  # the reference was not sampled again
     assert "reusing cached reference samples" in caplog.text
@@ -142,7 +142,7 @@ def test_chat_completions_judge_randomises_order_against_a_local_server(monkeypa
 
 
 def test_unreachable_judge_fails_before_any_generation(workdir, hh_path, monkeypatch, capsys):
-    monkeypatch.setattr(bench.evaluation, "sample", lambda *a, **k: pytest.fail("generation started"))
+    monkeypatch.setattr(bench.evaluation.evaluate, "sample", lambda *a, **k: pytest.fail("generation started"))
     with pytest.raises(SystemExit):
         main(["eval", "tiny", "--recipe", "tiny", f"--data-path={hh_path}", "--judge", "http://127.0.0.1:9/v1",
               "--proxy", "none"])
@@ -177,11 +177,11 @@ def test_a_reward_model_is_not_a_policy(workdir, hh_path, capsys):
 
 
 def test_length_sorted_sampling_returns_each_prompts_own_response():
-    from bench.models import load_causal_lm, load_tokenizer
+    from bench.core.models import load_causal_lm, load_tokenizer
 
     model, tokenizer = load_causal_lm("tiny"), load_tokenizer("tiny")
     prompts = [list(range(5, 5 + n)) for n in (9, 3, 14, 6, 11)]
-    greedy = bench.generation.Sampling(temperature=0, max_new_tokens=6, batch_size=2)
-    batched = bench.generation.sample(model, tokenizer, prompts, greedy, desc="batched")
-    alone = [bench.generation.sample(model, tokenizer, [p], greedy, desc="alone")[0] for p in prompts]
+    greedy = bench.sampling.generation.Sampling(temperature=0, max_new_tokens=6, batch_size=2)
+    batched = bench.sampling.generation.sample(model, tokenizer, prompts, greedy, desc="batched")
+    alone = [bench.sampling.generation.sample(model, tokenizer, [p], greedy, desc="alone")[0] for p in prompts]
     assert batched == alone

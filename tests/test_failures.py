@@ -11,8 +11,8 @@ from safetensors.torch import load_file
 
 import modules.dpo
 from bench.cli import main
-from bench.errors import BenchError
-from bench.table import write_result
+from bench.core.errors import BenchError
+from bench.reports.table import write_result
 
 TRAIN = ["train", "dpo", "--recipe", "tiny", "--eval", "false"]
 

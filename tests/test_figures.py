@@ -1,4 +1,4 @@
-"""bench/figures.py: the Pareto frontier, the three cross-run figures on hand-made runs, and the MLflow
+"""bench/reports/figures.py: the Pareto frontier, the three cross-run figures on hand-made runs, and the MLflow
 collectors and outputs against a temporary sqlite store. No models: the whole file takes seconds."""
 
 import itertools
@@ -11,8 +11,8 @@ import pytest
 from matplotlib.colors import to_rgba
 from matplotlib.container import BarContainer
 
-from bench import figures as F
-from bench.figures import RunData
+from bench.reports import figures as F
+from bench.reports.figures import RunData
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -660,7 +660,7 @@ def store(tmp_path_factory):
     """A sqlite MLflow store holding one comparison (parent + stages, one reused) and one sweep study."""
     import mlflow
 
-    from bench import tracking
+    from bench.runs import tracking
 
     root = tmp_path_factory.mktemp("figures_store")
     with pytest.MonkeyPatch.context() as patch:

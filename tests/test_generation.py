@@ -8,18 +8,18 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import bench.decoding
-import bench.generation
+import bench.sampling.decoding
+import bench.sampling.generation
 from bench.cli import main
-from bench.errors import ConfigError
-from bench.generation import KVCacheSampler, Sampling, invert_cdf, sample
+from bench.core.errors import ConfigError
+from bench.sampling.generation import KVCacheSampler, Sampling, invert_cdf, sample
 
 PROMPTS = [list(range(5, 5 + n)) for n in (9, 3, 14, 6, 11, 20, 2)]  # mixed lengths: left padding in every batch
 
 
 @pytest.fixture(scope="module")
 def tiny():
-    from bench.models import load_causal_lm, load_tokenizer
+    from bench.core.models import load_causal_lm, load_tokenizer
 
     return load_causal_lm("tiny"), load_tokenizer("tiny")
 
@@ -86,11 +86,11 @@ def test_length_grouped_cache_changes_no_output(tiny, monkeypatch):
     stopping = tokens_as_eos(tokenizer, sample(model, tokenizer, prompts, greedy, desc="no eos")[2][1])
     settings = [greedy, Sampling(temperature=1.0, max_new_tokens=10, batch_size=6, seed=3)]
     monkeypatch.setattr(KVCacheSampler, "prefill_rows", 2)
-    monkeypatch.setattr(bench.decoding.DecodeCache, "group_rows", 2)
-    monkeypatch.setattr(bench.decoding.DecodeCache, "growth", 3)
+    monkeypatch.setattr(bench.sampling.decoding.DecodeCache, "group_rows", 2)
+    monkeypatch.setattr(bench.sampling.decoding.DecodeCache, "growth", 3)
     caches = []
-    original = bench.generation.decode_cache
-    monkeypatch.setattr(bench.generation, "decode_cache", lambda *args: caches.append(original(*args)) or caches[-1])
+    original = bench.sampling.generation.decode_cache
+    monkeypatch.setattr(bench.sampling.generation, "decode_cache", lambda *args: caches.append(original(*args)) or caches[-1])
     grouped = [sample(model, stopping, prompts, s, desc="grouped") for s in settings]
     assert all(cache.grouped and len(cache.groups) > 1 for cache in caches)
     assert max(buffer.shape[2] for cache in caches for buffer in cache.layers[0].key_buffers) > 3 + 20  # grew
@@ -111,21 +111,27 @@ def test_packed_linear_weights_change_no_output(tiny, monkeypatch):
     settings = [Sampling(temperature=0, max_new_tokens=10, batch_size=4),
                 Sampling(temperature=1.0, max_new_tokens=10, batch_size=4, seed=3)]
     calls = []
-    original = bench.decoding.packed_linear
-    monkeypatch.setattr(bench.decoding, "packed_linear", lambda *args: calls.append(1) or original(*args))
+    original = bench.sampling.decoding.packed_linear
+    monkeypatch.setattr(bench.sampling.decoding, "packed_linear", lambda *args: calls.append(1) or original(*args))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         packed = [sample(model, tokenizer, PROMPTS, s, desc="packed") for s in settings]
         assert calls
         assert not any("forward" in vars(module) for module in model.modules())
-        monkeypatch.setattr(bench.decoding, "packed_linear_dtype", lambda model: None)
+        monkeypatch.setattr(bench.sampling.decoding, "packed_linear_dtype", lambda model: None)
         assert [sample(model, tokenizer, PROMPTS, s, desc="autocast") for s in settings] == packed
 
 
 def tiny_of(architecture: str):
     """A random 2-layer model of one architecture `FusedDecodeStep` runs, with grouped query heads (Qwen2 also
     with q/k/v biases)."""
-    from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
-                              Qwen2ForCausalLM)
+    from transformers import (
+        LlamaConfig,
+        LlamaForCausalLM,
+        MistralConfig,
+        MistralForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+    )
 
     config_class, model_class = {"llama": (LlamaConfig, LlamaForCausalLM),
                                  "mistral": (MistralConfig, MistralForCausalLM),
@@ -144,17 +150,17 @@ def test_fused_decode_step_gives_the_models_logits(architecture, precision, monk
     model's own forward pass over the same cache (under bf16 autocast on CPU, on packed and fused weights)."""
     model = tiny_of(architecture)
     monkeypatch.setattr(KVCacheSampler, "prefill_rows", 2)
-    monkeypatch.setattr(bench.decoding.DecodeCache, "group_rows", 2)
+    monkeypatch.setattr(bench.sampling.decoding.DecodeCache, "group_rows", 2)
     prompts = [[(7 * n + i) % 90 + 3 for i in range(n)] for n in (3, 5, 6, 8, 11)]
     context = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16-autocast" else torch.no_grad()
     runs = []
-    with context, torch.no_grad(), bench.decoding.attention_for_decoding(model), \
-            bench.decoding.packed_linears(model):
+    with context, torch.no_grad(), bench.sampling.decoding.attention_for_decoding(model), \
+            bench.sampling.decoding.packed_linears(model):
         for fused in (False, True):
             logits, mask, cache = KVCacheSampler().prefill(model, prompts, 6, pad_id=0)
-            assert bench.decoding.FusedDecodeStep.fits(model, cache)
-            step = (bench.decoding.FusedDecodeStep(model, cache) if fused
-                    else partial(bench.decoding.hf_decode_step, model, cache))
+            assert bench.sampling.decoding.FusedDecodeStep.fits(model, cache)
+            step = (bench.sampling.decoding.FusedDecodeStep(model, cache) if fused
+                    else partial(bench.sampling.decoding.hf_decode_step, model, cache))
             tokens, positions, steps = logits.argmax(-1), mask.sum(-1), []
             for index in range(5):
                 if index == 2:  # rows 1 and 2 finish: one group keeps its first row, another moves a row up
@@ -172,20 +178,20 @@ def test_fused_decode_step_gives_the_models_logits(architecture, precision, monk
 
 def test_only_the_exact_architectures_get_the_fused_step():
     model = tiny_of("llama")
-    with bench.decoding.attention_for_decoding(model):
-        cache = bench.decoding.decode_cache(model, [3, 5], 4)
-        assert bench.decoding.FusedDecodeStep.fits(model, cache)
+    with bench.sampling.decoding.attention_for_decoding(model):
+        cache = bench.sampling.decoding.decode_cache(model, [3, 5], 4)
+        assert bench.sampling.decoding.FusedDecodeStep.fits(model, cache)
         subclass = type("WrappedLlamaForCausalLM", (type(model),), {})  # e.g. a wrapper's own forward
         model.__class__ = subclass
-        assert not bench.decoding.FusedDecodeStep.fits(model, cache)
-        assert not isinstance(bench.decoding.decode_step(model, cache), bench.decoding.FusedDecodeStep)
+        assert not bench.sampling.decoding.FusedDecodeStep.fits(model, cache)
+        assert not isinstance(bench.sampling.decoding.decode_step(model, cache), bench.sampling.decoding.FusedDecodeStep)
 
 
 def test_finished_rows_leave_their_group_in_place(monkeypatch):
     """A finished row's place in its group's buffers is taken by the group's last live row: only that row is
     copied, and the buffers are views of the same memory."""
-    monkeypatch.setattr(bench.decoding.DecodeCache, "group_rows", 3)
-    cache = bench.decoding.DecodeCache(1, [2, 3, 3, 4, 5, 6], 4, None, "cpu", grouped=True)
+    monkeypatch.setattr(bench.sampling.decoding.DecodeCache, "group_rows", 3)
+    cache = bench.sampling.decoding.DecodeCache(1, [2, 3, 3, 4, 5, 6], 4, None, "cpu", grouped=True)
     layer = cache.layers[0]
     keys, values = torch.randn(6, 2, 6, 4), torch.randn(6, 2, 6, 4)
     for begin, width in ((0, 3), (3, 6)):  # each group as wide as its longest prompt
@@ -285,7 +291,7 @@ def test_greedy_equals_model_generate_on_smollm2(hh_path):
     autocast they round differently (the harness stores keys and values in bf16, as autocast's attention
     reads them, and accumulates attention scores in fp32), and a near-tie between two tokens can then go
     either way after a few dozen tokens: the tiny-model test covers that path."""
-    from bench.models import load_causal_lm, load_tokenizer
+    from bench.core.models import load_causal_lm, load_tokenizer
     from datamodules.formatting import Formatter
     from datamodules.hh_rlhf import load_splits
 
@@ -296,4 +302,4 @@ def test_greedy_equals_model_generate_on_smollm2(hh_path):
     hf, harness = both_backends(model, tokenizer, prompts, temperature=0, max_new_tokens=40, batch_size=3)
     assert hf == harness
     assert any(ids[-1] == tokenizer.eos_token_id for ids in harness)  # some answers end before the cap
-    assert bench.generation.SAMPLING_STATS.tokens > 0
+    assert bench.sampling.generation.SAMPLING_STATS.tokens > 0

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from bench.errors import ConfigError
-from bench.gold import GoldSettings, check_manifest, label_pairs, relabelled_source
+from bench.core.errors import ConfigError
+from bench.experiments.gold import GoldSettings, check_manifest, label_pairs, relabelled_source
 from datamodules.hh_rlhf import load_splits
 from modules.reward_model import load_reward_model
 

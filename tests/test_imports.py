@@ -1,5 +1,5 @@
 """The project's imports form layers without loops. `bench` (the commands) sits on top of `modules` and
-`datamodules`, which build on `datamodules.batches` and on the few `bench` modules that import nothing of
+`datamodules`, which build on `bench.core.batches` and on the few `bench` modules that import nothing of
 theirs (errors, model specs, sampling). Imports inside functions count: one that only keeps two modules
 from importing each other at load time still ties them into one knot."""
 
@@ -12,7 +12,6 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("bench", "datamodules", "modules", "sweeps")
-LOWER = ("modules", "datamodules")
 
 
 def module_name(path: Path) -> str:
@@ -24,7 +23,7 @@ FILES = {module_name(path): path for package in PACKAGES for path in sorted((REP
 
 
 def imports_of(path: Path, module_level_only: bool = False) -> set[str]:
-    """The project modules `path` imports. `from bench import figures` imports the module bench.figures."""
+    """The project modules `path` imports. `from bench.reports import figures` imports the module bench.reports.figures."""
     tree = ast.parse(path.read_text())
     nodes = tree.body if module_level_only else ast.walk(tree)
     found = set()
@@ -74,28 +73,39 @@ def reachable(graph: dict[str, set[str]], start: str) -> set[str]:
 
 def test_the_graph_sees_the_imports():
     graph = import_graph()
-    assert {"bench.errors", "datamodules.batches", "modules.logps"} <= graph["modules.base"]
-    assert "bench.figures" in graph["bench.table"]  # `from bench import figures`
-    assert "bench.figures" in graph["bench.sweep"]
+    assert {"bench.core.errors", "bench.core.batches", "modules.logps"} <= graph["modules.base"]
+    assert "bench.reports.figures" in graph["bench.reports.table"]  # `from bench import figures`
+    assert "bench.reports.figures" in graph["bench.experiments.sweep"]
 
 
 def test_imports_form_no_loop():
     assert not loops(import_graph()), "import loops:\n" + "\n".join(loops(import_graph()))
 
 
-def test_modules_and_datamodules_use_only_the_bench_modules_below_them():
-    """A `bench` module that `modules` or `datamodules` import must not lead back to either of them, in any
-    import: what both layers need lives below them (`datamodules.batches`, `modules.reward_model`)."""
+LAYERS = ["bench.core", "bench.sampling", "datamodules", "modules", "bench.runs", "bench.evaluation", "bench.reports",
+          "bench.experiments", "bench.cli"]  # bottom to top
+
+
+def layer_of(module: str) -> int:
+    """The index of the module's folder in LAYERS; `bench` itself (an empty package) is the foundation."""
+    found = [i for i, folder in enumerate(LAYERS) if module == folder or module.startswith(folder + ".")]
+    assert module == "bench" or found, f"{module} is in no layer: put it in one of {LAYERS}"
+    return found[0] if found else 0
+
+
+def test_every_module_sits_in_a_layer_folder_and_imports_none_above_it():
     graph = import_graph()
-    crossings = []
-    for name in sorted(graph):
-        if not name.startswith(tuple(f"{package}." for package in LOWER)):
-            continue
-        for target in sorted(t for t in graph[name] if t.startswith("bench.")):
-            back = sorted(m for m in reachable(graph, target) if m.split(".")[0] in LOWER)
-            if back:
-                crossings.append(f"{name} imports {target}, which imports {', '.join(back)}")
-    assert not crossings, "\n".join(crossings)
+    upward = [f"{name} ({LAYERS[layer_of(name)]}) imports {target} ({LAYERS[layer_of(target)]})"
+              for name in sorted(graph) if not name.startswith("sweeps")
+              for target in sorted(graph[name]) if layer_of(target) > layer_of(name)]
+    assert not upward, "imports of a layer above:\n" + "\n".join(upward)
+    assert not [p for p in (REPO / "bench").glob("*.py") if p.name != "__init__.py"], "bench/ holds only its layers"
+
+
+def test_the_layer_rule_can_fail():
+    # the rule, on a graph with one upward import
+    graph = {"bench.core.errors": {"bench.runs.training"}}
+    assert [t for n in graph for t in graph[n] if layer_of(t) > layer_of(n)] == ["bench.runs.training"]
 
 
 @pytest.mark.parametrize("package", PACKAGES)

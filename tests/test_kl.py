@@ -14,13 +14,20 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from bench import tracking
-import bench.evaluation
-import bench.generation
-from bench.evaluation import EvalSettings, Target, eval_formatter, eval_pairs, responses_at_max, truncated_prompts
-from bench.generation import Sampling
-from bench.models import load_causal_lm, load_tokenizer
-from datamodules.batches import IGNORE_INDEX
+import bench.evaluation.evaluate
+import bench.sampling.generation
+from bench.core.batches import IGNORE_INDEX
+from bench.core.models import load_causal_lm, load_tokenizer
+from bench.evaluation.evaluate import (
+    EvalSettings,
+    Target,
+    eval_formatter,
+    eval_pairs,
+    responses_at_max,
+    truncated_prompts,
+)
+from bench.runs import tracking
+from bench.sampling.generation import Sampling
 from datamodules.formatting import Formatter
 from datamodules.hh_datamodule import Collator, HHRLHFDataModule
 from modules import logps
@@ -150,7 +157,7 @@ def perturbed_tiny(tmp_path):
 @pytest.mark.slow  # over 3 s: left out of `make test-fast`
 def test_eval_kl_is_the_exact_kl_of_the_policys_samples(workdir, hh_path, reward_models, perturbed_tiny,
                                                          monkeypatch):
-    monkeypatch.setattr(bench.generation, "cache_dir", lambda: workdir / "cache")
+    monkeypatch.setattr(bench.sampling.generation, "cache_dir", lambda: workdir / "cache")
     settings = EvalSettings(n_prompts=6, sampling=Sampling(temperature=0.7, max_new_tokens=5, batch_size=4),
                             judge=reward_models["judge"], proxy=None, pref_accuracy=False)
     # A prompt limit between the eval prompts' lengths: some are cut, some are not.
@@ -160,15 +167,15 @@ def test_eval_kl_is_the_exact_kl_of_the_policys_samples(workdir, hh_path, reward
     assert lengths[0] < lengths[-1]
     data = {"path": hh_path, "max_prompt_length": lengths[2], "max_length": lengths[2] + 64}
     drawn = {}  # by desc: the prompt ids and what was sampled
-    real_sample = bench.evaluation.sample
+    real_sample = bench.evaluation.evaluate.sample
 
     def recorded_sample(model, tok, prompt_ids, sampling, desc, **kwargs):
         drawn[desc] = (prompt_ids, real_sample(model, tok, prompt_ids, sampling, desc, **kwargs))
         return drawn[desc][1]
 
-    monkeypatch.setattr(bench.evaluation, "sample", recorded_sample)
+    monkeypatch.setattr(bench.evaluation.evaluate, "sample", recorded_sample)
 
-    metrics = bench.evaluation.evaluate(Target(perturbed_tiny, "tiny", "kl-test", data), settings)
+    metrics = bench.evaluation.evaluate.evaluate(Target(perturbed_tiny, "tiny", "kl-test", data), settings)
 
     prompt_ids, generated = drawn["policy samples"]
     rows = [{"prompt_ids": p, "completion_ids": g} for p, g in zip(prompt_ids, generated)]
@@ -199,10 +206,10 @@ def test_eval_kl_is_the_exact_kl_of_the_policys_samples(workdir, hh_path, reward
 
 def test_greedy_evaluation_has_no_kl(caplog):
     rows = [{"prompt_ids": [1, 2], "completion_ids": [3]}]
-    with caplog.at_level(logging.WARNING, logger="bench.evaluation"):
-        kl = bench.evaluation.samples_kl(None, None, rows, None, 4, temperature=0)
+    with caplog.at_level(logging.WARNING, logger="bench.evaluation.evaluate"):
+        kl = bench.evaluation.evaluate.samples_kl(None, None, rows, None, 4, temperature=0)
     assert torch.isnan(kl).all() and "undefined for greedy sampling" in caplog.text
-    assert bench.evaluation.kl_tags(Sampling(temperature=0))["eval.kl_kind"].startswith("undefined")
+    assert bench.evaluation.evaluate.kl_tags(Sampling(temperature=0))["eval.kl_kind"].startswith("undefined")
 
 
 # --- the online modules' objective/kl ------------------------------------------------------------------------
@@ -276,9 +283,9 @@ def test_scores_along_training_log_the_exact_kl_and_take_a_computable_gold(hh_pa
     computable reward (`reward:vader`) can be the gold."""
     from contextlib import nullcontext
 
-    import bench.overoptimisation
-    from bench.overoptimisation import ScoresAlongTraining
-    from bench.rewards import make_reward
+    import bench.evaluation.overoptimisation
+    from bench.evaluation.overoptimisation import ScoresAlongTraining
+    from bench.evaluation.rewards import make_reward
 
     tokenizer = load_tokenizer("tiny")
     module = SimpleNamespace(policy=load_causal_lm(perturbed_tiny), reference=load_causal_lm("tiny"),
@@ -290,8 +297,8 @@ def test_scores_along_training_log_the_exact_kl_and_take_a_computable_gold(hh_pa
                               precision_plugin=SimpleNamespace(forward_context=nullcontext),
                               loggers=[SimpleNamespace(log_metrics=lambda metrics, step: logged.update(metrics))])
     drawn = []
-    real_sample = bench.overoptimisation.sample
-    monkeypatch.setattr(bench.overoptimisation, "sample",
+    real_sample = bench.evaluation.overoptimisation.sample
+    monkeypatch.setattr(bench.evaluation.overoptimisation, "sample",
                         lambda *args, **kwargs: drawn.append(real_sample(*args, **kwargs)) or drawn[-1])
     callback = ScoresAlongTraining("reward:vader", reward_models["proxy"], n_prompts=3,
                                    sampling={"temperature": 0.8, "max_new_tokens": 5, "batch_size": 2})
@@ -302,6 +309,6 @@ def test_scores_along_training_log_the_exact_kl_and_take_a_computable_gold(hh_pa
         expected = sequence_kl(module.policy, module.reference, Collator("sft", tokenizer.pad_token_id)(rows), 0.8)
     assert (expected > 0).all()
     assert logged["val/overopt/kl"] == pytest.approx(expected.mean().item(), rel=1e-4)
-    texts = bench.generation.decode_responses(tokenizer, drawn[0])
+    texts = bench.sampling.generation.decode_responses(tokenizer, drawn[0])
     gold = make_reward("reward:vader").score(callback.prompts, texts).mean().item()
     assert logged["val/overopt/gold_score"] == pytest.approx(gold)

@@ -4,8 +4,8 @@ float64, where summation order cannot hide a difference; in float32 they agree t
 import pytest
 import torch
 
-from bench.models import load_causal_lm
-from datamodules.batches import pad_rows
+from bench.core.batches import pad_rows
+from bench.core.models import load_causal_lm
 from modules.logps import sequence_logps, sequence_logps_by_length
 
 

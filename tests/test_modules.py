@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from bench.errors import ConfigError
+from bench.core.errors import ConfigError
 from datamodules.hh_datamodule import HHRLHFDataModule
 from modules import DPO, IPO, KTO, SFT
 from modules.logps import sequence_logps

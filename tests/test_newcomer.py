@@ -78,8 +78,8 @@ def test_a_surplus_sweep_trial_is_one_line_not_a_traceback(caplog):
 
     import optuna
 
-    from bench.quiet import quiet_libraries
-    from bench.sweep import SurplusTrial
+    from bench.core.quiet import quiet_libraries
+    from bench.experiments.sweep import SurplusTrial
 
     quiet_libraries()
     optuna.logging.enable_propagation()  # to caplog, through the root logger
@@ -145,7 +145,7 @@ def test_a_bad_argument_is_one_line_not_the_usage(workdir, capsys, argv, needles
 
 
 def test_recipes_find_their_data_from_any_folder(workdir, hh_path, monkeypatch, capsys):
-    from bench.recipes import PROJECT_ROOT
+    from bench.runs.recipes import PROJECT_ROOT
 
     def printed_data_path(*argv):
         with pytest.raises(SystemExit):
@@ -216,7 +216,7 @@ def test_bench_ui_prints_its_url_alone_on_stdout_and_stops_without_a_traceback(t
 @pytest.mark.slow  # over 3 s: left out of `make test-fast`
 def test_ctrl_c_then_resume_anywhere_and_dead_runs_are_closed(workdir, hh_path, capsys, monkeypatch,
                                                                ctrl_c_at_third_batch):
-    from bench.workers import WORKER_TAG, this_worker
+    from bench.core.workers import WORKER_TAG, this_worker
 
     train = ["train", "dpo", "--recipe", "tiny", f"--data.path={hh_path}", "--eval", "false",
              "--checkpoint.every_n_train_steps=1"]
@@ -259,7 +259,7 @@ def test_values_that_cannot_train_fail_before_any_run(workdir, hh_path, capsys, 
 def test_a_reward_backbones_new_head_is_not_reported_but_other_load_news_is(capfd):
     import logging
 
-    from bench.models import _FreshHeadReport, load_reward_backbone
+    from bench.core.models import _FreshHeadReport, load_reward_backbone
 
     load_reward_backbone("all-minilm-l6-v2")  # MiniLM has no classifier: the head is new, as meant
     assert "LOAD REPORT" not in capfd.readouterr().err

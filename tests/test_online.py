@@ -7,15 +7,15 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-
 import trl.trainer.rloo_trainer as trl_rloo
-from bench.errors import ConfigError
+from trl import GRPOTrainer, RLOOTrainer
+
+from bench.core.errors import ConfigError
 from datamodules.hh_datamodule import HHRLHFDataModule
 from modules.grpo import GRPO
 from modules.losses import dpo_loss, group_advantages, grpo_loss, rloo_advantages, rloo_loss
 from modules.online_dpo import OnlineDPO
 from modules.rloo import RLOO
-from trl import GRPOTrainer, RLOOTrainer
 
 
 def t(*values):

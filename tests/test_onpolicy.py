@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from bench.errors import ConfigError
-from bench.judges import RewardJudge, load_scorer
-from bench.rewards import REWARDS, Reward, make_reward
+from bench.core.errors import ConfigError
+from bench.evaluation.judges import RewardJudge, load_scorer
+from bench.evaluation.rewards import REWARDS, Reward, make_reward
 
 SENTENCES = ["I love this, it is wonderful!", "This is terrible and I hate it.", "The box is on the table.",
              "Not bad at all :)", "", "WORST. DAY. EVER!!!"]
@@ -71,7 +71,7 @@ def source(tmp_path):
 
 
 def make_on_policy(source, monkeypatch, tmp_path, seed=0, create=True):
-    from bench import onpolicy
+    from bench.evaluation import onpolicy
 
     monkeypatch.setenv("BENCH_CACHE", str(tmp_path / "cache"))
     settings = onpolicy.OnPolicySettings.from_dict({"responses_per_prompt": 4, "max_prompt_tokens": 64,
@@ -121,7 +121,7 @@ def test_on_policy_data_is_cached_and_refused_when_its_manifest_does_not_match(s
 
 @pytest.mark.slow  # over 3 s: left out of `make test-fast`
 def test_proxy_gold_agreement_counts_the_pairs_the_gold_decides(source, monkeypatch, tmp_path):
-    from bench import onpolicy
+    from bench.evaluation import onpolicy
 
     folder, _ = make_on_policy(source, monkeypatch, tmp_path)
     data = {"path": str(folder), "val_fraction": 0.2, "test_fraction": 0.2}
@@ -139,7 +139,7 @@ def test_proxy_gold_agreement_counts_the_pairs_the_gold_decides(source, monkeypa
 
 
 def test_best_of_n_by_the_gold_picks_the_golds_favourite():
-    from bench.best_of_n import best_of
+    from bench.evaluation.best_of_n import best_of
 
     gold = torch.tensor([[0.1, 0.9, -0.5, 0.3], [0.0, -0.2, 0.4, 0.8]])
     assert best_of(gold, 1).tolist() == [0, 0]
@@ -148,8 +148,8 @@ def test_best_of_n_by_the_gold_picks_the_golds_favourite():
 
 
 def test_compare_arms_are_stages_of_their_algorithm():
-    from bench import recipes
-    from bench.compare import arms_of, stages_of
+    from bench.experiments.compare import arms_of, stages_of
+    from bench.runs import recipes
 
     name, recipe = recipes.load("smol-sentiment")
     arms = arms_of(name, recipe)

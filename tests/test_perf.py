@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from bench import perf
 from bench.cli import main
+from bench.experiments import perf
 
 
 @pytest.fixture(scope="module")

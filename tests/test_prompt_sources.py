@@ -1,5 +1,5 @@
-"""Prompt sources of the on-policy world (bench/prompt_sources.py) and the hub sentiment classifier as a reward
-(bench/rewards.py), without the hub: `hh-first-turn` on a small HH folder, `imdb-prefix` on small local IMDb-like
+"""Prompt sources of the on-policy world (bench/evaluation/prompt_sources.py) and the hub sentiment classifier as a reward
+(bench/evaluation/rewards.py), without the hub: `hh-first-turn` on a small HH folder, `imdb-prefix` on small local IMDb-like
 files, one line for an unknown source or an unreachable hub, and the classifier's log-odds on a tiny
 random-init classifier saved to a folder."""
 
@@ -9,9 +9,9 @@ import json
 import pytest
 import torch
 
-from bench.errors import ConfigError, DataError
-from bench.prompt_sources import PROMPT_SOURCES, make_prompt_source, source_prompts
-from bench.rewards import REWARDS, HubSentimentClassifier, make_reward
+from bench.core.errors import ConfigError, DataError
+from bench.evaluation.prompt_sources import PROMPT_SOURCES, make_prompt_source, source_prompts
+from bench.evaluation.rewards import REWARDS, HubSentimentClassifier, make_reward
 
 HUMAN, ASSISTANT = "\n\nHuman: ", "\n\nAssistant:"
 
@@ -172,7 +172,7 @@ def classifier_dir(tmp_path_factory):
     """A tiny random-init BERT sentiment classifier (MiniLM's tokenizer), POSITIVE at index 0, saved to a folder."""
     from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
-    from bench.models import MINILM_SPEC, resolve
+    from bench.core.models import MINILM_SPEC, resolve
 
     tokenizer = AutoTokenizer.from_pretrained(resolve(MINILM_SPEC))
     config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
@@ -217,7 +217,7 @@ def test_hub_classifier_scores_the_log_odds_of_the_positive_label(classifier_dir
 
 
 def test_the_siebert_reward_is_registered_with_its_model_id_and_needs_the_hub():
-    from bench.rewards import reward_needs_hub
+    from bench.evaluation.rewards import reward_needs_hub
 
     assert REWARDS["siebert-sentiment"].model_id == "siebert/sentiment-roberta-large-english"
     assert issubclass(REWARDS["siebert-sentiment"], HubSentimentClassifier)

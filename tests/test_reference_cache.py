@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import modules.base
-from bench.models import load_causal_lm
+from bench.core.models import load_causal_lm
 from datamodules.hh_datamodule import HHRLHFDataModule
 from modules import DPO, KTO
 from modules.logps import sequence_logps

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bench.errors import ConfigError
+from bench.core.errors import ConfigError
 from datamodules.hh_datamodule import HHRLHFDataModule
 from modules.losses import log1mexp, orpo_loss, simpo_loss, slic_loss
 from modules.orpo import ORPO

@@ -9,7 +9,8 @@ import torch
 
 import modules
 import modules.base
-from bench import compare, figures
+from bench.experiments import compare
+from bench.reports import figures
 from datamodules.hh_datamodule import HHRLHFDataModule
 from modules.base import AlignmentModule
 from modules.paired import PairedPreferenceModule

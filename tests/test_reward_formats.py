@@ -3,11 +3,17 @@ authors show; a spec that is not a one-output classifier is refused by name."""
 
 import pytest
 import torch
-from transformers import (AutoModelForSequenceClassification, AutoTokenizer, BertConfig, BertForSequenceClassification, LlamaConfig,
-                          LlamaForSequenceClassification)
+from transformers import (
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    BertConfig,
+    BertForSequenceClassification,
+    LlamaConfig,
+    LlamaForSequenceClassification,
+)
 
-from bench.errors import ConfigError
-from bench.models import load_tokenizer, resolve
+from bench.core.errors import ConfigError
+from bench.core.models import load_tokenizer, resolve
 from datamodules.formatting import pair_question, reward_text
 from datamodules.hh_rlhf import hh_to_messages
 from modules.reward_model import check_proxy, load_reward_model

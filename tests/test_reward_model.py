@@ -1,8 +1,8 @@
 """The reward model: its data view, halves of the train split, learning, and scoring text."""
 
+import lightning.pytorch as L
 import pytest
 import torch
-import lightning.pytorch as L
 from transformers import AutoConfig
 
 from datamodules.formatting import RewardFormatter, reward_text

@@ -8,18 +8,18 @@ import mlflow
 import pytest
 import torch
 
-import bench.generation
+import bench.sampling.generation
 import datamodules.candidates
 from bench.cli import main
-from bench.generation import Sampling
-from bench.models import resolve
+from bench.core.models import resolve
+from bench.sampling.generation import Sampling
 from datamodules.formatting import Formatter
 from datamodules.hh_datamodule import HHRLHFDataModule
 from datamodules.hh_rlhf import load_splits
 from modules.logps import sequence_logps
 from modules.online import Samples, Sequences
 from modules.ppo import PPO, Rollout
-from modules.reward_model import load_reward_model
+from modules.reward_model import load_proxy, load_reward_model
 from modules.rrhf import RRHF
 
 PPO_METRICS = ["objective/kl", "objective/scores", "objective/rlhf_reward", "objective/entropy", "policy/approxkl",
@@ -28,7 +28,7 @@ PPO_METRICS = ["objective/kl", "objective/scores", "objective/rlhf_reward", "obj
 
 @pytest.fixture
 def candidate_cache(tmp_path, monkeypatch):
-    monkeypatch.setattr(bench.generation, "cache_dir", lambda: tmp_path / "cache")
+    monkeypatch.setattr(bench.sampling.generation, "cache_dir", lambda: tmp_path / "cache")
     return tmp_path / "cache" / "rrhf_candidates"
 
 
@@ -37,6 +37,7 @@ def ranked_datamodule(hh_path, proxy, **kwargs):
                     max_prompt_length=48, batch_size=3, max_train_pairs=6, max_val_pairs=2,
                     candidate_sampling=Sampling(max_new_tokens=8))
     dm = HHRLHFDataModule(**{**settings, **kwargs})
+    dm.load_proxy = load_proxy  # as bench.runs.training gives it: the data layer does not import the reward model
     dm.setup("fit")
     return dm
 

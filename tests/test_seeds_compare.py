@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import yaml
 
-from bench import recipes
-from bench.best_of_n import best_of_n_kl
 from bench.cli import main
-from bench.table import markdown
+from bench.evaluation.best_of_n import best_of_n_kl
+from bench.reports.table import markdown
+from bench.runs import recipes
 
 
 @pytest.fixture(scope="module")

@@ -7,8 +7,14 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from bench.stats import (holm, minimum_detectable_difference, paired_difference, paired_seed_prompt_bootstrap,
-                         satterthwaite_df, seed_prompt_bootstrap)
+from bench.evaluation.stats import (
+    holm,
+    minimum_detectable_difference,
+    paired_difference,
+    paired_seed_prompt_bootstrap,
+    satterthwaite_df,
+    seed_prompt_bootstrap,
+)
 
 
 def synthetic(rng, seeds: int, prompts: int, sigma_seed: float, sigma_prompt: float, mean: float = 0.5):

@@ -6,9 +6,9 @@ import mlflow
 import pytest
 import yaml
 
-from bench import recipes, tracking
 from bench.cli import main
-from bench.workers import WORKER_TAG, this_worker
+from bench.core.workers import WORKER_TAG, this_worker
+from bench.runs import recipes, tracking
 
 
 def all_runs(experiment: str) -> list:

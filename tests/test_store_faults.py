@@ -14,10 +14,10 @@ import lightning.pytorch  # noqa: F401 - its log handler binds sys.stderr at imp
 import mlflow
 import pytest
 import yaml
-
-from bench import recipes, tracking
-from bench.cli import main
 from test_user_faults import fails_in_one_line
+
+from bench.cli import main
+from bench.runs import recipes, tracking
 
 TINY = ["--recipe", "tiny", "--trainer.max_steps=2", "--trainer.limit_val_batches=1", "--trainer.val_check_interval=2",
         "--eval", "false"]
@@ -120,7 +120,7 @@ def test_two_bench_trains_in_a_new_folder_both_finish(workdir, hh_path):
 @pytest.mark.slow  # over 3 s: left out of `make test-fast`
 def test_a_second_bench_train_into_the_same_folder_is_refused_while_the_first_trains(workdir, hh_path, capsys,
                                                                                       monkeypatch):
-    from bench.workers import lock_run_dir
+    from bench.core.workers import lock_run_dir
 
     (workdir / "run").mkdir()
     held = lock_run_dir(workdir / "run")  # the first `bench train`, still training
@@ -169,8 +169,8 @@ def test_bench_table_does_not_overwrite_a_users_csv_or_figure(workdir, capsys):
 
 def test_a_run_folder_lock_is_exclusive_until_closed(tmp_path):
     """flock is per open file: a second holder is refused even in the same process (sweep workers in threads)."""
-    from bench.errors import BenchError
-    from bench.workers import lock_run_dir, this_worker
+    from bench.core.errors import BenchError
+    from bench.core.workers import lock_run_dir, this_worker
 
     first = lock_run_dir(tmp_path)
     with pytest.raises(BenchError, match=re.escape(f"another bench ({this_worker()}) is training in")):
@@ -208,7 +208,7 @@ def test_a_trainer_setting_lightning_refuses_is_one_line(workdir, hh_path, capsy
 def test_a_damaged_cached_model_is_named_with_how_to_rebuild_it(workdir, hh_path, capsys, monkeypatch):
     import shutil
 
-    from bench.models import resolve
+    from bench.core.models import resolve
 
     cache = workdir / "cache"
     shutil.copytree(resolve("tiny"), cache / "models" / "tiny")

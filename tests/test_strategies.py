@@ -5,10 +5,10 @@ import copy
 import pytest
 from lightning.pytorch.strategies import FSDPStrategy
 
-from bench import recipes
-from bench.errors import ConfigError
-from bench.models import resolve
-from bench.strategies import build_strategy, check_strategies
+from bench.core.errors import ConfigError
+from bench.core.models import resolve
+from bench.runs import recipes
+from bench.runs.strategies import build_strategy, check_strategies
 
 GPT_NEOX_LAYER = "transformers.models.gpt_neox.modeling_gpt_neox.GPTNeoXLayer"
 

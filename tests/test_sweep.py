@@ -12,11 +12,11 @@ import mlflow
 import optuna
 import pytest
 from optuna.trial import TrialState
+from postgres_server import running_postgres
 
 from bench.cli import main
-from bench.errors import ConfigError
-from bench.sweep import load_space, make_sampler, parse_objectives
-from postgres_server import running_postgres
+from bench.core.errors import ConfigError
+from bench.experiments.sweep import load_space, make_sampler, parse_objectives
 
 
 def sweep_args(hh_path, reward_models, *extra):
@@ -157,7 +157,7 @@ def test_workers_racing_to_create_a_new_optuna_database_both_connect():
 
     import sqlalchemy
 
-    from bench.sweep import open_storage
+    from bench.experiments.sweep import open_storage
 
     with running_postgres() as url:
         admin = sqlalchemy.create_engine(url, isolation_level="AUTOCOMMIT")

@@ -8,10 +8,19 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from bench import table, tracking
-from bench.errors import BenchError
-from bench.table import (BASELINE, ONE_ROW, SEEDS_DIFFER, WIN_VS_REF_TEST, Row, baseline_tests, comparison_stage_runs,
-                         csv_record)
+from bench.core.errors import BenchError
+from bench.reports import table
+from bench.reports.table import (
+    BASELINE,
+    ONE_ROW,
+    SEEDS_DIFFER,
+    WIN_VS_REF_TEST,
+    Row,
+    baseline_tests,
+    comparison_stage_runs,
+    csv_record,
+)
+from bench.runs import tracking
 
 SEEDS, PROMPTS = 3, 128
 TEXTS = [f"prompt {i}" for i in range(PROMPTS)]
@@ -205,8 +214,8 @@ def test_what_a_rows_kl_is():
 def test_the_proxy_agreement_line_reads_each_seeds_proxy(workdir):
     import mlflow
 
-    from bench import tracking
-    from bench.table import proxy_agreement
+    from bench.reports.table import proxy_agreement
+    from bench.runs import tracking
 
     client = mlflow.MlflowClient(tracking.tracking_uri())
     experiment = client.create_experiment("agree")

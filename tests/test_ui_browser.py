@@ -34,9 +34,9 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support.ui import WebDriverWait
 
-from bench import recipes
 from bench.cli import main
-from bench.tracking import tracking_uri
+from bench.runs import recipes
+from bench.runs.tracking import tracking_uri
 
 REPO = Path(__file__).resolve().parents[1]
 SCREENSHOTS = REPO / ".cache" / "ui-screenshots"

@@ -8,8 +8,8 @@ import lightning.pytorch  # noqa: F401 - its log handler binds sys.stderr at imp
 import mlflow
 import pytest
 
-from bench import tracking
 from bench.cli import main
+from bench.runs import tracking
 
 
 def fails_in_one_line(capsys, argv: list[str], *needles: str) -> str:
@@ -116,7 +116,7 @@ def test_values_that_pass_the_parser_but_mean_nothing_are_named(workdir, hh_path
 def test_hh_rlhf_path_is_the_source_of_a_recipe_without_data_path(workdir, hh_path, capsys, monkeypatch):
     import yaml
 
-    from bench import recipes
+    from bench.runs import recipes
 
     _, recipe = recipes.load("tiny")
     del recipe["data"]["path"]  # the user's own recipe: it would read the hub
@@ -136,10 +136,10 @@ def test_hh_rlhf_path_is_the_source_of_a_recipe_without_data_path(workdir, hh_pa
 @pytest.mark.slow  # over 3 s: left out of `make test-fast`
 def test_the_command_lines_eval_settings_win_in_train_and_compare(workdir, hh_path, reward_models, monkeypatch):
     """Issue 25's defect: compare merged the recipe's compare.eval over --eval.n_prompts; train refused it."""
-    import bench.compare
+    import bench.experiments.compare
 
     seen = {}
-    monkeypatch.setattr(bench.compare, "compare", lambda name, recipe, *args, **kwargs: seen.update(recipe) or {})
+    monkeypatch.setattr(bench.experiments.compare, "compare", lambda name, recipe, *args, **kwargs: seen.update(recipe) or {})
     main(["compare", "--recipe", "smol-hh", "--eval.n_prompts=8"])  # smol-hh's compare.eval says 48
     assert seen["eval"]["n_prompts"] == 8
     main(["train", "dpo", "--recipe", "tiny", f"--data.path={hh_path}", "--trainer.max_steps=1",
@@ -151,9 +151,9 @@ def test_the_command_lines_eval_settings_win_in_train_and_compare(workdir, hh_pa
 
 
 def test_max_new_tokens_past_the_models_positions_is_refused_before_sampling(tokenizer):
-    from bench.errors import ConfigError
-    from bench.generation import Sampling, sample
-    from bench.models import load_causal_lm
+    from bench.core.errors import ConfigError
+    from bench.core.models import load_causal_lm
+    from bench.sampling.generation import Sampling, sample
 
     model = load_causal_lm("tiny")  # 1,024 positions
     for max_new_tokens in (2000, 1_000_000_000):

@@ -1,0 +1,171 @@
+"""`bench ui`: the MLflow UI over the store that `bench` runs log to.
+
+Why not plain `mlflow ui`? It serves `./mlflow.db` of wherever it starts, not `$MLFLOW_TRACKING_URI`, and MLflow's
+security middleware refuses a browser that reaches the server under any name but localhost (the Host check lets
+private addresses through, but the Origin check then blocks the UI's POST requests, so its pages stay empty).
+This starts `mlflow server` over `bench.runs.tracking`'s store (`$MLFLOW_TRACKING_URI`, else `./mlflow.db`), with new
+experiments' artifacts beside it as `bench` puts them, and lets each address it prints through both checks.
+
+Artifacts: `bench` creates each experiment with a plain local artifact location (the `mlartifacts`
+folder beside the sqlite file), which the server reads directly; `--serve-artifacts` only proxies
+`mlflow-artifacts:` URIs, so `--artifacts-destination` points at the same folder for those.
+"""
+
+import argparse
+import ipaddress
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from bench.core.errors import BenchError
+from bench.runs.tracking import tracking_uri
+
+STARTUP_TIMEOUT_S = 120
+
+
+def ui_command(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="bench ui", description="Serve the MLflow UI over the store bench runs log to.")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to bind (default 127.0.0.1, this machine only); binding beyond loopback, "
+                             "e.g. 0.0.0.0, must be asked for explicitly and exposes every run to the network")
+    parser.add_argument("--port", type=int, default=5000, help="port (default 5000)")
+    parser.add_argument("--workers", type=int, default=1, help="server worker processes (default 1)")
+    parser.add_argument("--hostname", action="append", default=[], metavar="NAME",
+                        help="a name or address browsers use to reach the server when it is not --host "
+                             "(e.g. with --host 0.0.0.0); repeatable; allowed by the Host and CORS checks")
+    args = parser.parse_args(argv)
+
+    command, urls = server_command(args.host, args.port, args.workers, args.hostname)
+    check_port_free(args.host, args.port)
+    # The server gets its own process group, which bench stops on Ctrl-C or SIGTERM (even when started in the
+    # background, where the shell ignores SIGINT): mlflow runs uvicorn and job-runner processes under it.
+    handlers = signal.signal(signal.SIGINT, signal.default_int_handler), signal.signal(signal.SIGTERM, interrupt)
+    # The server's own output goes to stderr (stdout carries the URLs), without the deprecation warnings of its
+    # dependencies (starlette's is a UserWarning), which a user of bench cannot act on.
+    quiet = "ignore::DeprecationWarning,ignore:starlette.middleware.wsgi is deprecated"
+    server = subprocess.Popen(command, start_new_session=True, stdout=sys.stderr,
+                              env={**os.environ, "PYTHONWARNINGS": quiet})
+    up = False
+    try:
+        wait_until_up(server, urls[0], args.port)
+        up = True
+        for url in urls:
+            print(f"MLflow UI: {url}", flush=True)
+        if latest := latest_comparison():  # its run page shows the table, its tests and figures
+            print(f"latest comparison: {urls[0]}/#/{latest}", flush=True)
+        if server.wait() != 0:
+            raise BenchError(f"the MLflow server exited with code {server.returncode}")
+    except KeyboardInterrupt:
+        pass
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not leave the server running
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        stop(server, graceful=up)
+        signal.signal(signal.SIGINT, handlers[0])
+        signal.signal(signal.SIGTERM, handlers[1])
+
+
+def latest_comparison() -> str | None:
+    """The UI's path to the newest `bench compare` parent run (its table, tests and figures), else to the newest
+    sweep's, else None. Read from the store the server serves."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri())
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    for role in ("tags.compare_role = 'parent'", "tags.sweep_role = 'study'"):
+        runs = client.search_runs(experiments, role, order_by=["attributes.start_time DESC"], max_results=1) if experiments else []
+        if runs:
+            return f"experiments/{runs[0].info.experiment_id}/runs/{runs[0].info.run_id}"
+    return None
+
+
+def interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def server_command(host: str, port: int, workers: int, hostnames: list[str]) -> tuple[list[str], list[str]]:
+    """The `mlflow server` command line and the URLs to print."""
+    uri = tracking_uri()
+    if uri.startswith(("http://", "https://")):
+        raise BenchError(f"MLFLOW_TRACKING_URI is a tracking server ({uri}): open it in a browser instead")
+    command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri,
+               "--host", host, "--port", str(port), "--workers", str(workers)]
+    if uri.startswith("sqlite:///"):
+        artifacts = str(Path(uri.removeprefix("sqlite:///")).resolve().parent / "mlartifacts")
+        command += ["--default-artifact-root", artifacts, "--artifacts-destination", artifacts]
+    names = ["127.0.0.1" if host in ("0.0.0.0", "::") else host, *hostnames]  # the first is polled: it must be local
+    urls = [f"http://{f'[{n}]' if ':' in n else n}:{port}" for n in names]
+    from mlflow.server.security_utils import get_default_allowed_hosts
+
+    # The allowed hosts are always given: without them, mlflow recommends its own flags, which bench ui does not take.
+    hosts = [f"[{n}]" if ":" in n else n for n in names if not default_allowed(n)]
+    command += ["--allowed-hosts", ",".join([*get_default_allowed_hosts(), *hosts, *(f"{h}:{port}" for h in hosts)])]
+    if hosts:
+        command += ["--cors-allowed-origins", ",".join(f"http://{h}:{port}" for h in hosts)]
+    return command, urls
+
+
+def default_allowed(name: str) -> bool:
+    """Whether MLflow's default Host and Origin checks accept a browser that uses this name: only loopback
+    (a private address passes the Host check but not the Origin check of the UI's POST requests)."""
+    if name == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+def check_port_free(host: str, port: int) -> None:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does
+        try:
+            sock.bind((host, port))
+        except OSError as err:
+            raise BenchError(f"port {port} on {host} is not available ({err.strerror}); "
+                             f"stop what uses it or pass --port") from err
+
+
+def wait_until_up(server: subprocess.Popen, url: str, port: int) -> None:
+    # /health is exempt from the Host check, so this asks for the page itself, as a browser would.
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never through an http_proxy
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise BenchError(f"the MLflow server exited with code {server.returncode} before answering on port {port} "
+                             f"(its log is above)")
+        try:
+            with opener.open(url + "/", timeout=2) as response:
+                if response.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.5)
+    raise BenchError(f"the MLflow server did not answer at {url} within {STARTUP_TIMEOUT_S} s")
+
+
+def stop(server: subprocess.Popen, graceful: bool = True) -> None:
+    """SIGTERM to the server's process group (mlflow and its uvicorn), then SIGKILL. Uvicorn shuts down
+    gracefully on SIGTERM; SIGINT would make the mlflow process print a KeyboardInterrupt traceback from its
+    threading shutdown, and a server still starting, one from wherever its imports were."""
+    signals = ((signal.SIGTERM, 10 if graceful else 5), (signal.SIGKILL, 5))
+    for sig, wait_s in signals:
+        try:
+            os.killpg(server.pid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline:
+            server.poll()  # reap the leader, so that only live members keep the group
+            try:
+                os.killpg(server.pid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.2)
