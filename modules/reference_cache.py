@@ -97,6 +97,7 @@ def compute_logps(
     forward_context,
     rank: int = 0,
     world_size: int = 1,
+    desc: str = "reference log-probs",
 ) -> dict[int, float]:
     """Summed response log-probs of (prompt ids, response ids) sequences, in batches of similar length.
     With several processes each computes every `world_size`-th batch; every process runs the same number
@@ -105,7 +106,7 @@ def compute_logps(
     batches = [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
     forwards = -(-len(batches) // world_size)
     values: dict[int, float] = {}
-    for step in tqdm(range(forwards), desc="reference log-probs", unit="batch", disable=rank != 0):
+    for step in tqdm(range(forwards), desc=desc, unit="batch", disable=rank != 0):
         index = step * world_size + rank
         batch_rows = batches[min(index, len(batches) - 1)]  # past the end: a repeat, discarded
         batch = pad_rows([sequences[i][0] for i in batch_rows], [sequences[i][1] for i in batch_rows], pad_id)

@@ -312,3 +312,20 @@ def test_scores_along_training_log_the_exact_kl_and_take_a_computable_gold(hh_pa
     texts = bench.sampling.generation.decode_responses(tokenizer, drawn[0])
     gold = make_reward("reward:vader").score(callback.prompts, texts).mean().item()
     assert logged["val/overopt/gold_score"] == pytest.approx(gold)
+
+
+def test_response_logps_sum_and_count_each_rows_completion_in_length_sorted_batches():
+    # evaluation's pair log-probs go through the reference cache's batching loop (one loop for both): rows of
+    # different lengths, batched in another order, still give each row its own sum and token count
+    from bench.evaluation.evaluate import response_logps
+
+    model = tiny_llama(seed=3)
+    rows = [{"prompt_ids": [1, 2, 3][: 1 + i % 3], "completion_ids": [4, 5, 6, 7, 1][: 1 + (i * 2) % 5]} for i in range(7)]
+    got = response_logps(model, rows, pad_id=0, batch_size=3, desc="test")
+    for i, row in enumerate(rows):
+        ids = torch.tensor([row["prompt_ids"] + row["completion_ids"]])
+        labels = ids.clone()
+        labels[:, : len(row["prompt_ids"])] = IGNORE_INDEX
+        alone = sequence_logps(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels})
+        torch.testing.assert_close(got.total[i], alone.total[0].float(), rtol=1e-5, atol=1e-5)
+        assert got.tokens[i] == len(row["completion_ids"])

@@ -128,6 +128,7 @@ def test_help_and_argument_errors_do_not_load_the_heavy_libraries(argv, not_load
 
 
 @pytest.mark.parametrize("argv, needles", [
+    (["trian"], ["bench: error: unknown command 'trian'; choose one of data, train, eval", "`bench --help`"]),
     (["train"], ["bench train: error: no algorithm given; choose one of ", "dpo, grpo, ipo", "rm, rrhf, sft", "`bench train --help`"]),
     (["train", "dpo", "--recipe", "tiny", "--trainer.max_stepz=3"],
      ["unrecognized arguments: --trainer.max_stepz=3", "see `bench train dpo --help`"]),

@@ -11,7 +11,6 @@ folder beside the sqlite file), which the server reads directly; `--serve-artifa
 `mlflow-artifacts:` URIs, so `--artifacts-destination` points at the same folder for those.
 """
 
-import argparse
 import ipaddress
 import os
 import signal
@@ -23,14 +22,15 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from bench.cli.options import OneLineParser
 from bench.core.errors import BenchError
 from bench.runs.tracking import tracking_uri
 
 STARTUP_TIMEOUT_S = 120
 
 
-def ui_command(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(prog="bench ui", description="Serve the MLflow UI over the store bench runs log to.")
+def run(argv: list[str]) -> None:
+    parser = OneLineParser(prog="bench ui", description="Serve the MLflow UI over the store bench runs log to.")
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to bind (default 127.0.0.1, this machine only); binding beyond loopback, "
                              "e.g. 0.0.0.0, must be asked for explicitly and exposes every run to the network")

@@ -25,6 +25,7 @@ import random
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime
+from functools import partial
 from pathlib import Path
 
 import mlflow
@@ -52,6 +53,7 @@ from datamodules.hh_datamodule import Collator
 from datamodules.hh_rlhf import Pair, load_splits
 from modules.logps import SequenceLogps, head_computes_logits, sequence_kl, sequence_logps
 from modules.metrics import BootstrapMean, WinRate
+from modules.reference_cache import compute_logps
 from modules.reward_model import load_reward_model
 
 log = logging.getLogger(__name__)
@@ -208,15 +210,15 @@ def _autocast(enabled: bool, device: torch.device):
 
 
 @torch.no_grad()
-def batched_logps(model, rows: list[dict], collate, batch_size: int, desc: str) -> SequenceLogps:
+def response_logps(model, rows: list[dict], pad_id: int, batch_size: int, desc: str) -> SequenceLogps:
+    """Each row's summed completion log-prob and its token count, in batches of similar length (the reference
+    cache's `compute_logps`, one loop for both)."""
     fast = head_computes_logits(model)
-    totals, tokens = [], []
-    for start in tqdm(range(0, len(rows), batch_size), desc=desc, unit="batch"):
-        batch = {k: v.to(model.device) for k, v in collate(rows[start : start + batch_size]).items()}
-        logps = sequence_logps(model, batch, head_on_responses=fast)
-        totals.append(logps.total.float().cpu())
-        tokens.append(logps.tokens.cpu())
-    return SequenceLogps(torch.cat(totals), torch.cat(tokens))
+    sequences = [(row["prompt_ids"], row["completion_ids"]) for row in rows]
+    totals = compute_logps(model, sequences, pad_id, batch_size, partial(sequence_logps, head_on_responses=fast),
+                           nullcontext, desc=desc)
+    return SequenceLogps(torch.tensor([totals[i] for i in range(len(rows))]),
+                         torch.tensor([len(completion) for _, completion in sequences]))
 
 
 @torch.no_grad()
@@ -303,8 +305,8 @@ def evaluate(target: Target, settings: EvalSettings) -> dict:
         batch_size = settings.sampling.batch_size
         kl = samples_kl(policy, reference, sample_rows, collate_sft, batch_size, settings.sampling.temperature)
 
-        pair_metrics = (preference_accuracies(policy, reference, [formatter.pair(p) for p in pairs], collate_sft,
-                                              batch_size) if settings.pref_accuracy else {})
+        pair_metrics = (preference_accuracies(policy, reference, [formatter.pair(p) for p in pairs],
+                                              tokenizer.pad_token_id, batch_size) if settings.pref_accuracy else {})
 
     policy_text = decode_responses(tokenizer, policy_ids)
     metrics, table = judge_responses(judge, proxy, pairs, policy_text, decode_responses(tokenizer, reference_ids),
@@ -323,15 +325,15 @@ def evaluate(target: Target, settings: EvalSettings) -> dict:
     return metrics
 
 
-def preference_accuracies(policy, reference, pair_rows: list[dict], collate, batch_size: int) -> dict[str, float]:
+def preference_accuracies(policy, reference, pair_rows: list[dict], pad_id: int, batch_size: int) -> dict[str, float]:
     """How often held-out pairs are ranked right by the implicit reward (log-ratio to the reference), and by
     the untrained policy's length-normalised log-probs (the RRHF paper's Table 5 measurement)."""
     n = len(pair_rows)
     # All chosen rows, then all rejected rows.
     response_rows = [{"prompt_ids": r["prompt_ids"], "completion_ids": r[k]}
                      for k in ("chosen_ids", "rejected_ids") for r in pair_rows]
-    policy_pairs = batched_logps(policy, response_rows, collate, batch_size, "pairs: policy")
-    reference_pairs = batched_logps(reference, response_rows, collate, batch_size, "pairs: reference")
+    policy_pairs = response_logps(policy, response_rows, pad_id, batch_size, "pairs: policy")
+    reference_pairs = response_logps(reference, response_rows, pad_id, batch_size, "pairs: reference")
     logratios = policy_pairs.total - reference_pairs.total
     untrained = reference_pairs.mean
     return {"eval/pref_accuracy": (logratios[:n] > logratios[n:]).float().mean().item(),

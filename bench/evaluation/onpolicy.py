@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.core.errors import ConfigError, DataError
+from bench.core.errors import ConfigError
 from bench.core.models import cache_dir, load_causal_lm, load_tokenizer
 from bench.evaluation import labelling
 from bench.evaluation.judges import load_scorer, scorer_fingerprint

@@ -140,18 +140,248 @@ def at_a_glance(algorithm: str, config: dict, tags: dict[str, str]) -> tuple[str
 def find_finished_run(experiment: str, fingerprint: str) -> tuple[str, Path] | None:
     """A finished run of this config whose model is still on disk: its id and output."""
     return tracking.newest_finished_output(experiment, f"tags.config_fingerprint = '{fingerprint}'")
-    runs = client.search_runs([found.experiment_id], order_by=["attributes.start_time DESC"],
-                              filter_string=f"tags.config_fingerprint = '{fingerprint}' and attributes.status = 'FINISHED'")
-    for run in runs:
-        output = Path(run.data.tags.get("output_path", ""))
-        if output.exists():
-            return run.info.run_id, output
-    return None
 
 
 def reward_train_subset(role: str, train_on: str) -> str:
     """The train pairs a reward model reads: all of them for a shared or gold model, or when asked; else its role's half."""
     return "all" if role in ("shared", "gold") or train_on == "all" else role
+
+
+@dataclass
+class RunOptions:
+    """What a `train_one` call fixes for its TrainCLI, besides the config and the command line."""
+    algorithm: str
+    recipe_name: str
+    run_name: str  # the run directory's name, unless --trainer.default_root_dir names the directory
+    module_class: type
+    tags: dict[str, str] | None
+    callbacks: list | None
+    check_only: bool
+    is_rank_zero: bool
+
+    @property
+    def is_reward_model(self) -> bool:
+        return self.algorithm == "rm"
+
+    @property
+    def model_spec_key(self) -> str:
+        """The model section's key naming the HF model: the tokenizer and the run's `model` tag follow it."""
+        return "backbone" if self.is_reward_model else "policy"
+
+
+def run_dir_and_name(algorithm: str, recipe_name: str, output_name: str, argv: list[str], run_name: str | None,
+                     resume: str | None) -> tuple[list[str], str, bool]:
+    """The command line and run name that put this process in its run directory, and whether it is rank 0:
+    a resumed run's directory, rank 0's for the other processes of a DDP run, or a new one named by the time."""
+    if resume is not None:
+        run_dir = latest_unfinished_run_dir(recipe_name, algorithm, output_name) if resume == "latest" else Path(resume)
+        if not (run_dir / LAST_CHECKPOINT).exists():
+            raise BenchError(f"--resume: {run_dir / LAST_CHECKPOINT} does not exist")
+        argv, run_name = [*argv, f"--trainer.default_root_dir={run_dir}"], run_dir.name
+    from lightning.pytorch.utilities import rank_zero_only
+
+    is_rank_zero = rank_zero_only.rank == 0  # from the launcher's environment (LOCAL_RANK, RANK, SLURM_PROCID)
+    if os.environ.get(RUN_DIR_ENV) and not is_rank_zero:
+        argv, run_name = [*argv, f"--trainer.default_root_dir={os.environ[RUN_DIR_ENV]}"], Path(os.environ[RUN_DIR_ENV]).name
+    elif int(os.environ.get("WORLD_SIZE", "1")) > 1 and not any(a.startswith("--trainer.default_root_dir") for a in argv):
+        raise BenchError("started as one of several processes (torchrun, SLURM): pass --trainer.default_root_dir "
+                         "so that every process trains in the same run directory")
+    # The process id keeps two `bench train` started in the same second out of each other's folder.
+    return argv, run_name or f"{algorithm}-{datetime.now():%Y%m%d-%H%M%S}-{os.getpid()}", is_rank_zero
+
+
+def check_training_budget(trainer_config: dict) -> None:
+    for key in ("max_steps", "max_epochs", "limit_train_batches"):
+        if trainer_config.get(key) == 0:  # Lightning would save the untrained model as a finished run
+            raise BenchError(f"--trainer.{key}=0 trains nothing; give it a positive value")
+
+
+def place_resume_checkpoint(config, run_dir: Path) -> Path | None:
+    """Puts the resume checkpoint in the run directory unless told otherwise; the one already there, if any."""
+    checkpoint = config["checkpoint"]
+    checkpoint["dirpath"] = checkpoint.get("dirpath") or str(run_dir / LAST_CHECKPOINT.parent)
+    if config["trainer"].get("enable_checkpointing") is False:  # the resume checkpoint is a callback
+        config["trainer"]["enable_checkpointing"] = True
+        checkpoint.update(every_n_train_steps=0, save_last=False)
+        log.info("trainer.enable_checkpointing=false: this run writes no checkpoint and cannot be resumed")
+    last = Path(checkpoint["dirpath"]) / LAST_CHECKPOINT.name
+    return last if last.exists() else None
+
+
+def resolve_latest_proxies(config, recipe_name: str) -> None:
+    """PPO's model.proxy and the ranked view's data.proxy: "latest" is the experiment's newest proxy."""
+    for section in ("model", "data"):
+        if config[section].get("proxy") == "latest":
+            config[section]["proxy"] = tracking.find_reward_model(recipe_name, "proxy")
+            log.info("%s.proxy: the newest proxy of experiment %r, %s", section, recipe_name, config[section]["proxy"])
+
+
+def train_cli_class():
+    """The LightningCLI of `bench train`, made on demand: Lightning is slow to import."""
+    from lightning.pytorch.cli import LightningCLI
+
+    from bench.runs.throughput import TrainingThroughput
+
+    class TrainCLI(LightningCLI):
+        """Parses and builds one run's model, data and trainer; `run_options` says which run."""
+
+        def __init__(self, run_options: RunOptions, *args, **kwargs):
+            self.run_options = run_options  # before LightningCLI's constructor, which calls the methods below
+            super().__init__(*args, **kwargs)
+
+        def add_arguments_to_parser(self, parser):
+            module_class = self.run_options.module_class
+            parser.link_arguments(f"model.{self.run_options.model_spec_key}", "data.tokenizer")
+            if self.run_options.is_reward_model:
+                parser.link_arguments(("model.role", "model.train_on"), "data.train_subset", compute_fn=reward_train_subset)
+                parser.link_arguments("model.max_length", "data.max_length")
+            # Resumable runs: the last checkpoint every N steps, with optimizer, scheduler, loop and data position.
+            parser.add_lightning_class_args(resume_checkpoint_class(), "checkpoint")
+            parser.set_defaults({"checkpoint.save_last": True, "checkpoint.save_top_k": 0,
+                                 "checkpoint.every_n_train_steps": 50})
+            parser.set_defaults({"data.view": module_class.data_view, "trainer.precision": default_precision()})
+            if module_class.data_view == "ranked":
+                parser.set_defaults({"data.proxy": "latest"})
+
+        def before_instantiate_classes(self):
+            options = self.run_options
+            given_dir = self.config["trainer"].get("default_root_dir")
+            self.run_dir = Path(given_dir or Path("runs") / options.recipe_name / options.run_name)
+            check_writable_dir(self.run_dir, "--trainer.default_root_dir" if given_dir else "the run directory")
+            check_training_budget(self.config["trainer"])
+            self.resume_from = place_resume_checkpoint(self.config, self.run_dir)
+            # Rank 0 keeps the run's records; the other processes only train with it.
+            self.earlier = earlier_run(self.run_dir) if options.is_rank_zero and not options.check_only else None
+            resolve_latest_proxies(self.config, options.recipe_name)
+
+        def instantiate_trainer(self, **kwargs):
+            options = self.run_options
+            if options.check_only:
+                return None
+            resumed_run_id = self.earlier["mlflow_run_id"] if self.resume_from and self.earlier else None
+            self.run_logger = tracking.make_logger(options.recipe_name, self.run_dir.name, options.tags,
+                                                   run_id=resumed_run_id)
+            trainer = super().instantiate_trainer(logger=self.run_logger, default_root_dir=str(self.run_dir), **kwargs)
+            trainer.callbacks.extend([TrainingThroughput(), *(options.callbacks or [])])
+            return trainer
+
+    return TrainCLI
+
+
+def build_cli(options: RunOptions, recipe_config: dict, argv: list[str]):
+    """The TrainCLI of the recipe's config and the overrides, with a bad value as one line; the ranked view's
+    proxy is checked here, so that `check_only` sees it too."""
+    from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+    from datamodules.hh_datamodule import HHRLHFDataModule
+
+    algorithm = options.algorithm
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", prefix=f"{options.recipe_name}-{algorithm}-") as recipe_file:
+        yaml.safe_dump(recipe_config, recipe_file)
+        recipe_file.flush()
+        # sys.argv stays as it is: Lightning's DDP launcher reruns it in the processes it starts.
+        try:
+            cli = train_cli_class()(
+                options,
+                options.module_class,
+                HHRLHFDataModule,
+                args=["--config", recipe_file.name, *argv],
+                run=False,
+                save_config_callback=None,
+                # LightningCLI's --optimizer/--lr_scheduler would replace the modules' own configure_optimizers,
+                # which build their parameter groups after configure_model: not offered.
+                auto_configure_optimizers=False,
+                parser_kwargs={"prog": f"bench train {algorithm}", "exit_on_error": False},
+            )
+        except argparse.ArgumentError as err:  # jsonargparse's, with exit_on_error off: one line, not its usage
+            raise BenchError(f"{' '.join(str(err).split())}; see `bench train {algorithm} --help`") from None
+        except MisconfigurationException as err:  # Lightning's word on a trainer setting (no GPU, max_steps=-5)
+            raise BenchError(f"trainer: {' '.join(str(err).split())}") from None
+    if cli.datamodule.hparams.view == "ranked":  # the data layer scores its candidates with the proxy it is given
+        from modules.reward_model import check_proxy, load_proxy
+
+        check_proxy(cli.datamodule.hparams.proxy, cli.datamodule.hparams.allow_judge_as_proxy)
+        cli.datamodule.load_proxy = load_proxy
+    return cli
+
+
+def resolved_config(cli) -> dict:
+    """The run's config as the trainer, model and datamodule really got it: the parser's dump leaves out linked
+    and overridden values."""
+    config = yaml.safe_load(cli.parser.dump(cli.config, skip_none=False))
+    config["trainer"].update(logger="MLFlowLogger", default_root_dir=str(cli.run_dir))
+    config["data"].update({key: cli.datamodule.hparams[key] for key in ("tokenizer", "train_subset", "max_length", "proxy")})
+    if "proxy" in config["model"]:
+        config["model"]["proxy"] = cli.model.hparams.proxy
+    return config
+
+
+def claim_run_dir(client, cli, recipe_name: str) -> dict | None:
+    """Makes and locks the run directory (held until fit ends); the record of the unfinished run it holds, if any."""
+    tracking.experiment_id(client, recipe_name)  # made here, safely when two start at once; the logger only finds it
+    close_dead_runs(client, recipe_name)
+    cli.run_dir.mkdir(parents=True, exist_ok=True)
+    cli.run_lock = lock_run_dir(cli.run_dir)
+    earlier = cli.earlier
+    if earlier is None and (earlier := earlier_run(cli.run_dir)):  # written by a run that held the lock meanwhile
+        raise BenchError(f"{cli.run_dir} was taken by MLflow run {earlier['mlflow_run_id']} meanwhile; train in another folder")
+    return earlier
+
+
+def reopen_run(client, cli, earlier: dict, config: dict, fingerprint: str) -> None:
+    """A resumed run carries on in its own MLflow run, and only with the config it started with."""
+    if earlier["config_fingerprint"] != fingerprint:
+        raise BenchError(another_config_message(cli.run_dir, earlier, config))
+    client.set_tag(earlier["mlflow_run_id"], "resumed_from", str(cli.resume_from))
+    client.set_tag(earlier["mlflow_run_id"], WORKER_TAG, this_worker())
+    client.update_run(earlier["mlflow_run_id"], status="RUNNING")  # it was KILLED (or left RUNNING by a SIGKILL)
+    log.info("resuming MLflow run %s from %s", earlier["mlflow_run_id"], cli.resume_from)
+
+
+def run_tags(options: RunOptions, config: dict, fingerprint: str, output_path: Path) -> dict[str, str]:
+    """The tags a new run is found and compared by."""
+    data = config["data"]
+    tags = {
+        "algorithm": options.algorithm,
+        "recipe": options.recipe_name,
+        "model": config["model"][options.model_spec_key],
+        "data_source": data["path"] + (f"[{','.join(data['subsets'])}]" if data.get("subsets") else ""),
+        "seed": str(config["seed_everything"]),
+        "git_commit": tracking.git_commit(),
+        "precision": str(config["trainer"]["precision"]),
+        "output_path": str(output_path),
+        "config_fingerprint": fingerprint,
+        "mlflow.source.name": f"bench train {options.algorithm}",  # the UI's Source column; MLflow would show sys.argv[0]
+        WORKER_TAG: this_worker(),  # a later bench closes the run if this process dies without a word (SIGKILL)
+    }
+    if options.is_reward_model:
+        tags["role"] = config["model"]["role"]
+    proxy = config["model"].get("proxy") or (data["proxy"] if data["view"] == "ranked" else None)
+    if proxy:
+        tags["proxy"] = proxy
+    return tags
+
+
+def record_new_run(client, cli, options: RunOptions, earlier: dict | None, config: dict, fingerprint: str,
+                   output_path: Path) -> None:
+    """Writes a new run's config, tags, key params and datasets to MLflow, and its record (`run.json`) to the
+    run directory, where a resume finds it."""
+    if earlier:  # it died before its first checkpoint: start over, and say so on its MLflow run
+        client.set_terminated(earlier["mlflow_run_id"], "KILLED")
+        client.set_tag(earlier["mlflow_run_id"], "abandoned",
+                       f"restarted in {cli.run_dir}: it died before its first checkpoint")
+    config_file = cli.run_dir / "config.yaml"
+    config_file.write_text(yaml.safe_dump(config, sort_keys=False))
+    tags = run_tags(options, config, fingerprint, output_path)
+    name, key_params = at_a_glance(options.algorithm, config, {**(options.tags or {}), **tags})
+    tracking.record_run(cli.run_logger, config, config_file, {**tags, "mlflow.runName": name}, key_params)
+    data = config["data"]
+    tracking.log_datasets(client, cli.run_logger.run_id, data["path"], data.get("subsets"), cli.datamodule.pairs,
+                          {"train": "training", "validation": "validation"})
+    (cli.run_dir / RUN_RECORD).write_text(json.dumps({"mlflow_run_id": cli.run_logger.run_id,
+                                                      "config_fingerprint": fingerprint,
+                                                      "resume_command": cli.resume_command}))
+    log.info("MLflow run %s (experiment %r) at %s", cli.run_logger.run_id, options.recipe_name, tracking.tracking_uri())
 
 
 def train_one(
@@ -179,115 +409,17 @@ def train_one(
     a study) names its own command in `rerun_command`: that is what an interrupted run tells the user;
     `bench_args` are the command's own flags (`--eval false`) that the printed resume command keeps.
     """
-    from lightning.pytorch.cli import LightningCLI
-    from lightning.pytorch.utilities.exceptions import MisconfigurationException
-
     import modules
-    from bench.runs.throughput import TrainingThroughput
-    from datamodules.hh_datamodule import HHRLHFDataModule
 
     module_class = modules.module_class(algorithm)
-    is_reward_model = algorithm == "rm"
-    model_spec_key = "backbone" if is_reward_model else "policy"
     recipe_config = recipes.for_algorithm(recipe, algorithm)
-    if resume is not None:
-        run_dir = (latest_unfinished_run_dir(recipe_name, algorithm, module_class.output_name) if resume == "latest"
-                   else Path(resume))
-        if not (run_dir / LAST_CHECKPOINT).exists():
-            raise BenchError(f"--resume: {run_dir / LAST_CHECKPOINT} does not exist")
-        argv, run_name = [*argv, f"--trainer.default_root_dir={run_dir}"], run_dir.name
-    from lightning.pytorch.utilities import rank_zero_only
-
-    is_rank_zero = rank_zero_only.rank == 0  # from the launcher's environment (LOCAL_RANK, RANK, SLURM_PROCID)
-    if os.environ.get(RUN_DIR_ENV) and not is_rank_zero:
-        argv, run_name = [*argv, f"--trainer.default_root_dir={os.environ[RUN_DIR_ENV]}"], Path(os.environ[RUN_DIR_ENV]).name
-    elif int(os.environ.get("WORLD_SIZE", "1")) > 1 and not any(a.startswith("--trainer.default_root_dir") for a in argv):
-        raise BenchError("started as one of several processes (torchrun, SLURM): pass --trainer.default_root_dir "
-                         "so that every process trains in the same run directory")
-    # The process id keeps two `bench train` started in the same second out of each other's folder.
-    run_name = run_name or f"{algorithm}-{datetime.now():%Y%m%d-%H%M%S}-{os.getpid()}"
-
-    class TrainCLI(LightningCLI):
-        def add_arguments_to_parser(self, parser):
-            parser.link_arguments(f"model.{model_spec_key}", "data.tokenizer")
-            if is_reward_model:
-                parser.link_arguments(("model.role", "model.train_on"), "data.train_subset", compute_fn=reward_train_subset)
-                parser.link_arguments("model.max_length", "data.max_length")
-            # Resumable runs: the last checkpoint every N steps, with optimizer, scheduler, loop and data position.
-            parser.add_lightning_class_args(resume_checkpoint_class(), "checkpoint")
-            parser.set_defaults({"checkpoint.save_last": True, "checkpoint.save_top_k": 0,
-                                 "checkpoint.every_n_train_steps": 50})
-            parser.set_defaults({"data.view": module_class.data_view, "trainer.precision": default_precision()})
-            if module_class.data_view == "ranked":
-                parser.set_defaults({"data.proxy": "latest"})
-
-        def before_instantiate_classes(self):
-            given_dir = self.config["trainer"].get("default_root_dir")
-            self.run_dir = Path(given_dir or Path("runs") / recipe_name / run_name)
-            check_writable_dir(self.run_dir, "--trainer.default_root_dir" if given_dir else "the run directory")
-            trainer_config = self.config["trainer"]
-            for key in ("max_steps", "max_epochs", "limit_train_batches"):
-                if trainer_config.get(key) == 0:  # Lightning would save the untrained model as a finished run
-                    raise BenchError(f"--trainer.{key}=0 trains nothing; give it a positive value")
-            checkpoint = self.config["checkpoint"]
-            checkpoint["dirpath"] = checkpoint.get("dirpath") or str(self.run_dir / LAST_CHECKPOINT.parent)
-            if self.config["trainer"].get("enable_checkpointing") is False:  # the resume checkpoint is a callback
-                self.config["trainer"]["enable_checkpointing"] = True
-                checkpoint.update(every_n_train_steps=0, save_last=False)
-                log.info("trainer.enable_checkpointing=false: this run writes no checkpoint and cannot be resumed")
-            last = Path(checkpoint["dirpath"]) / LAST_CHECKPOINT.name
-            self.resume_from = last if last.exists() else None
-            # Rank 0 keeps the run's records; the other processes only train with it.
-            self.earlier = earlier_run(self.run_dir) if is_rank_zero and not check_only else None
-            # PPO's model.proxy and the ranked view's data.proxy: "latest" is the experiment's newest proxy.
-            for section in ("model", "data"):
-                if self.config[section].get("proxy") == "latest":
-                    self.config[section]["proxy"] = tracking.find_reward_model(recipe_name, "proxy")
-                    log.info("%s.proxy: the newest proxy of experiment %r, %s", section, recipe_name,
-                             self.config[section]["proxy"])
-
-        def instantiate_trainer(self, **kwargs):
-            if check_only:
-                return None
-            resumed_run_id = self.earlier["mlflow_run_id"] if self.resume_from and self.earlier else None
-            self.run_logger = tracking.make_logger(recipe_name, self.run_dir.name, tags, run_id=resumed_run_id)
-            trainer = super().instantiate_trainer(logger=self.run_logger, default_root_dir=str(self.run_dir), **kwargs)
-            trainer.callbacks.extend([TrainingThroughput(), *(callbacks or [])])
-            return trainer
-
-    with tempfile.NamedTemporaryFile("w", suffix=".yaml", prefix=f"{recipe_name}-{algorithm}-") as recipe_file:
-        yaml.safe_dump(recipe_config, recipe_file)
-        recipe_file.flush()
-        # sys.argv stays as it is: Lightning's DDP launcher reruns it in the processes it starts.
-        try:
-            cli = TrainCLI(
-                module_class,
-                HHRLHFDataModule,
-                args=["--config", recipe_file.name, *argv],
-                run=False,
-                save_config_callback=None,
-                # LightningCLI's --optimizer/--lr_scheduler would replace the modules' own configure_optimizers,
-                # which build their parameter groups after configure_model: not offered.
-                auto_configure_optimizers=False,
-                parser_kwargs={"prog": f"bench train {algorithm}", "exit_on_error": False},
-            )
-        except argparse.ArgumentError as err:  # jsonargparse's, with exit_on_error off: one line, not its usage
-            raise BenchError(f"{' '.join(str(err).split())}; see `bench train {algorithm} --help`") from None
-        except MisconfigurationException as err:  # Lightning's word on a trainer setting (no GPU, max_steps=-5)
-            raise BenchError(f"trainer: {' '.join(str(err).split())}") from None
-    if cli.datamodule.hparams.view == "ranked":  # the data layer scores its candidates with the proxy it is given
-        from modules.reward_model import check_proxy, load_proxy
-
-        check_proxy(cli.datamodule.hparams.proxy, cli.datamodule.hparams.allow_judge_as_proxy)
-        cli.datamodule.load_proxy = load_proxy
+    argv, run_name, is_rank_zero = run_dir_and_name(algorithm, recipe_name, module_class.output_name, argv, run_name,
+                                                    resume)
+    options = RunOptions(algorithm, recipe_name, run_name, module_class, tags, callbacks, check_only, is_rank_zero)
+    cli = build_cli(options, recipe_config, argv)
     if check_only:
         return None
-    config = yaml.safe_load(cli.parser.dump(cli.config, skip_none=False))
-    # What the trainer and datamodule really got: the parser's dump leaves out linked and overridden values.
-    config["trainer"].update(logger="MLFlowLogger", default_root_dir=str(cli.run_dir))
-    config["data"].update({key: cli.datamodule.hparams[key] for key in ("tokenizer", "train_subset", "max_length", "proxy")})
-    if "proxy" in config["model"]:
-        config["model"]["proxy"] = cli.model.hparams.proxy
+    config = resolved_config(cli)
     fingerprint = config_fingerprint(algorithm, config)
     if reuse and (found := find_finished_run(recipe_name, fingerprint)):
         log.info("%s: reusing finished run %s with the same config (fingerprint %s)", algorithm, found[0], fingerprint)
@@ -297,59 +429,16 @@ def train_one(
     cli.datamodule.setup("fit")
     if not is_rank_zero:
         return fit(cli, output_path)
-    earlier = cli.earlier
-    client = mlflow.MlflowClient(tracking.tracking_uri())
-    resume_argv = [a for a in argv if not a.startswith("--trainer.default_root_dir")]
     cli.rerun_command = rerun_command
-    cli.resume_command = shlex.join(["bench", "train", algorithm, "--recipe", recipe_name, *(bench_args or []), *resume_argv,
+    cli.resume_command = shlex.join(["bench", "train", algorithm, "--recipe", recipe_name, *(bench_args or []),
+                                     *[a for a in argv if not a.startswith("--trainer.default_root_dir")],
                                      f"--resume={cli.run_dir}"])
-    tracking.experiment_id(client, recipe_name)  # made here, safely when two start at once; the logger only finds it
-    close_dead_runs(client, recipe_name)
-    cli.run_dir.mkdir(parents=True, exist_ok=True)
-    cli.run_lock = lock_run_dir(cli.run_dir)  # held until fit ends
-    if earlier is None and (earlier := earlier_run(cli.run_dir)):  # written by a run that held the lock meanwhile
-        raise BenchError(f"{cli.run_dir} was taken by MLflow run {earlier['mlflow_run_id']} meanwhile; train in another folder")
+    client = mlflow.MlflowClient(tracking.tracking_uri())
+    earlier = claim_run_dir(client, cli, recipe_name)
     if cli.resume_from is not None:
-        if earlier["config_fingerprint"] != fingerprint:
-            raise BenchError(another_config_message(cli.run_dir, earlier, config))
-        client.set_tag(earlier["mlflow_run_id"], "resumed_from", str(cli.resume_from))
-        client.set_tag(earlier["mlflow_run_id"], WORKER_TAG, this_worker())
-        client.update_run(earlier["mlflow_run_id"], status="RUNNING")  # it was KILLED (or left RUNNING by a SIGKILL)
-        log.info("resuming MLflow run %s from %s", earlier["mlflow_run_id"], cli.resume_from)
-        return fit(cli, output_path)
-    if earlier:  # it died before its first checkpoint: start over, and say so on its MLflow run
-        client.set_terminated(earlier["mlflow_run_id"], "KILLED")
-        client.set_tag(earlier["mlflow_run_id"], "abandoned",
-                       f"restarted in {cli.run_dir}: it died before its first checkpoint")
-    config_file = cli.run_dir / "config.yaml"
-    config_file.write_text(yaml.safe_dump(config, sort_keys=False))
-    data = config["data"]
-    run_tags = {
-        "algorithm": algorithm,
-        "recipe": recipe_name,
-        "model": config["model"][model_spec_key],
-        "data_source": data["path"] + (f"[{','.join(data['subsets'])}]" if data.get("subsets") else ""),
-        "seed": str(config["seed_everything"]),
-        "git_commit": tracking.git_commit(),
-        "precision": str(config["trainer"]["precision"]),
-        "output_path": str(output_path),
-        "config_fingerprint": fingerprint,
-        "mlflow.source.name": f"bench train {algorithm}",  # the UI's Source column; MLflow would show sys.argv[0]
-        WORKER_TAG: this_worker(),  # a later bench closes the run if this process dies without a word (SIGKILL)
-    }
-    if is_reward_model:
-        run_tags["role"] = config["model"]["role"]
-    proxy = config["model"].get("proxy") or (config["data"]["proxy"] if config["data"]["view"] == "ranked" else None)
-    if proxy:
-        run_tags["proxy"] = proxy
-    name, key_params = at_a_glance(algorithm, config, {**(tags or {}), **run_tags})
-    tracking.record_run(cli.run_logger, config, config_file, {**run_tags, "mlflow.runName": name}, key_params)
-    tracking.log_datasets(client, cli.run_logger.run_id, data["path"], data.get("subsets"), cli.datamodule.pairs,
-                          {"train": "training", "validation": "validation"})
-    (cli.run_dir / RUN_RECORD).write_text(json.dumps({"mlflow_run_id": cli.run_logger.run_id,
-                                                      "config_fingerprint": fingerprint,
-                                                      "resume_command": cli.resume_command}))
-    log.info("MLflow run %s (experiment %r) at %s", cli.run_logger.run_id, recipe_name, tracking.tracking_uri())
+        reopen_run(client, cli, earlier, config, fingerprint)
+    else:
+        record_new_run(client, cli, options, earlier, config, fingerprint, output_path)
     return fit(cli, output_path)
 
 

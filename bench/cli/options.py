@@ -1,0 +1,64 @@
+"""What the commands share to read their arguments: a parser whose errors are one line, and the option
+helpers of commands that pass the rest of their arguments on (to LightningCLI and the recipe's `eval:`)."""
+
+import argparse
+
+import yaml
+
+from bench.core.errors import BenchError
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """Reports a bad argument in one line, which main prints, rather than after its whole usage."""
+
+    def error(self, message: str):
+        raise BenchError(f"{message}; see `{self.prog} --help`")
+
+
+def pop_option(argv: list[str], name: str, default: str | None, bare: str | None = None) -> tuple[str | None, list[str]]:
+    """`name VALUE` or `name=VALUE` taken out of argv; with `bare`, `name` alone means that value."""
+    rest, value, i = [], default, 0
+    while i < len(argv):
+        given_alone = i + 1 == len(argv) or argv[i + 1].startswith("-")
+        if argv[i] == name and bare is not None and given_alone:
+            value, i = bare, i + 1
+        elif argv[i] == name and i + 1 < len(argv):
+            value, i = argv[i + 1], i + 2
+        elif argv[i].startswith(name + "="):
+            value, i = argv[i].split("=", 1)[1], i + 1
+        else:
+            rest.append(argv[i])
+            i += 1
+    return value, rest
+
+
+def split_eval_overrides(recipe: dict, argv: list[str]) -> tuple[dict, list[str]]:
+    """`--eval.n_prompts=8` or `--eval.sampling.max_new_tokens 32` set the recipe's `eval:` section; the
+    rest of argv is left for the trainer (LightningCLI overrides such as `--trainer.max_steps=2`)."""
+    from bench.runs.recipes import deep_merge
+
+    settings, rest, i = {}, [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg.startswith("--eval."):
+            key, has_value, value = arg[2:].partition("=")
+            if not has_value:
+                if i + 1 >= len(argv):
+                    raise BenchError(f"{arg} needs a value")
+                value, i = argv[i + 1], i + 1
+            node = settings
+            *parents, leaf = key.split(".")[1:]
+            for part in parents:
+                node = node.setdefault(part, {})
+            node[leaf] = yaml.safe_load(value)
+        else:
+            rest.append(arg)
+        i += 1
+    return deep_merge(recipe, {"eval": settings}), rest
+
+
+def seed_list(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 0,1,2, got {text!r}") from None
