@@ -11,9 +11,21 @@ import pytest
 import torch
 
 import bench.evaluation.evaluate
+import bench.evaluation.judges
+import bench.runs.tracking
 import bench.sampling.generation
 from bench.cli import main
-from bench.evaluation.judges import ChatCompletionsJudge
+from bench.core.errors import ConfigError
+from bench.evaluation.evaluate import EvalSettings, make_judge
+from bench.evaluation.judges import (
+    JUDGES,
+    ChatCompletionsJudge,
+    Judge,
+    RewardJudge,
+    RewardModelJudge,
+    ScoringJudge,
+    judge_class,
+)
 from modules.metrics import WinRate, bootstrap_ci
 
 EVAL_KEYS = ["win_rate_vs_chosen", "win_rate_vs_ref", "judge_score", "proxy_score"]
@@ -185,3 +197,86 @@ def test_length_sorted_sampling_returns_each_prompts_own_response():
     batched = bench.sampling.generation.sample(model, tokenizer, prompts, greedy, desc="batched")
     alone = [bench.sampling.generation.sample(model, tokenizer, [p], greedy, desc="alone")[0] for p in prompts]
     assert batched == alone
+
+
+@pytest.fixture
+def judge_registry(monkeypatch):
+    """The judge registry, restored after the test: judges a test defines register in a copy."""
+    registry = dict(JUDGES)
+    monkeypatch.setattr(bench.evaluation.judges, "JUDGES", registry)
+    return registry
+
+
+def test_a_judge_registers_by_naming_its_kind_and_make_judge_picks_it(judge_registry):
+    class LongerWins(ScoringJudge):
+        kind = "test-longer"
+
+        @classmethod
+        def accepts(cls, spec):
+            return spec.startswith("longer:")
+
+        def scores(self, prompts, responses):
+            return torch.tensor([float(len(r)) for r in responses])
+
+    class Unregistered(LongerWins):  # inherits the kind: not a second judge of it
+        pass
+
+    assert judge_registry["test-longer"] is LongerWins and Unregistered not in judge_registry.values()
+    # registered after the reward-model judge, which accepts any spec, yet asked before it: it is the fallback
+    judge = make_judge(EvalSettings(judge="longer:chars"), "tiny")
+    assert type(judge) is LongerWins and judge.describe() == {"kind": "test-longer", "path": "longer:chars"}
+    judge.check_reachable()
+    outcomes = judge.compare(["q"] * 3, ["a long answer", "no", "same"], ["short", "longer", "same"])
+    assert outcomes.tolist() == [1.0, 0.0, 0.5]
+    assert type(make_judge(EvalSettings(judge="reward:vader"), "tiny")) is RewardJudge  # the others still answer
+
+
+def test_the_registry_refuses_a_second_judge_of_a_kind_and_one_that_accepts_nothing(judge_registry):
+    with pytest.raises(TypeError, match="judge kind 'reward' is taken by bench.evaluation.judges.RewardJudge"):
+        class AnotherReward(Judge):
+            kind = "reward"
+
+            @classmethod
+            def accepts(cls, spec):
+                return False
+
+    with pytest.raises(TypeError, match="needs an `accepts"):
+        class Speechless(Judge):
+            kind = "test-speechless"
+
+    assert judge_registry["reward"] is RewardJudge and "test-speechless" not in judge_registry
+    del judge_registry["reward_model"]  # without the fallback, a spec nothing accepts is named in one line
+    with pytest.raises(ConfigError, match="eval.judge 'some/folder' names no judge; known kinds: reward, chat_"):
+        judge_class("some/folder")
+
+
+def test_each_shipped_spec_kind_maps_to_its_judge(reward_models, tmp_path, monkeypatch):
+    assert isinstance(make_judge(EvalSettings(judge="reward:vader"), "tiny"), RewardJudge)
+    with pytest.raises(ConfigError, match="judge 'reward:nope' names no registered computable reward"):
+        make_judge(EvalSettings(judge="reward:nope"), "tiny")
+
+    for url in ("http://127.0.0.1:9/v1", "https://example.org/v1"):
+        judge = make_judge(EvalSettings(judge=url, judge_model="fake-gpt"), "tiny")
+        assert type(judge) is ChatCompletionsJudge
+        assert judge.describe() == {"kind": "chat_completions", "url": url, "model": "fake-gpt"}
+    template = tmp_path / "judge.txt"
+    template.write_text("Which is better for {query}? A: {response_a} B: {response_b}")
+    judge = make_judge(EvalSettings(judge="http://127.0.0.1:9/v1", judge_prompt=str(template)), "tiny")
+    assert judge.prompt_template == template.read_text()
+    template.write_text("Which is better? A: {response_a}")
+    with pytest.raises(ConfigError, match=r"lacks the fields \['\{query\}', '\{response_b\}'\]"):
+        make_judge(EvalSettings(judge="http://127.0.0.1:9/v1", judge_prompt=str(template)), "tiny")
+    with pytest.raises(ConfigError, match="eval.judge_prompt .*missing.txt"):
+        make_judge(EvalSettings(judge="http://127.0.0.1:9/v1", judge_prompt=str(tmp_path / "missing.txt")), "tiny")
+
+    judge = make_judge(EvalSettings(judge=reward_models["judge"]), "tiny")
+    assert type(judge) is RewardModelJudge and judge.path == reward_models["judge"]
+    assert judge.trained_role == "judge"
+    with pytest.raises(ConfigError, match="was trained as the proxy"):
+        make_judge(EvalSettings(judge=reward_models["proxy"]), "tiny")
+    asked = []
+    monkeypatch.setattr(bench.runs.tracking, "find_reward_model",
+                        lambda experiment, role: asked.append((experiment, role)) or reward_models["judge"])
+    judge = make_judge(EvalSettings(judge="latest"), "tiny")
+    assert type(judge) is RewardModelJudge and judge.path == reward_models["judge"]
+    assert asked == [("tiny", "judge")]

@@ -37,8 +37,7 @@ from transformers import AutoConfig
 
 from bench.core.errors import BenchError, ConfigError
 from bench.core.models import BUILTIN_SPECS, load_causal_lm, load_tokenizer, resolve
-from bench.evaluation.judges import DPO_HELPFULNESS_PROMPT, ChatCompletionsJudge, RewardJudge, RewardModelJudge
-from bench.evaluation.rewards import is_reward_spec
+from bench.evaluation.judges import RewardModelJudge, judge_class
 from bench.runs import tracking
 from bench.sampling.generation import (
     SAMPLING_STATS,
@@ -169,24 +168,9 @@ def _param(value: str | None):
 
 
 def make_judge(settings: EvalSettings, experiment: str):
-    if settings.judge.startswith(("http://", "https://")):
-        template = DPO_HELPFULNESS_PROMPT
-        if settings.judge_prompt:
-            try:
-                template = Path(settings.judge_prompt).read_text()
-            except OSError as err:
-                raise ConfigError(f"eval.judge_prompt {settings.judge_prompt}: {err}") from err
-            missing = [f for f in ("{query}", "{response_a}", "{response_b}") if f not in template]
-            if missing:
-                raise ConfigError(f"eval.judge_prompt {settings.judge_prompt} lacks the fields {missing}")
-        return ChatCompletionsJudge(settings.judge, settings.judge_model, template, seed=settings.sampling.seed)
-    if is_reward_spec(settings.judge):  # a computable reward, e.g. the sentiment world's gold
-        return RewardJudge(settings.judge)
-    path = tracking.find_reward_model(experiment, "judge") if settings.judge == "latest" else settings.judge
-    judge = RewardModelJudge(path, role="judge", input_format=settings.judge_format)
-    if judge.trained_role == "proxy":
-        raise ConfigError(f"judge {path} was trained as the proxy; train a judge, or a `shared` model on purpose")
-    return judge
+    """The judge `settings.judge` names: the registered judge class that accepts the spec
+    (`bench.evaluation.judges.judge_class`), built from the settings; one line when the spec is bad."""
+    return judge_class(settings.judge).from_settings(settings.judge, settings, experiment)
 
 
 def make_proxy(settings: EvalSettings, experiment: str, judge):

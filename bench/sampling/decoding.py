@@ -235,7 +235,9 @@ def attend_one_token(query, key, value, blocked, scaling):
     # transposed, in every layer at every step, the largest cost of a decode step in the profile. SDPA under
     # autocast runs in that dtype too.
     grouped = query.reshape(batch, key.shape[1], heads // key.shape[1], dim).to(key.dtype)  # (B, KV heads, group, d)
-    # fp32 scores: the mask plus the scaled bf16 products, in one pass
+    # The mask plus the scaled products, in one pass. Under bf16 the products are rounded to bf16 before the fp32
+    # mask is added (SDPA keeps its scores in fp32): a slightly coarser logit, not why greedy outputs part from
+    # `generate` (near-ties of bf16 rounding either way: docs/performance.md, tests/test_greedy_bf16.py).
     scores = torch.add(blocked, torch.matmul(grouped, key.transpose(-1, -2)), alpha=scaling)
     output = torch.matmul(scores.softmax(-1).to(value.dtype), value)
     return output.reshape(batch, heads, 1, dim)
