@@ -3,7 +3,7 @@
 `registry()` finds every trainable module: each class in this package that sets `name` (see the facts on
 `modules.base.TrainedHFModel`). A new algorithm is a module file here; nothing else lists it. The registry
 imports the algorithm modules, and their Lightning base, on first use: importing a light helper of this package
-(`modules.losses`, `modules.metrics`) loads none of them.
+(`modules.losses`, `modules.logps`) loads none of them.
 """
 
 import ast

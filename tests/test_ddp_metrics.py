@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from modules.metrics import WinRate
+from bench.evaluation.metrics import WinRate
 
 POLICY = torch.tensor([0.3, 1.2, -0.5, 2.0, 0.0, 0.7, 0.7, -1.0, 0.4, 1.5, 0.9, -0.2, 0.1])
 BASELINE = torch.tensor([0.1, 1.5, -0.5, 1.0, 0.2, 0.7, 0.1, -2.0, 0.8, 1.4, 0.9, 0.3, -0.1])

@@ -26,7 +26,7 @@ from bench.evaluation.judges import (
     ScoringJudge,
     judge_class,
 )
-from modules.metrics import WinRate, bootstrap_ci
+from bench.evaluation.metrics import WinRate, bootstrap_ci
 
 EVAL_KEYS = ["win_rate_vs_chosen", "win_rate_vs_ref", "judge_score", "proxy_score"]
 

@@ -38,6 +38,7 @@ from transformers import AutoConfig
 from bench.core.errors import BenchError, ConfigError
 from bench.core.models import BUILTIN_SPECS, load_causal_lm, load_tokenizer, resolve
 from bench.evaluation.judges import RewardModelJudge, judge_class
+from bench.evaluation.metrics import BootstrapMean, WinRate
 from bench.runs import tracking
 from bench.sampling.generation import (
     SAMPLING_STATS,
@@ -51,7 +52,6 @@ from datamodules.formatting import Formatter
 from datamodules.hh_datamodule import Collator
 from datamodules.hh_rlhf import Pair, load_splits
 from modules.logps import SequenceLogps, head_computes_logits, sequence_kl, sequence_logps
-from modules.metrics import BootstrapMean, WinRate
 from modules.reference_cache import compute_logps
 from modules.reward_model import load_reward_model
 

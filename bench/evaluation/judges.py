@@ -40,10 +40,10 @@ import torch
 from tqdm.auto import tqdm
 
 from bench.core.errors import BenchError, ConfigError
+from bench.evaluation.metrics import win_outcomes
 from bench.evaluation.rewards import is_reward_spec, make_reward
 from bench.runs import tracking
 from bench.sampling.generation import model_fingerprint
-from modules.metrics import win_outcomes
 from modules.reward_model import load_reward_model
 
 log = logging.getLogger(__name__)

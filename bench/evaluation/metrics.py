@@ -1,20 +1,21 @@
-"""Evaluation metrics with bootstrap confidence intervals, as torchmetrics Metrics so that their state
-(the per-prompt values) is gathered correctly across devices before anything is computed."""
+"""A run's evaluation metrics with bootstrap confidence intervals, as torchmetrics Metrics so that their state
+(the per-prompt values) is gathered correctly across devices before anything is computed. The statistics live
+in this folder: these per-run metrics, and the tables' tests in `bench.evaluation.stats`, whose bootstrap both use."""
 
 import torch
 from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
+from bench.evaluation.stats import seed_prompt_bootstrap
+
 
 def bootstrap_ci(values: torch.Tensor, confidence: float = 0.95, resamples: int = 2000, seed: int = 0):
-    """Percentile bootstrap interval of the mean. Values are sorted first, so the interval depends only
-    on the multiset of values, not on the order in which devices gathered them."""
-    values = values.double().sort().values
-    generator = torch.Generator().manual_seed(seed)
-    means = values[torch.randint(len(values), (resamples, len(values)), generator=generator)].mean(1)
-    tail = (1 - confidence) / 2
-    low, high = torch.quantile(means, torch.tensor([tail, 1 - tail], dtype=means.dtype))
-    return low.item(), high.item()
+    """Percentile bootstrap interval of the mean: `bench.evaluation.stats`'s bootstrap (the tables' own) over one
+    seed's prompts. Values are sorted first, so the interval depends only on the multiset of values, not on the
+    order in which devices gathered them."""
+    values = values.double().sort().values.cpu().numpy()[None, :]
+    _, low, high = seed_prompt_bootstrap(values, confidence, resamples, seed)
+    return low, high
 
 
 class BootstrapMean(Metric):
