@@ -288,3 +288,14 @@ def test_a_one_seed_table_says_nothing_of_several_seeds(quiet_markdown):
     text = quiet_markdown(rows + [sweep])
     assert "Model: with one seed, the paired t-test over prompts; with several, crossed random effects" in text
     assert "With 3 seeds the seed variance is estimated from 3 values" in text
+
+
+def test_the_runs_line_names_the_seeds_and_mentions_sweeps_only_when_there_are_some(quiet_markdown):
+    rows, sweep = comparison_and_sweep_row(np.random.default_rng(21), seeds=3)
+    runs = lambda text: next(line for line in text.splitlines() if line.startswith("Runs: "))  # noqa: E731
+    seeds = sorted({s for r in rows for s in r.seeds}, key=int)
+    assert runs(quiet_markdown(rows)) == f"Runs: `bench compare --recipe x --seeds {','.join(seeds)}` (test prompts)"
+    assert runs(quiet_markdown(rows + [sweep])).endswith(
+        "(test prompts); sweep rows from `bench sweep` (their best trial, on validation prompts)")
+    one_seed, _ = comparison_and_sweep_row(np.random.default_rng(22), seeds=1)
+    assert runs(quiet_markdown(one_seed)) == "Runs: `bench compare --recipe x` (test prompts)"

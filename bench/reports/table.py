@@ -553,12 +553,22 @@ def _published(source: str, published: list[dict]) -> list[str]:
     return lines
 
 
+def runs_line(experiment: str, records: list[dict]) -> str:
+    """The commands whose runs the table holds: the comparison (with its seeds, when several) and any sweeps."""
+    compared = [r for r in records if not r["source"].startswith("sweep")]
+    seeds = sorted({s for r in compared for s in r["seeds"].split()}, key=lambda seed: (len(seed), seed))
+    parts = [f"`bench compare --recipe {experiment}" + (f" --seeds {','.join(seeds)}" if len(seeds) > 1 else "")
+             + "` (test prompts)"] if compared else []
+    if len(compared) < len(records):
+        parts.append("sweep rows from `bench sweep` (their best trial, on validation prompts)")
+    return "Runs: " + "; ".join(parts)
+
+
 def markdown(experiment: str, records: list[dict], command: str, source: str, published: list[dict]) -> str:
     lines = [f"# {experiment}", "",
              f"Command: `{command}`  ", f"Date: {datetime.now():%Y-%m-%d %H:%M %Z}".rstrip() + "  ",
              f"Machine: {machine()}  ", f"Commit: {tracking.git_commit()}  ",
-             f"Runs: `bench compare --recipe {experiment}` (test prompts); sweep rows from `bench sweep` "
-             "(their best trial, on validation prompts)", ""]
+             runs_line(experiment, records), ""]
     several_judges = len({r["judge"] for r in records}) > 1
     groups: dict[tuple[str, str], list[dict]] = {}
     for r in records:  # one table per judge and prompt set: rows judged by different judges are never side by side
