@@ -12,7 +12,7 @@ from jsonargparse.typing import NonNegativeFloat, NonNegativeInt, PositiveFloat
 from tqdm.auto import tqdm
 from transformers import AutoConfig
 
-from bench.core.errors import BenchError, ConfigError
+from bench.core.errors import BenchError, ConfigError, first_line
 from bench.core.models import load_reward_backbone, load_tokenizer
 from bench.core.models import resolve as resolve_model
 from datamodules.formatting import RewardFormatter
@@ -136,7 +136,7 @@ def check_reward_model(path: str, role: str) -> str:
     try:
         config = AutoConfig.from_pretrained(source)
     except (OSError, ValueError) as err:
-        raise ConfigError(f"{role} reward model {path} could not be read: {str(err).splitlines()[0]}") from err
+        raise ConfigError(f"{role} reward model {path} could not be read: {first_line(err)}") from err
     architectures = config.architectures or []
     if not any(a.endswith("ForSequenceClassification") for a in architectures) or config.num_labels != 1:
         raise ConfigError(

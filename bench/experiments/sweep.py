@@ -26,7 +26,7 @@ from optuna.trial import TrialState
 from optuna_integration import PyTorchLightningPruningCallback
 
 import modules
-from bench.core.errors import BenchError, ConfigError
+from bench.core.errors import BenchError, ConfigError, first_line
 from bench.core.workers import WORKER_TAG, is_dead_local_worker, this_worker
 from bench.reports import figures
 from bench.runs import tracking
@@ -183,7 +183,7 @@ def open_storage(url: str, heartbeat_interval: int, grace_period: int) -> RDBSto
                 time.sleep(0.5 * (attempt + 1))
     except Exception as err:  # SQLAlchemy raises many kinds: bad URL, no driver, refused connection
         shown = url.split("@")[-1] if "@" in url else url  # never print a password
-        raise BenchError(f"Optuna storage {shown!r} is unreachable: {type(err).__name__}: {str(err).splitlines()[0]}") from err
+        raise BenchError(f"Optuna storage {shown!r} is unreachable: {type(err).__name__}: {first_line(err)}") from err
 
 
 class SweepPruning(PyTorchLightningPruningCallback):

@@ -19,10 +19,10 @@ import mlflow
 import torch
 import yaml
 
-from bench.runs import recipes, tracking
-from bench.core.errors import BenchError
+from bench.core.errors import BenchError, first_line
 from bench.core.paths import check_writable_dir, is_disk_full
 from bench.core.workers import WORKER_TAG, close_dead_runs, lock_run_dir, this_worker
+from bench.runs import recipes, tracking
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +101,7 @@ def earlier_run(run_dir: Path) -> dict | None:
         status = mlflow.MlflowClient(tracking.tracking_uri()).get_run(record["mlflow_run_id"]).info.status
     except Exception as err:  # a damaged record, or a run this tracking store does not hold
         raise BenchError(f"{record_file}: cannot read its MLflow run from {tracking.tracking_uri()}: "
-                         f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from err
+                         f"{type(err).__name__}: {first_line(err)}") from err
     if status == "FINISHED":
         raise BenchError(f"{run_dir} holds MLflow run {record['mlflow_run_id']}, which already finished; "
                          "train in a new directory")
@@ -128,8 +128,9 @@ def at_a_glance(algorithm: str, config: dict, tags: dict[str, str]) -> tuple[str
     """The run's name in the MLflow UI (what, seed, budget) and its key params. The `algo.` params sort before
     every config section: MLflow's compare view plots the first three params that differ, alphabetically."""
     trainer, flat = config["trainer"], tracking.flatten(config)
+    epochs = trainer.get("max_epochs") or 1
     budget = (f"{trainer['max_steps']} steps" if (trainer.get("max_steps") or -1) > 0
-              else f"{trainer.get('max_epochs') or 1} epoch" + ("s" if (trainer.get("max_epochs") or 1) > 1 else ""))
+              else f"{epochs} epoch{'s' if epochs > 1 else ''}")
     label = tags.get("compare_stage") or (f"{tags['optuna.study']} trial {tags['optuna.trial']}"
                                           if "optuna.trial" in tags else algorithm)
     params = {"algo.name": algorithm, "algo.seed": config["seed_everything"], "algo.budget": budget,
