@@ -228,8 +228,7 @@ class HHRLHFDataModule(L.LightningDataModule):
         group_by_length: bool = True,
     ):
         super().__init__()
-        if not isinstance(candidate_sampling, Sampling):  # a mapping, from a YAML config
-            candidate_sampling = Sampling(**dict(candidate_sampling))
+        candidate_sampling = Sampling.of(candidate_sampling, "data.candidate_sampling")  # a mapping, from a YAML config
         if view == "ranked":
             check_num_candidates(num_candidates)
             if not proxy:

@@ -37,7 +37,7 @@ def declared_names() -> list[str]:
 
     Importing the registry loads torch, Lightning and transformers (about 4 s): help, argument errors and
     recipe checks use this instead. It reads a class-level `name = "..."` in each module file;
-    `tests/test_registry.py` checks that it lists exactly the registry's names.
+    `tests/modules/test_registry.py` checks that it lists exactly the registry's names.
     """
     found = []
     for info in pkgutil.iter_modules(__path__):

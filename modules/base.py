@@ -58,14 +58,6 @@ def all_gather_objects(value) -> list:
     return gathered
 
 
-def optimizer_with_warmup(parameters, optimizer: str, lr: float, weight_decay: float, warmup_steps: int) -> dict:
-    """AdamW or RMSprop with linear warmup then a constant rate, as in the DPO reference code."""
-    optimizer_class = {"adamw": torch.optim.AdamW, "rmsprop": torch.optim.RMSprop}[optimizer]
-    instance = optimizer_class(parameters, lr=lr, weight_decay=weight_decay)
-    warmup = torch.optim.lr_scheduler.LambdaLR(instance, lambda step: min(1.0, (step + 1) / (warmup_steps + 1)))
-    return {"optimizer": instance, "lr_scheduler": {"scheduler": warmup, "interval": "step"}}
-
-
 class NonFiniteLoss(BenchError):
     """A NaN or inf training loss, with where it happened."""
 
@@ -74,9 +66,17 @@ NonFiniteLossPolicy = Literal["error", "skip"]
 
 
 class TrainedHFModel(L.LightningModule):
-    """One HF model trained in `_step` and saved with its tokenizer, in HF format, at the end of training.
-    Subclasses provide `trained_model`, `tokenizer`, `_step` and the optimizer hyperparameters, and
-    `nonfinite_loss` ("error" or "skip") among their hyperparameters."""
+    """One HF model trained in `_step` by the optimizer these settings make, and saved with its tokenizer, in HF
+    format, at the end of training. Subclasses provide `trained_model`, `tokenizer`, `_step` and `nonfinite_loss`
+    ("error" or "skip") among their hyperparameters, and pass these settings on in `**kwargs`, which the CLI
+    follows here: `--model.lr` and the rest are declared, documented and checked once, for every module.
+
+    Args:
+        lr: peak learning rate, reached after `warmup_steps` of linear warmup.
+        optimizer: adamw or rmsprop (the DPO paper's choice).
+        weight_decay: AdamW/RMSprop weight decay.
+        warmup_steps: linear warmup length in optimizer steps.
+    """
 
     output_name: ClassVar[str]  # the folder, in the run directory, that the model is saved to
     # The facts `bench` reads about a trainable module (`modules.registry()`); a class that sets `name` is found
@@ -91,6 +91,20 @@ class TrainedHFModel(L.LightningModule):
     colour: ClassVar[str] = "#7f7f7f"  # its colour in every figure
     skipped_batches: int = 0
     step_metrics_to_log: dict | None = None  # from the checkpoint a run resumes from
+
+    def __init__(
+        self,
+        lr: PositiveFloat = 5e-7,  # a policy's; the reward model passes its own
+        optimizer: Literal["adamw", "rmsprop"] = "adamw",
+        weight_decay: float = 0.0,
+        warmup_steps: NonNegativeInt = 0,
+    ):
+        super().__init__()
+        require_positive(lr=lr)
+        require_non_negative(warmup_steps=warmup_steps)
+        # Saved here, not by the subclass: Lightning collects the arguments of every __init__ still running,
+        # and these settings are variables of this one only (a subclass's kwargs hold just those passed).
+        self.save_hyperparameters(logger=False)
 
     @property
     def trained_model(self) -> torch.nn.Module:
@@ -142,9 +156,13 @@ class TrainedHFModel(L.LightningModule):
         """Non-padding tokens the model reads for one training batch: what a training budget counts."""
         return int(sum(mask.sum() for key, mask in batch.items() if key.endswith("attention_mask")))
 
-    def configure_optimizers(self):
+    def configure_optimizers(self) -> dict:
+        """AdamW or RMSprop with linear warmup then a constant rate, as in the DPO reference code."""
         hp = self.hparams
-        return optimizer_with_warmup(self.trainable_parameters(), hp.optimizer, hp.lr, hp.weight_decay, hp.warmup_steps)
+        optimizer_class = {"adamw": torch.optim.AdamW, "rmsprop": torch.optim.RMSprop}[hp.optimizer]
+        optimizer = optimizer_class(self.trainable_parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
+        warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / (hp.warmup_steps + 1)))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": warmup, "interval": "step"}}
 
     @property
     def output_dir(self) -> Path:
@@ -200,13 +218,11 @@ class TrainedHFModel(L.LightningModule):
 class AlignmentModule(TrainedHFModel):
     """Base of every algorithm. A subclass names its data view and implements `loss_and_metrics`.
 
+    The optimizer settings (`lr`, `optimizer`, `weight_decay`, `warmup_steps`) are TrainedHFModel's.
+
     Args:
         policy: model spec of the policy to train (hub id, folder, ``smollm2-135m-instruct`` or ``tiny``).
         reference: model spec of the frozen reference; a copy of the initial policy when unset.
-        lr: peak learning rate, reached after `warmup_steps` of linear warmup.
-        optimizer: adamw or rmsprop (the DPO paper's choice).
-        weight_decay: AdamW/RMSprop weight decay.
-        warmup_steps: linear warmup length in optimizer steps.
         trust_remote_code: allow model code from the hub; off unless asked for.
         reference_cache: take the reference's log-probs from the on-disk cache (`modules.reference_cache`),
             computing the missing ones once before training; the reference is not even loaded when
@@ -227,25 +243,18 @@ class AlignmentModule(TrainedHFModel):
         self,
         policy: str = "smollm2-135m-instruct",
         reference: str | None = None,
-        lr: PositiveFloat = 5e-7,
-        optimizer: Literal["adamw", "rmsprop"] = "adamw",
-        weight_decay: float = 0.0,
-        warmup_steps: NonNegativeInt = 0,
         trust_remote_code: bool = False,
         reference_cache: bool = True,
         nonfinite_loss: NonFiniteLossPolicy = "error",
         rows_per_forward: PositiveInt | None = None,
+        **kwargs,  # the optimizer settings (TrainedHFModel)
     ):
-        super().__init__()
-        require_positive(lr=lr)
+        super().__init__(**kwargs)
         if rows_per_forward is not None:
             require_positive(rows_per_forward=rows_per_forward)
-        if warmup_steps < 0:
-            raise ConfigError(f"model.warmup_steps must be >= 0, got {warmup_steps}")
         for spec in (policy, reference):
             if spec is not None:
                 resolve_model(spec)  # fail on a bad spec now, not after the run has started
-        self.save_hyperparameters(logger=False)
         self.policy: torch.nn.Module | None = None
         self.reference: torch.nn.Module | None = None
         self.reference_logps_cache: ReferenceLogpCache | None = None

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from jsonargparse.typing import NonNegativeFloat, NonNegativeInt, PositiveFloat
+from jsonargparse.typing import NonNegativeFloat, PositiveFloat
 from tqdm.auto import tqdm
 from transformers import AutoConfig
 
@@ -16,7 +16,7 @@ from bench.core.errors import BenchError, ConfigError, first_line
 from bench.core.models import load_reward_backbone, load_tokenizer
 from bench.core.models import resolve as resolve_model
 from datamodules.formatting import RewardFormatter
-from modules.base import NonFiniteLossPolicy, TrainedHFModel, require_positive
+from modules.base import NonFiniteLossPolicy, TrainedHFModel
 from modules.losses import bradley_terry_loss
 
 log = logging.getLogger(__name__)
@@ -30,12 +30,14 @@ MAX_LENGTH_KEY = "bench_reward_max_length"  # the length it was trained at: scor
 class RewardModel(TrainedHFModel):
     """r(x, y) from an HF sequence-classification backbone with one output.
 
+    The optimizer settings (`lr`, `optimizer`, `weight_decay`, `warmup_steps`) are TrainedHFModel's, as for the
+    policy modules; only the default `lr` is the reward model's own.
+
     Args:
         backbone: model spec of the backbone (``all-minilm-l6-v2``, a hub id or a folder).
         role: proxy or judge, each trained on its own half of the train split; shared (one model for
             both roles, trained on the whole split) must be chosen explicitly, and is recorded; gold (the
             simulated labeller of `bench label`, trained on the whole split, never optimised against).
-        lr, optimizer, weight_decay, warmup_steps: as for the policy modules.
         center_rewards_coefficient: c in c * mean((r+ + r-)^2), keeping rewards centred.
         max_length: transcripts are cut from the left to this many backbone tokens.
         train_on: which train pairs a proxy or judge reads: its own half of the train split ("half"), or all of
@@ -51,20 +53,16 @@ class RewardModel(TrainedHFModel):
         self,
         backbone: str = "all-minilm-l6-v2",
         role: Role = "proxy",
-        lr: PositiveFloat = 5e-5,
-        optimizer: Literal["adamw", "rmsprop"] = "adamw",
-        weight_decay: float = 0.0,
-        warmup_steps: NonNegativeInt = 0,
+        lr: PositiveFloat = 5e-5,  # declared again only for this default (documented and checked in TrainedHFModel)
         center_rewards_coefficient: NonNegativeFloat = 0.0,
         max_length: int = 512,
         train_on: Literal["half", "all"] = "half",
         trust_remote_code: bool = False,
         nonfinite_loss: NonFiniteLossPolicy = "error",
+        **kwargs,  # the optimizer's other settings (TrainedHFModel)
     ):
-        super().__init__()
-        require_positive(lr=lr)
+        super().__init__(lr=lr, **kwargs)
         resolve_model(backbone)
-        self.save_hyperparameters(logger=False)
         self.model: torch.nn.Module | None = None
 
     def configure_model(self) -> None:

@@ -3,7 +3,7 @@
 import json
 import shlex
 
-from bench.cli.options import OneLineParser, seed_list, split_eval_overrides
+from bench.cli.options import OneLineParser, seed_list
 
 
 def parser() -> OneLineParser:
@@ -23,12 +23,12 @@ def run(argv: list[str]) -> None:
     from bench.runs import recipes
 
     args, rest = parser().parse_known_args(argv)
-    from bench.experiments.compare import compare, comparison_recipe
+    recipe_name, _ = recipes.load(args.recipe)  # a missing or malformed recipe is said before torch loads
+    from bench.experiments.compare import compare, dry_run
 
-    recipe_name, recipe = recipes.load(args.recipe)
-    # compare.eval is merged first, so that the command line's --eval.KEY wins over it
-    recipe, overrides = split_eval_overrides(comparison_recipe(recipe), rest)
-    runs = compare(recipe_name, recipe, overrides, dry_run=args.dry_run, data_path=args.data_path, seeds=args.seeds,
+    if args.dry_run:
+        dry_run(args.recipe, rest, data_path=args.data_path, seeds=args.seeds)
+        return
+    runs = compare(args.recipe, rest, data_path=args.data_path, seeds=args.seeds,
                    command=shlex.join(["bench", "compare", *argv]))
-    if not args.dry_run:
-        print(f"comparison finished: {json.dumps(runs)}; `bench table --experiment {recipe_name}` writes the table")
+    print(f"comparison finished: {json.dumps(runs)}; `bench table --experiment {recipe_name}` writes the table")

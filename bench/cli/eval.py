@@ -27,13 +27,31 @@ def parser() -> OneLineParser:
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--seed", type=int)
     parser.add_argument("--backend", help="sampling backend: harness (default) or hf (model.generate)")
+    parser.epilog = ("Each flag is one of the recipe's eval settings (--n-prompts is --eval.n_prompts, --backend "
+                     "--eval.sampling.backend); any of them can be given as --eval.KEY=VALUE, as in train, compare "
+                     "and sweep.")
     return parser
 
 
+SETTINGS = ("n_prompts", "judge", "judge_model", "judge_prompt", "proxy")  # each flag is eval.<its name>
+SAMPLING = ("temperature", "top_p", "max_new_tokens", "batch_size", "seed", "backend")  # eval.sampling.<its name>
+
+
+def flag_settings(args) -> dict:
+    """The flags given, as the recipe's `eval:` settings they set (`--n-prompts` is `--eval.n_prompts`)."""
+    settings = {key: None if getattr(args, key) == "none" else getattr(args, key)
+                for key in SETTINGS if getattr(args, key) is not None}
+    sampling = {key: getattr(args, key) for key in SAMPLING if getattr(args, key) is not None}
+    return {**settings, "sampling": sampling} if sampling else settings
+
+
 def run(argv: list[str]) -> None:
-    args = parser().parse_args(argv)
-    from bench.evaluation.evaluate import EvalSettings, evaluate, recipe_of_run, resolve_target
-    from bench.experiments import gold
+    args, rest = parser().parse_known_args(argv)
+    unknown = [arg for arg in rest if not arg.startswith("--eval.")]
+    if unknown:
+        raise BenchError(f"unrecognized arguments: {' '.join(unknown)}; see `bench eval --help`")
+    from bench.evaluation.evaluate import evaluate, recipe_of_run, resolve_target
+    from bench.experiments.recipe import resolve
     from bench.runs import recipes
 
     run_recipe = recipe_of_run(args.target)
@@ -43,20 +61,8 @@ def run(argv: list[str]) -> None:
     if not args.recipe and run_recipe and run_recipe not in recipes.available():
         raise BenchError(f"run {args.target} was trained with recipe {run_recipe!r}, not one shipped with bench: "
                          f"pass its file with --recipe PATH/{run_recipe}.yaml")
-    recipe_name, recipe_config = recipes.load(args.recipe or run_recipe or "smol-hh")
-    recipe_config = gold.gold_world(recipe_name, recipe_config)
-    eval_config = dict(recipe_config.get("eval") or {})
-    for key in ("n_prompts", "judge", "judge_model", "judge_prompt", "proxy"):
-        if getattr(args, key) is not None:
-            eval_config[key] = None if getattr(args, key) == "none" else getattr(args, key)
-    sampling = dict(eval_config.get("sampling", {}))
-    for key in ("temperature", "top_p", "max_new_tokens", "batch_size", "seed", "backend"):
-        if getattr(args, key) is not None:
-            sampling[key] = getattr(args, key)
-    eval_config["sampling"] = sampling
-    data = dict(recipe_config.get("data", {}))
-    if args.data_path:
-        data["path"] = args.data_path
-    target = resolve_target(args.target, args.reference, data, recipe_name)
-    metrics = evaluate(target, EvalSettings.from_dict(eval_config))
+    recipe, _ = resolve(args.recipe or run_recipe or "smol-hh", rest, data_path=args.data_path,
+                        eval_settings=flag_settings(args))
+    target = resolve_target(args.target, args.reference, recipe.data, recipe.name)
+    metrics = evaluate(target, recipe.eval)
     print(json.dumps(metrics, indent=2))

@@ -26,15 +26,13 @@ def run(argv: list[str]) -> None:
     from bench.runs import recipes
 
     args = parser().parse_args(argv)
-    from bench.experiments import gold
-
-    recipe_name, recipe = recipes.load(args.recipe)
+    recipe_name, loaded = recipes.load(args.recipe)  # before torch loads
     given = {key: value for key, value in (("model", args.gold), ("rule", args.rule), ("temperature", args.temperature),
                                            ("seed", args.seed), ("input_format", args.input_format)) if value is not None}
-    recipe = recipes.deep_merge(recipe, {"gold": given})
-    if args.data_path:
-        recipe = recipes.deep_merge(recipe, {"data": {"path": args.data_path}})
-    if not (recipe.get("gold") or {}).get("model"):
+    if not ((loaded.get("gold") or {}).get("model") or given.get("model")):
         raise BenchError(f"recipe {recipe_name} has no gold model: pass --gold SPEC")
-    world = gold.gold_world(recipe_name, recipe, create=True)
-    print(gold.describe_world(world))
+    from bench.experiments import gold
+    from bench.experiments.recipe import resolve
+
+    recipe, _ = resolve(args.recipe, world="create", data_path=args.data_path, gold_section=given)
+    print(gold.describe_world(recipe.gold_manifest, recipe.data["path"]))

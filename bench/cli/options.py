@@ -1,9 +1,8 @@
 """What the commands share to read their arguments: a parser whose errors are one line, and the option
-helpers of commands that pass the rest of their arguments on (to LightningCLI and the recipe's `eval:`)."""
+helpers of commands that pass the rest of their arguments on (`bench.experiments.recipe.resolve` takes the
+recipe's `--eval.*` from them, LightningCLI the rest)."""
 
 import argparse
-
-import yaml
 
 from bench.core.errors import BenchError
 
@@ -30,31 +29,6 @@ def pop_option(argv: list[str], name: str, default: str | None, bare: str | None
             rest.append(argv[i])
             i += 1
     return value, rest
-
-
-def split_eval_overrides(recipe: dict, argv: list[str]) -> tuple[dict, list[str]]:
-    """`--eval.n_prompts=8` or `--eval.sampling.max_new_tokens 32` set the recipe's `eval:` section; the
-    rest of argv is left for the trainer (LightningCLI overrides such as `--trainer.max_steps=2`)."""
-    from bench.runs.recipes import deep_merge
-
-    settings, rest, i = {}, [], 0
-    while i < len(argv):
-        arg = argv[i]
-        if arg.startswith("--eval."):
-            key, has_value, value = arg[2:].partition("=")
-            if not has_value:
-                if i + 1 >= len(argv):
-                    raise BenchError(f"{arg} needs a value")
-                value, i = argv[i + 1], i + 1
-            node = settings
-            *parents, leaf = key.split(".")[1:]
-            for part in parents:
-                node = node.setdefault(part, {})
-            node[leaf] = yaml.safe_load(value)
-        else:
-            rest.append(arg)
-        i += 1
-    return deep_merge(recipe, {"eval": settings}), rest
 
 
 def seed_list(text: str) -> list[int]:

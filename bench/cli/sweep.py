@@ -2,7 +2,7 @@
 
 import shlex
 
-from bench.cli.options import OneLineParser, split_eval_overrides
+from bench.cli.options import OneLineParser
 
 
 def parser() -> OneLineParser:
@@ -25,13 +25,10 @@ def parser() -> OneLineParser:
 
 def run(argv: list[str]) -> None:
     args, rest = parser().parse_known_args(argv)
-    from bench.experiments import gold
+    from bench.experiments.recipe import resolve
     from bench.experiments.sweep import sweep
-    from bench.runs import recipes
 
-    recipe_name, recipe = recipes.load(args.recipe)
-    recipe = gold.gold_world(recipe_name, recipe)
-    recipe, overrides = split_eval_overrides(recipe, rest)
-    sweep(args.algorithm, recipe_name, recipe, args.n_trials, args.study_name, args.storage, args.sampler,
+    recipe, overrides = resolve(args.recipe, rest)
+    sweep(args.algorithm, recipe, args.n_trials, args.study_name, args.storage, args.sampler,
           args.objective or ["eval/win_rate_vs_chosen"], args.seed, overrides, args.prune, args.space,
           command=shlex.join(["bench", "sweep", *argv]))

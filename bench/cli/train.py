@@ -6,7 +6,7 @@ import gc
 import os
 from datetime import datetime
 
-from bench.cli.options import pop_option, split_eval_overrides
+from bench.cli.options import pop_option
 from bench.core.errors import BenchError
 
 TRAIN_HELP = """usage: bench train ALGO [--recipe NAME|PATH] [--eval auto|true|false] [--resume [RUN_DIR]] [overrides]
@@ -64,28 +64,28 @@ def run(argv: list[str]) -> None:
 def train(algorithm: str, recipe_arg: str, run_eval: str, resume: str | None, argv: list[str]) -> None:
     from bench.runs import recipes
 
-    recipe_name, recipe = recipes.load(recipe_arg)
+    recipes.load(recipe_arg)  # a missing or malformed recipe is said before torch loads
     # torch and Lightning load here, after the cheap checks: help and argument errors stay fast.
     from bench.evaluation.evaluate import check_evaluation_possible, evaluate_after_training
-    from bench.experiments import gold
+    from bench.experiments.recipe import resolve
     from bench.runs.training import train_one
 
-    recipe = gold.gold_world(recipe_name, recipe)  # a gold-labelled recipe trains on its labels
-    recipe, argv = split_eval_overrides(recipe, argv)  # train evaluates: --eval.KEY=VALUE is its setting
+    # A gold-labelled recipe trains on its labels; train evaluates, so --eval.KEY=VALUE is its setting.
+    recipe, argv = resolve(recipe_arg, argv)
     if run_eval == "true" and algorithm != "rm":
-        check_evaluation_possible(recipe_name, recipe)  # before training, not after it
+        check_evaluation_possible(recipe.name, recipe.eval)  # before training, not after it
     if algorithm == "rm" and not any(a.startswith("--model.role") for a in argv):
         if resume:
             raise BenchError("--resume trains one reward model: add --model.role=proxy or --model.role=judge")
         # The default reward-model stage: a proxy and a judge, each on its own half of the train split.
         for role in ("proxy", "judge"):
-            train_one(algorithm, recipe_name, recipe, [*argv, f"--model.role={role}"],
+            train_one(algorithm, recipe.name, recipe.config(algorithm), [*argv, f"--model.role={role}"],
                       run_name=f"rm-{role}-{datetime.now():%Y%m%d-%H%M%S}-{os.getpid()}")
     else:
-        run_id = train_one(algorithm, recipe_name, recipe, argv, resume=resume,
+        run_id = train_one(algorithm, recipe.name, recipe.config(algorithm), argv, resume=resume,
                            bench_args=[] if run_eval == "auto" else ["--eval", run_eval]).run_id
         # The trainer, models and optimizer state form reference cycles; free them before evaluation
         # loads its own models (PPO's training state alone is about 17 GB with SmolLM2 on CPU).
         gc.collect()
         if algorithm != "rm" and run_id is not None and run_eval != "false":
-            evaluate_after_training(run_id, recipe_name, recipe, required=run_eval == "true")
+            evaluate_after_training(run_id, recipe.name, recipe.eval, required=run_eval == "true")

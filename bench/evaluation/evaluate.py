@@ -79,7 +79,7 @@ class EvalSettings:
     @classmethod
     def from_dict(cls, values: dict | None) -> "EvalSettings":
         values = dict(values or {})
-        sampling = Sampling(**values.pop("sampling", {}))
+        sampling = Sampling.of(values.pop("sampling", None), "eval.sampling")
         unknown = set(values) - set(cls.__dataclass_fields__)
         if unknown:
             raise ConfigError(f"unknown eval settings {sorted(unknown)}; known: {sorted(cls.__dataclass_fields__)}")
@@ -457,9 +457,8 @@ def record_eval(target: Target, settings: EvalSettings, judge, proxy, metrics: d
     return run_id
 
 
-def check_evaluation_possible(recipe_name: str, recipe: dict) -> None:
+def check_evaluation_possible(recipe_name: str, settings: EvalSettings) -> None:
     """`--eval true` needs a judge: the recipe's, or the experiment's newest judge reward model."""
-    settings = EvalSettings.from_dict(recipe.get("eval"))
     if settings.judge == "latest":
         try:
             tracking.find_reward_model(recipe_name, "judge")
@@ -467,10 +466,9 @@ def check_evaluation_possible(recipe_name: str, recipe: dict) -> None:
             raise BenchError(f"--eval true: {err} (--eval.judge=PATH)") from None
 
 
-def evaluate_after_training(run_id: str, recipe_name: str, recipe: dict, required: bool) -> None:
+def evaluate_after_training(run_id: str, recipe_name: str, settings: EvalSettings, required: bool) -> None:
     """`bench eval` on the run just trained. Without a judge reward model in the recipe's experiment
     this warns and skips, unless `--eval true` asked for it."""
-    settings = EvalSettings.from_dict(recipe.get("eval"))
     if settings.judge == "latest" and not required:
         try:
             tracking.find_reward_model(recipe_name, "judge")

@@ -56,7 +56,7 @@ class OnPolicySettings:
     @classmethod
     def from_dict(cls, values: dict | None) -> "OnPolicySettings":
         values = dict(values or {})
-        sampling = Sampling(**{**asdict(cls().sampling), **(values.pop("sampling", None) or {})})
+        sampling = Sampling.of(values.pop("sampling", None), "gold.on_policy.sampling", **asdict(cls().sampling))
         unknown = set(values) - set(cls.__dataclass_fields__)
         if unknown:
             raise ConfigError(f"unknown gold.on_policy settings {sorted(unknown)}; known: "

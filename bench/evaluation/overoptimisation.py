@@ -36,8 +36,7 @@ class ScoresAlongTraining(L.Callback):
 
     def __init__(self, judge: str, proxy: str, n_prompts: int = 32, every_n_steps: int = 4,
                  sampling: Sampling = Sampling(max_new_tokens=64)):
-        if not isinstance(sampling, Sampling):  # a mapping, from a recipe
-            sampling = Sampling(**{"max_new_tokens": 64, **dict(sampling)})
+        sampling = Sampling.of(sampling, "compare.overoptimisation.sampling", max_new_tokens=64)  # a recipe's mapping
         self.judge_spec, self.proxy_spec = judge, proxy
         self.n_prompts, self.every_n_steps, self.sampling = n_prompts, every_n_steps, sampling
         self.measured_at: set[int] = set()

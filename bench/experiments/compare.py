@@ -12,11 +12,11 @@ tiny model, tiny data settings and a throwaway MLflow store, and runs one step o
 
 import contextlib
 import gc
-import inspect
 import logging
 import os
 import shlex
 import tempfile
+from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 
@@ -25,63 +25,18 @@ import mlflow
 import modules
 from bench.core.errors import BenchError, ConfigError
 from bench.core.workers import WORKER_TAG, close_dead_runs, this_worker
-from bench.evaluation.best_of_n import check_ns, evaluate_best_of_n
+from bench.evaluation.best_of_n import evaluate_best_of_n
 from bench.evaluation.best_of_n import stage_name as best_of_n_stage_name
+from bench.evaluation.evaluate import EvalSettings
 from bench.evaluation.overoptimisation import ScoresAlongTraining
-from bench.evaluation.rewards import reward_needs_hub
-from bench.experiments import gold
+from bench.experiments.recipe import Recipe, resolve
 from bench.reports import figures
-from bench.runs import recipes, tracking
+from bench.runs import tracking
 from bench.runs.strategies import check_strategies
 
 log = logging.getLogger(__name__)
 
 ROWS_PER_PROMPT = {"unpaired": 2}  # KTO: a desirable and an undesirable row per prompt; other views one
-
-
-def stage_names() -> list[str]:
-    """Every stage, in the order they run: SFT, the reward models, then the aligned algorithms."""
-    return ["sft", "rm", *modules.aligned()]
-
-
-def arms_of(recipe_name: str, recipe: dict) -> dict[str, tuple[str, dict]]:
-    """`compare.arms`: {arm: (its algorithm, the recipe sections it overrides for that algorithm)}. An arm is an
-    algorithm with other settings, run as a stage of its own (`dpo-beta0.5: {algorithm: dpo, model: {beta: 0.5}}`)."""
-    arms = {}
-    for name, section in ((recipe.get("compare") or {}).get("arms") or {}).items():
-        section = dict(section or {})
-        algorithm = section.pop("algorithm", None)
-        if algorithm not in modules.aligned():
-            raise ConfigError(f"recipe {recipe_name}: compare.arms.{name}.algorithm must name an aligned algorithm "
-                              f"({', '.join(modules.aligned())}), got {algorithm!r}")
-        unknown = set(section) - set(recipes.CLI_SECTIONS)
-        if unknown:
-            raise ConfigError(f"recipe {recipe_name}: compare.arms.{name} has {sorted(unknown)}; an arm overrides "
-                              f"only {', '.join(recipes.CLI_SECTIONS)}")
-        if name in stage_names():
-            raise ConfigError(f"recipe {recipe_name}: compare.arms.{name} would hide the stage of that name")
-        arms[name] = (algorithm, section)
-    return arms
-
-
-def algorithm_of(stage: str, arms: dict[str, tuple[str, dict]]) -> str:
-    return arms[stage][0] if stage in arms else stage
-
-
-def stages_of(recipe_name: str, recipe: dict) -> list[str]:
-    all_stages, arms = stage_names(), arms_of(recipe_name, recipe)
-    stages = list((recipe.get("compare") or {}).get("stages") or ("rm", *modules.aligned()))
-    unknown = [s for s in stages if s not in all_stages and s not in arms]
-    if unknown:
-        raise ConfigError(f"recipe {recipe_name}: compare.stages names {unknown}, which is not a stage; "
-                          f"stages are {', '.join(all_stages)} and the recipe's compare.arms ({', '.join(arms) or 'none'})")
-    optimising = [s for s in stages if algorithm_of(s, arms) in modules.aligned()
-                  and modules.module_class(algorithm_of(s, arms)).proxy_setting]
-    if optimising and "rm" not in stages:
-        raise ConfigError(f"recipe {recipe_name}: compare.stages has {', '.join(optimising)}, which optimise a proxy "
-                          "reward model, but no `rm` stage to train it")
-    # SFT before the reward models before the algorithms; an arm where its algorithm stands, in the recipe's order
-    return sorted(stages, key=lambda s: (all_stages.index(algorithm_of(s, arms)), stages.index(s)))
 
 
 def budget_overrides(algorithm: str, config: dict, prompts: int) -> list[str]:
@@ -103,78 +58,6 @@ def budget_overrides(algorithm: str, config: dict, prompts: int) -> list[str]:
             f"--data.max_train_pairs={prompts}"]
 
 
-def comparison_recipe(recipe: dict) -> dict:
-    """The recipe with `compare.algorithms` and `compare.eval` merged in: they override it for comparisons only."""
-    settings = recipe.get("compare") or {}
-    merged = recipes.deep_merge(recipe, {"algorithms": settings.get("algorithms") or {},
-                                         "eval": settings.get("eval") or {}})
-    merged["compare"] = {k: v for k, v in settings.items() if k not in ("algorithms", "eval")}
-    return merged
-
-
-def dry_run_recipe(recipe: dict, data_path: str) -> dict:
-    """The recipe with the tiny policy, MiniLM reward models, short sequences and one step per stage."""
-    small = comparison_recipe(recipe)
-    trainer = small.setdefault("trainer", {})
-    trainer.update(accelerator="cpu", devices=1, strategy="auto", precision="32-true", max_steps=1, max_epochs=-1,
-                   val_check_interval=1, limit_val_batches=1, num_sanity_val_steps=0, enable_model_summary=False)
-    trainer.pop("num_nodes", None)
-    small.setdefault("data", {}).update(path=data_path, batch_size=2, eval_batch_size=2, max_train_pairs=8,
-                                        max_val_pairs=2, max_length=64, max_prompt_length=32)
-    small.setdefault("model", {}).update(policy="tiny", reference=None)
-    for name, section in (small.get("algorithms") or {}).items():
-        section = section or {}
-        model, data = section.get("model") or {}, section.get("data") or {}
-        if name == "rm":
-            model.update(backbone="all-minilm-l6-v2", max_length=64)
-        else:
-            model.update(policy="tiny", reference=None)
-        if "max_new_tokens" in model:
-            model["max_new_tokens"] = 4
-        if name in modules.registry() and modules.module_class(name).online:  # one update per rollout
-            accepted = inspect.signature(modules.module_class(name).__init__).parameters
-            model.update({key: 1 for key in ("ppo_epochs", "num_mini_batches", "num_iterations") if key in accepted})
-        for key in ("batch_size", "eval_batch_size"):
-            if key in data:
-                data[key] = 2
-        if "candidate_sampling" in data:
-            data["candidate_sampling"] = {**data["candidate_sampling"], "max_new_tokens": 4, "batch_size": 4}
-        for key in ("max_train_pairs", "max_val_pairs"):
-            data.pop(key, None)
-        if "trainer" in section:
-            for key in ("max_steps", "max_epochs", "limit_train_batches", "val_check_interval", "limit_val_batches",
-                        "strategy", "precision", "accelerator", "devices", "num_nodes"):
-                section["trainer"].pop(key, None)
-        section.update(model=model, data=data)
-        small["algorithms"][name] = section
-    compare = small.setdefault("compare", {})
-    compare["budget_prompts"] = 2
-    if compare.get("best_of_n"):
-        compare["best_of_n"] = [1, 2]
-    if compare.get("best_of_n_gold"):
-        compare["best_of_n_gold"] = [2]
-    if compare.get("overoptimisation"):
-        compare["overoptimisation"] = {**compare["overoptimisation"], "n_prompts": 2, "every_n_steps": 1,
-                                       "sampling": {"max_new_tokens": 4, "batch_size": 2}}
-    on_policy = (small.get("gold") or {}).get("on_policy")
-    if on_policy is not None:  # the tiny policy samples a few short responses to a few prompts
-        small["gold"]["on_policy"] = {**on_policy, "max_prompts": 160, "max_prompt_tokens": 64,
-                                      "prompts": "hh-first-turn",
-                                      "sampling": {**(on_policy.get("sampling") or {}), "max_new_tokens": 8,
-                                                   "batch_size": 64}}
-        small["data"].update(val_fraction=0.2, test_fraction=0.2)
-    if small.get("gold") and reward_needs_hub(small["gold"].get("model")):  # a local gold stands in for a hub one
-        small["gold"] = {**small["gold"], "model": "reward:vader"}
-    if small.get("gold"):  # a one-step MiniLM gold model labels the slice
-        small["gold"] = {**small["gold"], "train": {"trainer": {"max_steps": 1, "max_epochs": -1, "limit_val_batches": 1},
-                                                   "data": {"batch_size": 2, "max_train_pairs": 8},
-                                                   "model": {"backbone": "all-minilm-l6-v2", "max_length": 64}}}
-    judge = "gold" if small.get("gold") and (small.get("eval") or {}).get("judge") == "gold" else "latest"
-    small["eval"] = {**(small.get("eval") or {}), "n_prompts": 2, "judge": judge, "proxy": "latest",
-                     "sampling": {**((small.get("eval") or {}).get("sampling") or {}), "max_new_tokens": 4, "batch_size": 2}}
-    return small
-
-
 @contextlib.contextmanager
 def throwaway_workspace():
     """A temporary working directory and MLflow store, so that a dry run leaves nothing behind."""
@@ -192,42 +75,27 @@ def throwaway_workspace():
                 os.environ["MLFLOW_TRACKING_URI"] = previous_uri
 
 
-def compare(recipe_name: str, recipe: dict, argv: list[str], dry_run: bool = False, data_path: str | None = None,
-            seeds: list[int] | None = None, command: str | None = None) -> dict:
-    """Run the comparison; returns {stage: run id}. `argv` holds LightningCLI overrides for every stage. A
-    recipe with a gold world (`gold:`) first gets its gold model and gold labels (`bench label`), cached."""
-    stages = stages_of(recipe_name, recipe)
-    seeds_of(recipe_name, recipe, seeds)  # checked before anything runs
-    if dry_run:
-        data_path = data_path or os.environ.get("HH_RLHF_PATH") or recipe.get("data", {}).get("path")
-        if not data_path or not Path(data_path).is_dir():
-            raise ConfigError(f"a dry run reads local data: set HH_RLHF_PATH or --data-path (recipe has {data_path!r})")
-        for line in check_strategies(recipe_name, recipe):  # the tiny stand-ins below train with strategy auto
-            print(f"strategy checked: {line}")
-        recipe = dry_run_recipe(recipe, str(Path(data_path).resolve()))
-        if "rm" not in stages:  # a local judge stands in for the recipe's (often a remote API)
-            stages = sorted([*stages, "rm"], key=stage_names().index)
-        with throwaway_workspace():
-            recipe = gold.gold_world(recipe_name, recipe, create=True)
-            runs = Comparison(recipe_name, recipe, stages, argv, seeds=(seeds or seeds_of(recipe_name, recipe, None))[:1]).run()
-        print(f"dry run of recipe {recipe_name}: {len(runs)} stages ran one step each: {', '.join(runs)}")
-        return runs
-    if data_path:
-        recipe = recipes.deep_merge(recipe, {"data": {"path": data_path}})
-    recipe = gold.gold_world(recipe_name, recipe, create=True)
-    return Comparison(recipe_name, recipe, stages, argv, seeds, command=command).run()
+def compare(recipe_arg: str, argv: list[str], data_path: str | None = None, seeds: list[int] | None = None,
+            command: str | None = None) -> dict:
+    """Run the comparison; returns {stage: run id}. `argv` holds the command line's overrides for every stage
+    (`--eval.*` and LightningCLI's). A recipe with a gold world (`gold:`) first gets its gold model and gold
+    labels (`bench label`), cached."""
+    recipe, argv = resolve(recipe_arg, argv, comparison=True, world="create", data_path=data_path, seeds=seeds)
+    return Comparison(recipe, argv, command=command).run()
 
 
-def seeds_of(recipe_name: str, recipe: dict, seeds: list[int] | None) -> list[int]:
-    """`--seeds`, else `compare.seeds`, else the recipe's one `seed_everything`."""
-    seeds = seeds if seeds is not None else (recipe.get("compare") or {}).get("seeds")
-    if seeds is None:
-        return [int(recipe.get("seed_everything", 0) or 0)]
-    if not isinstance(seeds, list) or not seeds or any(not isinstance(s, int) or s < 0 for s in seeds):
-        raise ConfigError(f"recipe {recipe_name}: compare.seeds must be a non-empty list of integers >= 0, got {seeds!r}")
-    if len(set(seeds)) != len(seeds):
-        raise ConfigError(f"recipe {recipe_name}: compare.seeds repeats a seed: {seeds}")
-    return seeds
+def dry_run(recipe_arg: str, argv: list[str], data_path: str | None = None, seeds: list[int] | None = None) -> dict:
+    """One step of every stage with tiny stand-ins, in a throwaway working directory and MLflow store; the
+    recipe's own distributed strategies are checked first (the stand-ins train with strategy auto)."""
+    recipe, _ = resolve(recipe_arg, argv, comparison=True, world="none", data_path=data_path, seeds=seeds)
+    for line in check_strategies(recipe.name, recipe.sections):
+        print(f"strategy checked: {line}")
+    with throwaway_workspace():
+        small, argv = resolve(recipe_arg, argv, comparison=True, world="create", data_path=data_path, seeds=seeds,
+                              dry_run=True)
+        runs = Comparison(small, argv).run()
+    print(f"dry run of recipe {recipe.name}: {len(runs)} stages ran one step each: {', '.join(runs)}")
+    return runs
 
 
 class Comparison:
@@ -236,23 +104,13 @@ class Comparison:
     evaluation and best-of-N; the judge is one for the whole comparison (the recipe's, for example a gold
     model, or the one the first seed trains), so that every row is judged by the same judge."""
 
-    def __init__(self, recipe_name: str, recipe: dict, stages: list[str], argv: list[str],
-                 seeds: list[int] | None = None, command: str | None = None):
-        self.recipe = comparison_recipe(recipe)
+    def __init__(self, recipe: Recipe, argv: list[str], command: str | None = None):
+        self.recipe, self.argv, self.recipe_name = recipe, argv, recipe.name
+        self.settings = recipe.compare
         # What reruns this comparison: its finished stages are reused (by config), the rest trained.
-        self.command = command or shlex.join(["bench", "compare", "--recipe", recipe_name, *argv])
-        self.recipe_name, self.stages, self.argv = recipe_name, stages, argv
-        self.seeds = seeds_of(recipe_name, self.recipe, seeds)
-        settings = self.recipe["compare"]
-        self.budget = settings.get("budget_prompts")
-        if self.budget is not None and (not isinstance(self.budget, int) or self.budget < 1):
-            raise ConfigError(f"recipe {recipe_name}: compare.budget_prompts must be a positive integer, got {self.budget!r}")
-        self.best_of_n = check_ns(settings["best_of_n"]) if settings.get("best_of_n") else []
-        self.best_of_n_gold = check_ns(settings["best_of_n_gold"]) if settings.get("best_of_n_gold") else []
-        self.arms = arms_of(recipe_name, self.recipe)
-        tracking_settings = settings.get("overoptimisation") or {}
-        self.tracked = set(tracking_settings.get("stages") or [])
-        self.tracking = {k: v for k, v in tracking_settings.items() if k != "stages"}
+        self.command = command or shlex.join(["bench", "compare", "--recipe", recipe.name, *argv])
+        self.stages, self.seeds, self.budget = list(self.settings.stages), list(self.settings.seeds), self.settings.budget_prompts
+        self.best_of_n, self.best_of_n_gold = list(self.settings.best_of_n), list(self.settings.best_of_n_gold)
         self.client = mlflow.MlflowClient(tracking.tracking_uri())
         self.runs: dict[str, str] = {}
 
@@ -275,23 +133,16 @@ class Comparison:
         return [f"--seed_everything={seed}", f"--data.seed={seed}"]
 
     def algorithm(self, stage: str) -> str:
-        return algorithm_of(stage, self.arms)
+        return self.settings.algorithm(stage)
 
     def aligned_stages(self) -> list[str]:
         return [s for s in self.stages if self.algorithm(s) in modules.aligned()]
-
-    def stage_recipe(self, stage: str) -> dict:
-        """The recipe a stage trains with: an arm's overrides merged over its algorithm's section."""
-        if stage not in self.arms:
-            return self.recipe
-        algorithm, overrides = self.arms[stage]
-        return recipes.deep_merge(self.recipe, {"algorithms": {algorithm: overrides}})
 
     def train(self, stage: str, algorithm: str, argv: list[str], seed: int, callbacks: list | None = None):
         from bench.runs.training import train_one
 
         tags = {"mlflow.parentRunId": self.parent, "compare_stage": stage, "seed": str(seed)}
-        result = train_one(algorithm, self.recipe_name, self.stage_recipe(stage), [*argv, *self.seed_args(seed), *self.argv],
+        result = train_one(algorithm, self.recipe_name, self.recipe.config(algorithm, self.settings.overrides(stage)), [*argv, *self.seed_args(seed), *self.argv],
                            run_name=f"{stage}-s{seed}-{datetime.now():%Y%m%d-%H%M%S}", tags=tags, reuse=True,
                            callbacks=callbacks, rerun_command=self.command)
         gc.collect()  # free the trainer and its models before the next stage loads its own
@@ -304,14 +155,13 @@ class Comparison:
 
     def run(self) -> dict:
         # Every stage's budget is checked before the first one trains.
-        budgets = {stage: budget_overrides(self.algorithm(stage), recipes.for_algorithm(self.stage_recipe(stage),
-                                                                                         self.algorithm(stage)), self.budget)
+        budgets = {stage: budget_overrides(self.algorithm(stage), self.recipe.config(self.algorithm(stage), self.settings.overrides(stage)), self.budget)
                    for stage in self.aligned_stages() if self.budget}
         close_dead_runs(self.client, self.recipe_name)
         self.parent = self.parent_run()
         log.info("comparison of %s over seeds %s under MLflow parent run %s", ", ".join(self.stages), self.seeds,
                  self.parent)
-        judge = (self.recipe.get("eval") or {}).get("judge")
+        judge = self.recipe.eval.judge
         self.judge = judge if judge not in (None, "latest") and not str(judge).startswith("http") else None
         with tracking.closed_on_error(self.client, self.parent, "the comparison", self.command,
                                       discard=self.refused_before_any_stage):
@@ -350,8 +200,8 @@ class Comparison:
             self.evaluate("sft", sft.run_id, seed, proxy)
         for stage in self.aligned_stages():
             callbacks = None
-            if stage in self.tracked and self.judge and proxy:
-                callbacks = [ScoresAlongTraining(self.judge, proxy, **self.tracking)]
+            if stage in self.settings.tracked and self.judge and proxy:
+                callbacks = [ScoresAlongTraining(self.judge, proxy, **self.settings.tracking)]
             result = self.train(stage, self.algorithm(stage),
                                 [*policy_args, *proxy_args.get(self.algorithm(stage), []), *budgets.get(stage, [])],
                                 seed, callbacks)
@@ -361,29 +211,24 @@ class Comparison:
 
     def record_proxy_agreement(self, run_id: str, proxy: str) -> None:
         """In a gold world: how often the proxy orders the held-out test pairs as the gold does."""
-        gold_spec = self.recipe.get("gold_model")
+        gold_spec = self.recipe.gold_model
         if not gold_spec or "eval/proxy_gold_agreement" in self.client.get_run(run_id).data.metrics:
             return
         from bench.evaluation.onpolicy import proxy_gold_agreement
 
-        metrics = proxy_gold_agreement(proxy, gold_spec, recipes.for_algorithm(self.recipe, "dpo")["data"])
+        metrics = proxy_gold_agreement(proxy, gold_spec, self.recipe.config("dpo")["data"])
         for key, value in metrics.items():
             self.client.log_metric(run_id, key, value)
         log.info("proxy %s orders %.3f of %d held-out pairs as the gold %s does (their labels: %.3f)", proxy,
                  metrics["eval/proxy_gold_agreement"], metrics["eval/proxy_gold_agreement_pairs"], gold_spec,
                  metrics["eval/label_gold_agreement"])
 
-    def eval_settings(self, seed: int, proxy: str | None):
-        from bench.evaluation.evaluate import EvalSettings
-
-        settings = dict(self.recipe.get("eval") or {})
+    def eval_settings(self, seed: int, proxy: str | None) -> EvalSettings:
+        settings = self.recipe.eval
         # "latest" means this comparison's own reward models, not whichever is newest in the experiment.
-        if self.judge and settings.get("judge", "latest") == "latest":
-            settings["judge"] = self.judge
-        if proxy and settings.get("proxy", "latest") == "latest":
-            settings["proxy"] = proxy
-        settings["sampling"] = {**(settings.get("sampling") or {}), "seed": seed}
-        return EvalSettings.from_dict(settings)
+        return replace(settings, judge=self.judge if self.judge and settings.judge == "latest" else settings.judge,
+                       proxy=proxy if proxy and settings.proxy == "latest" else settings.proxy,
+                       sampling=replace(settings.sampling, seed=seed))
 
     def evaluate(self, algorithm: str, run_id: str, seed: int, proxy: str | None) -> None:
         from bench.evaluation.evaluate import evaluate, resolve_target
@@ -397,7 +242,7 @@ class Comparison:
     def best_of_n_stage(self, seed: int, proxy: str, policy_args: list[str]) -> None:
         """Best-of-N of the reference policy (the aligned stages' starting point) for every N, judged on the
         same test prompts as the stages."""
-        config = recipes.for_algorithm(self.recipe, "dpo")
+        config = self.recipe.config("dpo")
         reference = policy_args[0].split("=", 1)[1] if policy_args else config["model"]["policy"]
         for pick, ns in (("proxy", self.best_of_n), ("gold", self.best_of_n_gold)):
             if not ns:

@@ -229,12 +229,16 @@ def check_gold_spec(spec: str) -> None:
                           "folder that exists, nor a hub id")
 
 
-def gold_model_dir(recipe_name: str, recipe: dict) -> Path:
-    """Where the recipe's trained gold model is cached: keyed by its training section and the human source."""
+def gold_training_config(recipe: dict) -> dict:
+    """The gold reward model's LightningCLI config: the recipe's `rm` config with `gold.train` over it."""
     from bench.runs import recipes
 
-    train = (recipe.get("gold") or {}).get("train") or {}
-    config = recipes.deep_merge(recipes.for_algorithm(recipe, "rm"), train)
+    return recipes.deep_merge(recipes.for_algorithm(recipe, "rm"), (recipe.get("gold") or {}).get("train") or {})
+
+
+def gold_model_dir(recipe: dict) -> Path:
+    """Where the recipe's trained gold model is cached: keyed by its training config and the human source."""
+    config = gold_training_config(recipe)
     sources = source_fingerprint(source_files(config["data"]["path"], config["data"].get("subsets")))
     key = hashlib.sha256(json.dumps({"config": config, "sources": sources}, sort_keys=True, default=str)
                          .encode()).hexdigest()[:24]
@@ -247,20 +251,17 @@ def ensure_gold_model(recipe_name: str, recipe: dict, train: bool) -> str:
     settings = gold_settings(recipe)
     if settings.model != "train":
         return settings.model
-    run_dir = gold_model_dir(recipe_name, recipe)
+    run_dir = gold_model_dir(recipe)
     model_dir = run_dir / "reward_model"
     if (model_dir / "config.json").exists():
         return str(model_dir)
     if not train:
         raise ConfigError(f"recipe {recipe_name}'s gold model is not trained yet: run `bench label --recipe "
                           f"{recipe_name}`, which trains it once (cached in {run_dir}) and labels the data")
-    from bench.runs import recipes
     from bench.runs.training import train_one
 
-    train_section = (recipe.get("gold") or {}).get("train") or {}
-    gold_recipe = recipes.deep_merge(recipe, {"algorithms": {"rm": train_section}})
     log.info("training the gold reward model of recipe %s into %s (once)", recipe_name, run_dir)
-    result = train_one("rm", recipe_name, gold_recipe, ["--model.role=gold", f"--trainer.default_root_dir={run_dir}"],
+    result = train_one("rm", recipe_name, gold_training_config(recipe), ["--model.role=gold", f"--trainer.default_root_dir={run_dir}"],
                        run_name=f"rm-gold-{time.strftime('%Y%m%d-%H%M%S')}", tags={"gold_model": "true"})
     if result.run_id is None:
         raise ConfigError("the gold reward model's training was interrupted")
@@ -316,9 +317,6 @@ def world_of(recipe: dict, folder: Path, manifest: dict, gold_spec: str) -> dict
     if eval_section.get("judge") == "gold":
         eval_section["judge"] = gold_spec
         world["eval"] = eval_section
-    compare_eval = ((world.get("compare") or {}).get("eval") or {})
-    if compare_eval.get("judge") == "gold":
-        world["compare"]["eval"]["judge"] = gold_spec
     world["gold_model"] = gold_spec
     return world
 
@@ -348,7 +346,6 @@ def describe(manifest: dict, folder: str) -> str:
     ])
 
 
-def describe_world(world: dict) -> str:
+def describe_world(manifest: dict, folder: str) -> str:
     """`bench label`'s report of whichever gold world the recipe has."""
-    manifest, folder = world["gold_manifest"], world["data"]["path"]
     return onpolicy.describe(manifest, folder) if manifest.get("kind") == "on-policy" else describe(manifest, folder)

@@ -12,7 +12,7 @@ import logging
 import shlex
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import mlflow
@@ -28,6 +28,7 @@ from optuna_integration import PyTorchLightningPruningCallback
 import modules
 from bench.core.errors import BenchError, ConfigError, first_line
 from bench.core.workers import WORKER_TAG, is_dead_local_worker, this_worker
+from bench.experiments.recipe import Recipe
 from bench.reports import figures
 from bench.runs import tracking
 from bench.runs.recipes import SWEEP_DIR
@@ -140,12 +141,10 @@ def make_sampler(name: str, space: SearchSpace, seed: int, n_objectives: int) ->
     raise ConfigError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
 
 
-def check_trial_config(algorithm: str, recipe_name: str, recipe: dict, space: SearchSpace,
-                       overrides: list[str]) -> None:
+def check_trial_config(algorithm: str, recipe: Recipe, space: SearchSpace, overrides: list[str]) -> None:
     """Parse and build a trial's config (the overrides, with each searched value at one end of its range)
     and its eval settings before the study or any MLflow run exists: a bad override then fails here,
     not inside trial 0."""
-    from bench.evaluation.evaluate import EvalSettings
     from bench.runs.training import train_one
 
     def example(distribution):
@@ -153,8 +152,7 @@ def check_trial_config(algorithm: str, recipe_name: str, recipe: dict, space: Se
 
     params = [f"--{name}={example(distribution)}" for name, distribution in space.distributions.items()]
     try:
-        EvalSettings.from_dict({**(recipe.get("eval") or {}), "split": "validation"})
-        train_one(algorithm, recipe_name, recipe, [*overrides, *params], check_only=True)
+        train_one(algorithm, recipe.name, recipe.config(algorithm), [*overrides, *params], check_only=True)
     except BenchError as err:
         raise BenchError(f"a trial's config: {err}") from None
 
@@ -247,8 +245,7 @@ class SurplusTrial(Exception):
 @dataclass
 class Sweep:
     algorithm: str
-    recipe_name: str
-    recipe: dict
+    recipe: Recipe
     space: SearchSpace
     objectives: list[Objective]
     study: optuna.Study
@@ -257,6 +254,10 @@ class Sweep:
     prune: bool
     parent_run_id: str
     command: str  # what carries the study on: an interrupted trial's run says it, not `bench train`'s resume
+
+    @property
+    def recipe_name(self) -> str:
+        return self.recipe.name
 
     # --- one trial ----------------------------------------------------------------------------------
     def objective(self, trial: optuna.Trial):
@@ -281,7 +282,7 @@ class Sweep:
     def run_trial(self, trial: optuna.Trial, params: dict):
         import gc
 
-        from bench.evaluation.evaluate import EvalSettings, evaluate, resolve_target
+        from bench.evaluation.evaluate import evaluate, resolve_target
         from bench.runs.training import train_one
 
         run_name = f"{self.study.study_name}-trial-{trial.number}"
@@ -294,7 +295,7 @@ class Sweep:
                                                          for k, v in params.items()))
         set_aside_stale_trial_dir(Path("runs", self.recipe_name, run_name))
         try:
-            result = train_one(self.algorithm, self.recipe_name, self.recipe, argv, run_name=run_name, tags=tags,
+            result = train_one(self.algorithm, self.recipe_name, self.recipe.config(self.algorithm), argv, run_name=run_name, tags=tags,
                                callbacks=[pruning] if pruning else None, rerun_command=self.command)
         except optuna.TrialPruned:
             tag_trial_run(self.recipe_name, self.study.study_name, trial.number, "PRUNED", "KILLED")  # stopped on purpose, not failed
@@ -306,7 +307,8 @@ class Sweep:
         trial.set_user_attr("mlflow_run_id", result.run_id)
         if result.run_id is None:
             raise BenchError(f"trial {trial.number}: training was interrupted")
-        settings = EvalSettings.from_dict({**(self.recipe.get("eval") or {}), "split": "validation"})
+        # a study selects on validation prompts: the tables report the test prompts
+        settings = replace(self.recipe.eval, split="validation")
         metrics = evaluate(resolve_target(result.run_id, None, {}, self.recipe_name), settings)
         client = mlflow.MlflowClient(tracking.tracking_uri())
         client.set_tag(result.run_id, "optuna.state", "COMPLETE")
@@ -405,8 +407,7 @@ def summary(study: optuna.Study, objectives: list[Objective]) -> str:
 
 def sweep(
     algorithm: str,
-    recipe_name: str,
-    recipe: dict,
+    recipe: Recipe,
     n_trials: int,
     study_name: str | None,
     storage_url: str | None,
@@ -422,6 +423,7 @@ def sweep(
     command: str | None = None,
 ) -> optuna.Study:
     """Everything that can be wrong is checked before the first trial trains."""
+    recipe_name = recipe.name
     if algorithm not in modules.algorithms():
         raise BenchError(f"bench sweep: unknown algorithm {algorithm!r}; choose one of {', '.join(modules.algorithms())}")
     if n_trials < 1:
@@ -435,7 +437,7 @@ def sweep(
         if n_trials > grid_size:
             log.warning("the grid holds %d points; running %d trials, not %d", grid_size, grid_size, n_trials)
             n_trials = grid_size
-    check_trial_config(algorithm, recipe_name, recipe, space, overrides)
+    check_trial_config(algorithm, recipe, space, overrides)
     storage = open_storage(storage_url or default_storage(), heartbeat_interval, grace_period)
     study_name = study_name or f"{recipe_name}-{algorithm}"
     pruner = (optuna.pruners.MedianPruner(n_startup_trials=2) if prune and len(objectives) == 1
@@ -464,7 +466,7 @@ def sweep(
         client.update_run(parent_run_id, status="RUNNING")
     client.set_tag(parent_run_id, WORKER_TAG, this_worker())  # a later bench closes it if this worker is SIGKILLed
     with tracking.closed_on_error(client, parent_run_id, f"study {study_name!r}", command):
-        Sweep(algorithm, recipe_name, recipe, space, objectives, study, n_trials, overrides,
+        Sweep(algorithm, recipe, space, objectives, study, n_trials, overrides,
               prune and len(objectives) == 1, parent_run_id, command).run(poll_seconds)
     record_best(study, objectives, parent_run_id)
     print(summary(study, objectives))

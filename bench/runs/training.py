@@ -388,7 +388,7 @@ def record_new_run(client, cli, options: RunOptions, earlier: dict | None, confi
 def train_one(
     algorithm: str,
     recipe_name: str,
-    recipe: dict,
+    config: dict,
     argv: list[str],
     run_name: str | None = None,
     tags: dict[str, str] | None = None,
@@ -399,7 +399,8 @@ def train_one(
     rerun_command: str | None = None,
     bench_args: list[str] | None = None,
 ) -> TrainResult | None:
-    """Train one module with LightningCLI and log it to MLflow.
+    """Train one module with LightningCLI and log it to MLflow: `config` is its config from the recipe
+    (`Recipe.config`), `argv` the command line's LightningCLI overrides, applied over it.
 
     `tags` go on the run (`mlflow.parentRunId` nests it under a comparison or a study), `callbacks` join the
     recipe's, and with `reuse` a finished run of the same experiment with the same config is returned instead.
@@ -413,11 +414,10 @@ def train_one(
     import modules
 
     module_class = modules.module_class(algorithm)
-    recipe_config = recipes.for_algorithm(recipe, algorithm)
     argv, run_name, is_rank_zero = run_dir_and_name(algorithm, recipe_name, module_class.output_name, argv, run_name,
                                                     resume)
     options = RunOptions(algorithm, recipe_name, run_name, module_class, tags, callbacks, check_only, is_rank_zero)
-    cli = build_cli(options, recipe_config, argv)
+    cli = build_cli(options, config, argv)
     if check_only:
         return None
     config = resolved_config(cli)

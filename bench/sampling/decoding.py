@@ -237,7 +237,7 @@ def attend_one_token(query, key, value, blocked, scaling):
     grouped = query.reshape(batch, key.shape[1], heads // key.shape[1], dim).to(key.dtype)  # (B, KV heads, group, d)
     # The mask plus the scaled products, in one pass. Under bf16 the products are rounded to bf16 before the fp32
     # mask is added (SDPA keeps its scores in fp32): a slightly coarser logit, not why greedy outputs part from
-    # `generate` (near-ties of bf16 rounding either way: docs/performance.md, tests/test_greedy_bf16.py).
+    # `generate` (near-ties of bf16 rounding either way: docs/performance.md, tests/sampling/test_greedy_bf16.py).
     scores = torch.add(blocked, torch.matmul(grouped, key.transpose(-1, -2)), alpha=scaling)
     output = torch.matmul(scores.softmax(-1).to(value.dtype), value)
     return output.reshape(batch, heads, 1, dim)
@@ -337,7 +337,7 @@ class FusedDecodeStep:
     the order the model's forward does, without the forward's per-call machinery (mask building, output
     records, the attention registry), and rotates the queries and keys in one pass. On CPU in bf16, q/k/v run
     as one packed matmul and gate/up as another. The logits are bit-identical to the model's forward
-    (tests/test_generation.py); a 46-row step of SmolLM2 takes about a tenth less time."""
+    (tests/sampling/test_generation.py); a 46-row step of SmolLM2 takes about a tenth less time."""
 
     LAYERS = {"LlamaForCausalLM": "LlamaDecoderLayer", "MistralForCausalLM": "MistralDecoderLayer",
               "Qwen2ForCausalLM": "Qwen2DecoderLayer"}

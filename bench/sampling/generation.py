@@ -63,6 +63,18 @@ class Sampling:
     def greedy(self) -> bool:
         return self.temperature == 0
 
+    @classmethod
+    def of(cls, value: "Sampling | dict | None", where: str = "sampling", **defaults) -> "Sampling":
+        """Sampling settings from a recipe's mapping (or as given), over `defaults`: the one conversion that
+        every `sampling:` section (eval, gold.on_policy, overoptimisation, data.candidate_sampling) goes through."""
+        if isinstance(value, cls):
+            return value
+        values = {**defaults, **dict(value or {})}
+        unknown = set(values) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ConfigError(f"unknown {where} settings {sorted(unknown)}; known: {sorted(cls.__dataclass_fields__)}")
+        return cls(**values)
+
 
 def check_backend(backend: str, field: str = "sampling.backend") -> None:
     if backend not in SAMPLERS:

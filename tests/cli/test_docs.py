@@ -10,7 +10,7 @@ import pytest
 
 from bench.cli import COMMANDS, main
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 README = REPO / "README.md"
 PAGES = [README, *sorted((REPO / "docs").glob("*.md"))]
 MAX_README_LINES = 250
@@ -149,3 +149,13 @@ def test_each_command_in_the_readme_table_is_real(command, workdir, capsys):
     except SystemExit as exit_info:
         assert exit_info.code == 0, f"bench {command} --help exited {exit_info.code}"
     assert capsys.readouterr().out.startswith(f"usage: bench {command}")
+
+
+def test_every_test_file_named_in_the_docs_and_code_exists():
+    # tests/ mirrors the layers; a test moved to another folder must not leave its old path behind
+    texts = [*REPO.glob("*.md"), *(REPO / "docs").glob("*.md"), *(REPO / "results").glob("*.md"),
+             *(path for folder in ("bench", "modules", "datamodules", "tests") for path in (REPO / folder).rglob("*.py")),
+             REPO / ".ci" / "run", REPO / "Makefile"]
+    named = {match for path in texts for match in re.findall(r"tests/[\w/]+\.py", path.read_text())}
+    assert "tests/cli/test_docs.py" in named or "tests/test_imports.py" in named
+    assert sorted(name for name in named if not (REPO / name).is_file()) == []

@@ -104,7 +104,7 @@ def test_two_bench_trains_in_a_new_folder_both_finish(workdir, hh_path):
     """Both create the store at once (an alembic traceback before): one builds it, the other uses it."""
     command = [sys.executable, "-c", "from bench.cli import main; main()", "train", "dpo", *TINY,
                f"--data.path={hh_path}"]
-    repo = Path(__file__).resolve().parents[1]
+    repo = Path(__file__).resolve().parents[2]
     env = {**os.environ, "PYTHONPATH": str(repo)}
     processes = [subprocess.Popen(command, cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                  for _ in range(2)]

@@ -148,17 +148,16 @@ def test_best_of_n_by_the_gold_picks_the_golds_favourite():
 
 
 def test_compare_arms_are_stages_of_their_algorithm():
-    from bench.experiments.compare import arms_of, stages_of
+    from bench.experiments.recipe import arms_of, stages_of
     from bench.runs import recipes
 
     name, recipe = recipes.load("smol-sentiment")
-    arms = arms_of(name, recipe)
+    arms = arms_of(name, recipe["compare"]["arms"])
     assert arms["dpo-beta0.5"] == ("dpo", {"model": {"beta": 0.5}})
     assert arms["rloo-kl0.2"] == ("rloo", {"model": {"beta": 0.2}})
-    assert stages_of(name, recipe) == ["rm", "dpo-beta0.1", "dpo-beta0.5", "ipo", "rloo-kl0.02", "rloo-kl0.2"]
-    bad = recipes.deep_merge(recipe, {"compare": {"arms": {"x": {"algorithm": "nosuch"}}}})
+    assert stages_of(name, recipe["compare"]["stages"], arms) == ["rm", "dpo-beta0.1", "dpo-beta0.5", "ipo",
+                                                                 "rloo-kl0.02", "rloo-kl0.2"]
     with pytest.raises(ConfigError, match=r"compare.arms.x.algorithm must name an aligned algorithm"):
-        arms_of(name, bad)
-    bad = recipes.deep_merge(recipe, {"compare": {"arms": {"x": {"algorithm": "dpo", "eval": {}}}}})
+        arms_of(name, {"x": {"algorithm": "nosuch"}})
     with pytest.raises(ConfigError, match=r"an arm overrides only"):
-        arms_of(name, bad)
+        arms_of(name, {"x": {"algorithm": "dpo", "eval": {}}})

@@ -38,7 +38,7 @@ from bench.cli import main
 from bench.runs import recipes
 from bench.runs.tracking import tracking_uri
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SCREENSHOTS = REPO / ".cache" / "ui-screenshots"
 # Shown as runs-table columns; every eval/ metric is looked for in the compare view.
 COLUMNS = ["eval/win_rate_vs_chosen", "eval/win_rate_vs_ref", "eval/judge_score", "eval/kl"]

@@ -9,13 +9,13 @@ import torch
 
 import modules
 import modules.base
-from bench.experiments import compare
+from bench.experiments import recipe
 from bench.reports import figures
 from datamodules.hh_datamodule import HHRLHFDataModule
 from modules.base import AlignmentModule
 from modules.paired import PairedPreferenceModule
 
-SWEEPS = Path(__file__).resolve().parents[1] / "sweeps"
+SWEEPS = Path(__file__).resolve().parents[2] / "sweeps"
 
 
 def test_every_algorithm_states_its_facts_once_and_bench_reads_them():
@@ -32,7 +32,7 @@ def test_every_algorithm_states_its_facts_once_and_bench_reads_them():
             assert cls.proxy_setting == "model.proxy"
     assert len(set(figures.algorithm_colours().values())) == len(modules.algorithms())
     assert modules.aligned() == [n for n in modules.algorithms() if n != "sft"]
-    assert compare.stage_names() == ["sft", "rm", *modules.aligned()]
+    assert recipe.stage_names() == ["sft", "rm", *modules.aligned()]
     # Display order: offline before online.
     online = [registry[n].online for n in modules.aligned()]
     assert online == sorted(online)

@@ -291,7 +291,7 @@ def test_greedy_equals_model_generate_on_smollm2(hh_path):
     autocast they round differently (the harness stores keys and values in bf16, as autocast's attention
     reads them, and rounds its attention scores to bf16 where SDPA keeps fp32), and a near-tie between two tokens
     can then go either way after a few dozen tokens: the tiny-model test covers that path, and
-    tests/test_greedy_bf16.py shows each divergence on SmolLM2 is such a near-tie."""
+    tests/sampling/test_greedy_bf16.py shows each divergence on SmolLM2 is such a near-tie."""
     from bench.core.models import load_causal_lm, load_tokenizer
     from datamodules.formatting import Formatter
     from datamodules.hh_rlhf import load_splits
