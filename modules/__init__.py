@@ -61,6 +61,17 @@ def algorithms() -> list[str]:
     return [name for name, cls in registry().items() if issubclass(cls, AlignmentModule)]
 
 
+def reward_model_name() -> str:
+    """The registry's reward model: the module that trains a scorer rather than a policy (`model_key`), whose
+    roles (proxy, judge, gold) comparisons, gold worlds and evaluation look up by its name."""
+    (name,) = [name for name, cls in registry().items() if cls.model_key != "policy"]
+    return name
+
+
+def trains_policy(name: str) -> bool:
+    return registry()[name].model_key == "policy"
+
+
 def aligned() -> list[str]:
     """The algorithms that `bench compare` trains from the starting policy and evaluates, in display order."""
     return [name for name, cls in registry().items() if cls.aligned]

@@ -89,6 +89,10 @@ class TrainedHFModel(L.LightningModule):
     proxy_setting: ClassVar[str | None] = None  # the config key that names the proxy reward model it optimises
     pruning_metric: ClassVar[str | None] = None  # the validation metric (higher is better) sweeps prune on
     colour: ClassVar[str] = "#7f7f7f"  # its colour in every figure
+    # The `model` setting that names the HF model it trains. Only a module that trains the policy ("policy") takes
+    # a recipe's shared `model:` section and is evaluated as a policy; the reward model trains a `backbone`.
+    model_key: ClassVar[str] = "policy"
+    trained_roles: ClassVar[tuple[str, ...]] = ()  # `--model.role`s that `bench train` trains one of each of by default
     skipped_batches: int = 0
     step_metrics_to_log: dict | None = None  # from the checkpoint a run resumes from
 

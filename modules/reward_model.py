@@ -48,6 +48,8 @@ class RewardModel(TrainedHFModel):
     name = "rm"
     data_view = "reward"
     output_name = "reward_model"
+    model_key = "backbone"
+    trained_roles = ("proxy", "judge")  # a comparison's two reward models, each on its own half of the train split
 
     def __init__(
         self,

@@ -50,9 +50,12 @@ def run(argv: list[str]) -> None:
     unknown = [arg for arg in rest if not arg.startswith("--eval.")]
     if unknown:
         raise BenchError(f"unrecognized arguments: {' '.join(unknown)}; see `bench eval --help`")
+    import mlflow
+
     from bench.evaluation.evaluate import evaluate, recipe_of_run, resolve_target
     from bench.experiments.recipe import resolve
-    from bench.runs import recipes
+    from bench.reports import figures
+    from bench.runs import recipes, tracking
 
     run_recipe = recipe_of_run(args.target)
     if args.recipe and run_recipe and recipes.load(args.recipe)[0] != run_recipe:
@@ -64,5 +67,6 @@ def run(argv: list[str]) -> None:
     recipe, _ = resolve(args.recipe or run_recipe or "smol-hh", rest, data_path=args.data_path,
                         eval_settings=flag_settings(args))
     target = resolve_target(args.target, args.reference, recipe.data, recipe.name)
-    metrics = evaluate(target, recipe.eval)
-    print(json.dumps(metrics, indent=2))
+    evaluated = evaluate(target, recipe.eval)
+    figures.log_win_rates(mlflow.MlflowClient(tracking.tracking_uri()), evaluated.run_id)
+    print(json.dumps(evaluated.metrics, indent=2))

@@ -11,7 +11,9 @@ class _StderrHandler(logging.StreamHandler):
 
 
 def configure_logging() -> None:
-    for name in ("bench", "modules", "datamodules"):  # Lightning configures its own loggers
+    # Lightning configures its own loggers; Optuna's own handler binds the sys.stderr of the moment it is first
+    # used (`bench.experiments.sweep` removes it), so its lines come through here too.
+    for name in ("bench", "modules", "datamodules", "optuna"):
         logger = logging.getLogger(name)
         if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
             handler = _StderrHandler()

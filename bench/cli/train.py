@@ -66,19 +66,25 @@ def train(algorithm: str, recipe_arg: str, run_eval: str, resume: str | None, ar
 
     recipes.load(recipe_arg)  # a missing or malformed recipe is said before torch loads
     # torch and Lightning load here, after the cheap checks: help and argument errors stay fast.
+    import mlflow
+
+    import modules
     from bench.evaluation.evaluate import check_evaluation_possible, evaluate_after_training
     from bench.experiments.recipe import resolve
+    from bench.reports import figures
+    from bench.runs import tracking
     from bench.runs.training import train_one
 
     # A gold-labelled recipe trains on its labels; train evaluates, so --eval.KEY=VALUE is its setting.
     recipe, argv = resolve(recipe_arg, argv)
-    if run_eval == "true" and algorithm != "rm":
+    roles = modules.module_class(algorithm).trained_roles
+    if run_eval == "true" and modules.trains_policy(algorithm):
         check_evaluation_possible(recipe.name, recipe.eval)  # before training, not after it
-    if algorithm == "rm" and not any(a.startswith("--model.role") for a in argv):
+    if roles and not any(a.startswith("--model.role") for a in argv):
         if resume:
-            raise BenchError("--resume trains one reward model: add --model.role=proxy or --model.role=judge")
+            raise BenchError(f"--resume trains one {algorithm} model: add " + " or ".join(f"--model.role={role}" for role in roles))
         # The default reward-model stage: a proxy and a judge, each on its own half of the train split.
-        for role in ("proxy", "judge"):
+        for role in roles:
             train_one(algorithm, recipe.name, recipe.config(algorithm), [*argv, f"--model.role={role}"],
                       run_name=f"rm-{role}-{datetime.now():%Y%m%d-%H%M%S}-{os.getpid()}")
     else:
@@ -87,5 +93,7 @@ def train(algorithm: str, recipe_arg: str, run_eval: str, resume: str | None, ar
         # The trainer, models and optimizer state form reference cycles; free them before evaluation
         # loads its own models (PPO's training state alone is about 17 GB with SmolLM2 on CPU).
         gc.collect()
-        if algorithm != "rm" and run_id is not None and run_eval != "false":
-            evaluate_after_training(run_id, recipe.name, recipe.eval, required=run_eval == "true")
+        if modules.trains_policy(algorithm) and run_id is not None and run_eval != "false":
+            evaluated = evaluate_after_training(run_id, recipe.name, recipe.eval, required=run_eval == "true")
+            if evaluated is not None:
+                figures.log_win_rates(mlflow.MlflowClient(tracking.tracking_uri()), evaluated.run_id)

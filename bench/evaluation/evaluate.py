@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime
 from functools import partial
 from pathlib import Path
+from typing import NamedTuple
 
 import mlflow
 import torch
@@ -35,6 +36,7 @@ from mlflow.exceptions import MlflowException
 from tqdm.auto import tqdm
 from transformers import AutoConfig
 
+import modules
 from bench.core.errors import BenchError, ConfigError
 from bench.core.models import BUILTIN_SPECS, load_causal_lm, load_tokenizer, resolve
 from bench.evaluation.judges import RewardModelJudge, judge_class
@@ -135,7 +137,7 @@ def resolve_target(target: str, reference: str | None, data: dict, experiment: s
     except MlflowException as err:
         raise BenchError(f"no MLflow run {target!r} in {tracking.tracking_uri()}, and no checkpoint at that path") from err
     tags, params = run.data.tags, run.data.params
-    if tags.get("algorithm") == "rm":
+    if tags.get("algorithm") in modules.registry() and not modules.trains_policy(tags["algorithm"]):
         raise BenchError(f"run {target} trained a reward model ({tags.get('role')}), not a policy")
     output = tags.get("output_path")
     if not output or not Path(output).exists():
@@ -262,8 +264,16 @@ def eval_pairs(data: dict, split: str, n_prompts: int, seed: int) -> list[Pair]:
     return [prompt_pairs[i] for i in sorted(random.Random(seed).sample(range(len(prompt_pairs)), n_prompts))]
 
 
-def evaluate(target: Target, settings: EvalSettings) -> dict:
-    """Measure, log to MLflow, and return the `eval/` metrics."""
+class Evaluated(NamedTuple):
+    """An evaluation: the run its metrics are logged in (the training run's first, else its own: `eval_run`), and
+    the `eval/` metrics. Its figure is `bench.reports.figures.log_win_rates`'s, drawn by the command."""
+
+    run_id: str
+    metrics: dict
+
+
+def evaluate(target: Target, settings: EvalSettings) -> Evaluated:
+    """Measure, log to MLflow, and return the `eval/` metrics with the run they are logged in."""
     data = target.data
     pairs = eval_pairs(data, settings.split, settings.n_prompts, settings.prompt_seed)
     judge = make_judge(settings, target.experiment)
@@ -305,8 +315,7 @@ def evaluate(target: Target, settings: EvalSettings) -> dict:
         **ratios,
         **pair_metrics,
     })
-    record_eval(target, settings, judge, proxy, metrics, table, pairs)
-    return metrics
+    return Evaluated(record_eval(target, settings, judge, proxy, metrics, table, pairs), metrics)
 
 
 def preference_accuracies(policy, reference, pair_rows: list[dict], pad_id: int, batch_size: int) -> dict[str, float]:
@@ -384,25 +393,6 @@ def judge_responses(judge, proxy, pairs: list[Pair], policy_text: list[str], ref
     return metrics, table
 
 
-def win_rate_figure(metrics: dict):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = ["win_rate_vs_chosen", "win_rate_vs_ref"]
-    values = [metrics[f"eval/{n}"] for n in names]
-    errors = [[v - metrics[f"eval/{n}_ci_low"] for n, v in zip(names, values)],
-              [metrics[f"eval/{n}_ci_high"] - v for n, v in zip(names, values)]]
-    figure, axis = plt.subplots(figsize=(5, 3.5))
-    axis.bar(["vs chosen", "vs reference"], values, yerr=errors, capsize=8, color=["#4c72b0", "#dd8452"])
-    axis.axhline(0.5, color="grey", linestyle="--", linewidth=1)
-    axis.set_ylim(0, 1)
-    axis.set_ylabel("win rate (95% CI)")
-    figure.tight_layout()
-    return figure
-
-
 def eval_run(client, target: Target) -> tuple[str, bool]:
     """(the run an evaluation logs into, whether it was made for it). The training run's first evaluation goes
     into that run; a later one is a run of its own nested under it (tag `eval_of`), so the run's `eval/` metrics,
@@ -446,11 +436,6 @@ def record_eval(target: Target, settings: EvalSettings, judge, proxy, metrics: d
     client.log_table(run_id, data=table, artifact_file="eval/samples.json")
     tracking.log_datasets(client, run_id, target.data["path"], target.data.get("subsets"), {settings.split: pairs},
                           {settings.split: "evaluation"})
-    figure = win_rate_figure(metrics)
-    client.log_figure(run_id, figure, "eval/win_rates.png")
-    import matplotlib.pyplot as plt
-
-    plt.close(figure)
     log.info("eval metrics logged to run %s: %s", run_id, json.dumps({k: round(v, 4) for k, v in metrics.items()}))
     if own_run:
         client.set_terminated(run_id)
@@ -466,7 +451,7 @@ def check_evaluation_possible(recipe_name: str, settings: EvalSettings) -> None:
             raise BenchError(f"--eval true: {err} (--eval.judge=PATH)") from None
 
 
-def evaluate_after_training(run_id: str, recipe_name: str, settings: EvalSettings, required: bool) -> None:
+def evaluate_after_training(run_id: str, recipe_name: str, settings: EvalSettings, required: bool) -> Evaluated | None:
     """`bench eval` on the run just trained. Without a judge reward model in the recipe's experiment
     this warns and skips, unless `--eval true` asked for it."""
     if settings.judge == "latest" and not required:
@@ -476,5 +461,5 @@ def evaluate_after_training(run_id: str, recipe_name: str, settings: EvalSetting
             log.warning("evaluation skipped: %s. Run `bench eval %s --recipe %s` after training the judge.",
                         err, run_id, recipe_name)
             mlflow.MlflowClient(tracking.tracking_uri()).set_tag(run_id, "eval_skipped", str(err))
-            return
-    evaluate(resolve_target(run_id, None, {}, recipe_name), settings)
+            return None
+    return evaluate(resolve_target(run_id, None, {}, recipe_name), settings)

@@ -188,12 +188,13 @@ class Comparison:
             policy_args = [f"--model.policy={sft.output_path}"]  # the aligned policies' start and reference
         proxy_args: dict[str, list[str]] = {}
         proxy = None
-        if "rm" in self.stages:
-            proxy_run = self.train("rm-proxy", "rm", ["--model.role=proxy"], seed)
+        rm = modules.reward_model_name()  # its stage: a proxy for each seed, and one judge for the comparison
+        if rm in self.stages:
+            proxy_run = self.train(f"{rm}-proxy", rm, ["--model.role=proxy"], seed)
             proxy = str(proxy_run.output_path)
             self.record_proxy_agreement(proxy_run.run_id, proxy)
             if self.judge is None:  # the first seed's judge judges every seed
-                self.judge = str(self.train("rm-judge", "rm", ["--model.role=judge"], seed).output_path)
+                self.judge = str(self.train(f"{rm}-judge", rm, ["--model.role=judge"], seed).output_path)
             proxy_args = {name: [f"--{cls.proxy_setting}={proxy}"] for name, cls in modules.registry().items()
                           if cls.proxy_setting}
         if "sft" in self.stages:
@@ -236,7 +237,8 @@ class Comparison:
         if "eval/win_rate_vs_chosen" in self.client.get_run(run_id).data.metrics:
             log.info("%s: run %s is already evaluated", algorithm, run_id)
             return
-        evaluate(resolve_target(run_id, None, {}, self.recipe_name), self.eval_settings(seed, proxy))
+        evaluated = evaluate(resolve_target(run_id, None, {}, self.recipe_name), self.eval_settings(seed, proxy))
+        figures.log_win_rates(self.client, evaluated.run_id)
         gc.collect()
 
     def best_of_n_stage(self, seed: int, proxy: str, policy_args: list[str]) -> None:
@@ -251,6 +253,7 @@ class Comparison:
                                       tags={"mlflow.parentRunId": self.parent, "seed": str(seed)}, pick=pick)
             for n, run_id in runs.items():
                 self.client.set_tag(run_id, "compare_stage", best_of_n_stage_name(n, pick))
+                figures.log_win_rates(self.client, run_id)
                 key = self.stage_key(best_of_n_stage_name(n, pick), seed)
                 self.runs[key] = run_id
                 self.client.set_tag(self.parent, f"stage.{key}", run_id)

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import modules
 from bench.core.errors import ConfigError, DataError
 from bench.core.models import cache_dir
 from bench.evaluation import labelling, onpolicy
@@ -37,6 +38,7 @@ from bench.evaluation.labelling import (  # noqa: F401 - gold.label_pairs
     source_fingerprint,
 )
 from bench.evaluation.rewards import is_reward_spec, make_reward
+from bench.runs import recipes
 from bench.sampling.generation import JsonCache
 from datamodules.hh_rlhf import SPLITS, _check_keys, _read_jsonl_gz, assign_splits, parse_record
 
@@ -231,9 +233,8 @@ def check_gold_spec(spec: str) -> None:
 
 def gold_training_config(recipe: dict) -> dict:
     """The gold reward model's LightningCLI config: the recipe's `rm` config with `gold.train` over it."""
-    from bench.runs import recipes
-
-    return recipes.deep_merge(recipes.for_algorithm(recipe, "rm"), (recipe.get("gold") or {}).get("train") or {})
+    return recipes.deep_merge(recipes.for_algorithm(recipe, modules.reward_model_name()),
+                              (recipe.get("gold") or {}).get("train") or {})
 
 
 def gold_model_dir(recipe: dict) -> Path:
@@ -261,7 +262,7 @@ def ensure_gold_model(recipe_name: str, recipe: dict, train: bool) -> str:
     from bench.runs.training import train_one
 
     log.info("training the gold reward model of recipe %s into %s (once)", recipe_name, run_dir)
-    result = train_one("rm", recipe_name, gold_training_config(recipe), ["--model.role=gold", f"--trainer.default_root_dir={run_dir}"],
+    result = train_one(modules.reward_model_name(), recipe_name, gold_training_config(recipe), ["--model.role=gold", f"--trainer.default_root_dir={run_dir}"],
                        run_name=f"rm-gold-{time.strftime('%Y%m%d-%H%M%S')}", tags={"gold_model": "true"})
     if result.run_id is None:
         raise ConfigError("the gold reward model's training was interrupted")
@@ -310,8 +311,6 @@ def on_policy_world(recipe_name: str, recipe: dict, settings: GoldSettings, crea
 
 def world_of(recipe: dict, folder: Path, manifest: dict, gold_spec: str) -> dict:
     """The recipe reading `folder`, judged by the gold where it says `judge: gold`."""
-    from bench.runs import recipes
-
     world = recipes.deep_merge(recipe, {"data": {"path": str(folder)}, "gold_manifest": manifest})
     eval_section = dict(world.get("eval") or {})
     if eval_section.get("judge") == "gold":

@@ -41,7 +41,8 @@ World = Literal["none", "read", "create"]  # the gold world: left out, read (an 
 
 def stage_names() -> list[str]:
     """Every stage, in the order they run: SFT, the reward models, then the aligned algorithms."""
-    return ["sft", "rm", *modules.aligned()]
+    starts = [name for name in modules.registry() if modules.trains_policy(name) and name not in modules.aligned()]
+    return [*starts, modules.reward_model_name(), *modules.aligned()]
 
 
 @dataclass(frozen=True)
@@ -103,7 +104,7 @@ def stages_of(name: str, listed: list[str] | None, arms: dict[str, tuple[str, di
     """The stages to run, in the order they run: SFT, the reward models, the algorithms (an arm where its
     algorithm stands, in the recipe's order)."""
     all_stages = stage_names()
-    stages = list(listed or ("rm", *modules.aligned()))
+    stages = list(listed or (modules.reward_model_name(), *modules.aligned()))
 
     def algorithm(stage: str) -> str:
         return arms[stage][0] if stage in arms else stage
@@ -114,9 +115,9 @@ def stages_of(name: str, listed: list[str] | None, arms: dict[str, tuple[str, di
                           f"stages are {', '.join(all_stages)} and the recipe's compare.arms ({', '.join(arms) or 'none'})")
     optimising = [s for s in stages if algorithm(s) in modules.aligned()
                   and modules.module_class(algorithm(s)).proxy_setting]
-    if optimising and "rm" not in stages:
+    if optimising and modules.reward_model_name() not in stages:
         raise ConfigError(f"recipe {name}: compare.stages has {', '.join(optimising)}, which optimise a proxy "
-                          "reward model, but no `rm` stage to train it")
+                          f"reward model, but no `{modules.reward_model_name()}` stage to train it")
     return sorted(stages, key=lambda s: (all_stages.index(algorithm(s)), stages.index(s)))
 
 
@@ -238,8 +239,8 @@ def dry_run_sections(sections: dict, compare: dict) -> tuple[dict, dict]:
 def small_algorithm(name: str, section: dict) -> dict:
     """One algorithm's section of a dry run: tiny models, two rows a batch, four new tokens."""
     model, data = section.get("model") or {}, section.get("data") or {}
-    if name == "rm":
-        model.update(backbone="all-minilm-l6-v2", max_length=64)
+    if not modules.trains_policy(name):  # the reward model
+        model.update({modules.module_class(name).model_key: "all-minilm-l6-v2", "max_length": 64})
     else:
         model.update(policy="tiny", reference=None)
     if "max_new_tokens" in model:
@@ -281,8 +282,8 @@ def small_gold(small: dict) -> None:
 
 def small_compare(compare: dict) -> dict:
     small = {**compare, "budget_prompts": 2}
-    if small.get("stages") and "rm" not in small["stages"]:  # a local judge stands in for the recipe's (often an API)
-        small["stages"] = ["rm", *small["stages"]]
+    if small.get("stages") and modules.reward_model_name() not in small["stages"]:  # a local judge for the recipe's API
+        small["stages"] = [modules.reward_model_name(), *small["stages"]]
     if small.get("best_of_n"):
         small["best_of_n"] = [1, 2]
     if small.get("best_of_n_gold"):

@@ -34,6 +34,9 @@ from bench.runs import tracking
 from bench.runs.recipes import SWEEP_DIR
 
 log = logging.getLogger(__name__)
+# Optuna's default handler writes to the sys.stderr it found when first used, which may since be closed or
+# redirected; its lines go through bench's handler on the `optuna` logger instead (bench.cli.logs).
+optuna.logging.disable_default_handler()
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 SAMPLERS = ("tpe", "grid", "cmaes")
@@ -309,8 +312,9 @@ class Sweep:
             raise BenchError(f"trial {trial.number}: training was interrupted")
         # a study selects on validation prompts: the tables report the test prompts
         settings = replace(self.recipe.eval, split="validation")
-        metrics = evaluate(resolve_target(result.run_id, None, {}, self.recipe_name), settings)
+        metrics = evaluate(resolve_target(result.run_id, None, {}, self.recipe_name), settings).metrics
         client = mlflow.MlflowClient(tracking.tracking_uri())
+        figures.log_win_rates(client, result.run_id)
         client.set_tag(result.run_id, "optuna.state", "COMPLETE")
         values = []
         for objective in self.objectives:

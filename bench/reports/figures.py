@@ -1113,7 +1113,8 @@ def comparison_run_ids(client, parent_run_id: str) -> list[str]:
     stage order. The tags, not `mlflow.parentRunId`, name them: a reused stage run belongs to an older parent."""
     tags = client.get_run(parent_run_id).data.tags
     stages = [(name.removeprefix("stage."), value.split()[0]) for name, value in tags.items()
-              if name.startswith("stage.") and not name.startswith("stage.rm") and value.split()]
+              if name.startswith("stage.") and not name.startswith(f"stage.{modules.reward_model_name()}")
+              and value.split()]
     return [run_id for _, run_id in sorted(stages, key=lambda s: _stage_order(s[0]))]
 
 
@@ -1161,6 +1162,20 @@ def log_figures(client, parent_run_id: str, run_ids: Sequence[str], reward_metri
         return paths
     finally:
         close_figures(figures)
+
+
+def log_win_rates(client, run_id: str) -> None:
+    """An evaluated run's own win-rate figure, `eval/win_rates.png`: `win_rate_bars` of that run alone (the figure
+    a comparison draws for all its rows). A figure that fails is a warning: the evaluation is logged already."""
+    try:
+        figure = win_rate_bars(collect_runs(client, [run_id], histories=False))
+    except Exception as err:
+        log.warning("the win-rate figure of run %s was not logged: %s: %s", run_id, type(err).__name__, err)
+        return
+    try:
+        client.log_figure(run_id, figure, "eval/win_rates.png", save_kwargs={"dpi": DPI})
+    finally:
+        plt.close(figure)
 
 
 def log_figures_of_finished_run(client, parent_run_id: str, run_ids: Sequence[str]) -> None:

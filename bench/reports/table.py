@@ -25,6 +25,7 @@ from unittest import mock
 import mlflow
 import numpy as np
 
+import modules
 from bench.core.atomic import write_atomically
 from bench.core.errors import BenchError, ConfigError
 from bench.evaluation.stats import (
@@ -170,9 +171,10 @@ def comparison_stage_runs(client, parent) -> dict[str, list]:
     for tag, value in sorted(parent.data.tags.items()):
         if not tag.startswith("stage.") or not value.split():
             continue
-        stage = stage_of(tag.removeprefix("stage."))
-        if stage != "rm" and not stage.startswith("rm-"):  # rm-proxy, rm-judge: reward models, not policies
-            by_stage.setdefault(stage, []).append(client.get_run(value.split()[0]))
+        run = client.get_run(value.split()[0])
+        algorithm = run.data.tags.get("algorithm")
+        if algorithm not in modules.registry() or modules.trains_policy(algorithm):  # not the reward models
+            by_stage.setdefault(stage_of(tag.removeprefix("stage.")), []).append(run)
     for runs in by_stage.values():
         runs.sort(key=lambda run: int(run.data.tags.get("seed", "0") or 0))
     return by_stage
@@ -210,7 +212,7 @@ def proxy_agreement(experiment: str) -> str:
                                  "'FINISHED'", order_by=["attributes.start_time DESC"], max_results=1)
     measured = []
     for tag, value in sorted(parents[0].data.tags.items()) if parents else []:
-        if tag.startswith("stage.rm-proxy") and value.split():
+        if tag.startswith(f"stage.{modules.reward_model_name()}-proxy") and value.split():
             run = client.get_run(value.split()[0])
             if "eval/proxy_gold_agreement" in run.data.metrics:
                 measured.append((run.data.tags.get("seed", "?"), run.data.metrics))

@@ -2,8 +2,8 @@
 
 The `trainer`, `data` and `model` sections are shared by all algorithms; `algorithms.<name>` holds the
 sections one algorithm overrides. Resolving a recipe for an algorithm merges the two. The shared
-`model` section describes the policy, so the reward model (`rm`) takes its `model` section from
-`algorithms.rm` alone. The `eval` section holds `bench eval`'s settings (bench/evaluation/evaluate.py).
+`model` section describes the policy, so a module that trains something else (the reward model, whose
+`model_key` is `backbone`) takes its `model` section from its own `algorithms.<name>` alone. The `eval` section holds `bench eval`'s settings (bench/evaluation/evaluate.py).
 
 Where the data is does not depend on the working directory: `HH_RLHF_PATH`, when set, replaces every
 `data.path` of a recipe; otherwise a relative local `data.path` is taken relative to the repository root
@@ -130,8 +130,10 @@ def check_keys(path: Path, recipe: dict) -> None:
 def for_algorithm(recipe: dict, algorithm: str) -> dict:
     """The LightningCLI config for `algorithm`: the shared sections merged with `algorithms.<algorithm>`.
     Sections that are not LightningCLI's (eval, compare, published, ...) are left out."""
+    import modules
+
     shared = {key: value for key, value in recipe.items() if key in CLI_SECTIONS}
-    if algorithm == "rm":
+    if not modules.trains_policy(algorithm):  # the shared `model` section describes the policy
         shared.pop("model", None)
     overrides = (recipe.get("algorithms") or {}).get(algorithm) or {}
     return deep_merge(shared, overrides)

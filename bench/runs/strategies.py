@@ -9,6 +9,7 @@ import logging
 from jsonargparse import ArgumentParser
 from lightning.pytorch.strategies import Strategy
 
+import modules
 from bench.runs import recipes
 from bench.core.errors import ConfigError
 
@@ -26,7 +27,8 @@ def strategy_sections(recipe: dict) -> list[tuple[str, dict, str]]:
         if isinstance(strategy, dict):
             where = f"algorithms.{algorithm}.trainer.strategy" if algorithm else "trainer.strategy"
             model = config.get("model") or {}
-            found.append((where, strategy, model.get("backbone" if algorithm == "rm" else "policy", "")))
+            key = modules.module_class(algorithm).model_key if algorithm else "policy"
+            found.append((where, strategy, model.get(key, "")))
     return found
 
 

@@ -277,11 +277,12 @@ def newest_finished_output(experiment: str, filter_string: str, accept=lambda ru
 def find_reward_model(experiment: str, role: str) -> str:
     """The folder of the newest finished reward model for `role` in the experiment; a `shared` model
     serves either role because it was chosen explicitly."""
+    import modules
     from bench.core.errors import BenchError
 
-    found = newest_finished_output(experiment, "tags.algorithm = 'rm'",
+    found = newest_finished_output(experiment, f"tags.algorithm = '{modules.reward_model_name()}'",
                                    lambda run: run.data.tags.get("role") in (role, "shared"))
     if found is None:
         raise BenchError(f"no finished {role} reward model in experiment {experiment!r}; "
-                         f"train one with `bench train rm --recipe {experiment}` or pass a folder")
+                         f"train one with `bench train {modules.reward_model_name()} --recipe {experiment}` or pass a folder")
     return str(found[1])

@@ -162,12 +162,12 @@ class RunOptions:
 
     @property
     def is_reward_model(self) -> bool:
-        return self.algorithm == "rm"
+        return self.module_class.model_key != "policy"
 
     @property
     def model_spec_key(self) -> str:
         """The model section's key naming the HF model: the tokenizer and the run's `model` tag follow it."""
-        return "backbone" if self.is_reward_model else "policy"
+        return self.module_class.model_key
 
 
 def run_dir_and_name(algorithm: str, recipe_name: str, output_name: str, argv: list[str], run_name: str | None,

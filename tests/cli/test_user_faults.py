@@ -139,9 +139,16 @@ def test_the_command_lines_eval_settings_win_in_train_and_compare(workdir, hh_pa
     import bench.experiments.compare
 
     seen = {}
-    monkeypatch.setattr(bench.experiments.compare, "compare", lambda name, recipe, *args, **kwargs: seen.update(recipe) or {})
-    main(["compare", "--recipe", "smol-hh", "--eval.n_prompts=8"])  # smol-hh's compare.eval says 48
-    assert seen["eval"]["n_prompts"] == 8
+    class Comparison:  # what the comparison would be run with, resolved by `bench compare`
+        def __init__(self, recipe, argv, command=None):
+            seen.update(eval=recipe.eval, argv=argv)
+
+        def run(self):
+            return {}
+
+    monkeypatch.setattr(bench.experiments.compare, "Comparison", Comparison)
+    main(["compare", "--recipe", "smol-hh", "--eval.n_prompts=8", "--trainer.max_steps=1"])  # compare.eval says 48
+    assert seen["eval"].n_prompts == 8 and seen["argv"] == ["--trainer.max_steps=1"]
     main(["train", "dpo", "--recipe", "tiny", f"--data.path={hh_path}", "--trainer.max_steps=1",
           "--trainer.limit_val_batches=1", "--trainer.val_check_interval=1", "--eval", "true", "--eval.n_prompts=3",
           f"--eval.judge={reward_models['judge']}", f"--eval.proxy={reward_models['proxy']}"])

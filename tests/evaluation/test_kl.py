@@ -175,7 +175,7 @@ def test_eval_kl_is_the_exact_kl_of_the_policys_samples(workdir, hh_path, reward
 
     monkeypatch.setattr(bench.evaluation.evaluate, "sample", recorded_sample)
 
-    metrics = bench.evaluation.evaluate.evaluate(Target(perturbed_tiny, "tiny", "kl-test", data), settings)
+    metrics = bench.evaluation.evaluate.evaluate(Target(perturbed_tiny, "tiny", "kl-test", data), settings).metrics
 
     prompt_ids, generated = drawn["policy samples"]
     rows = [{"prompt_ids": p, "completion_ids": g} for p, g in zip(prompt_ids, generated)]

@@ -83,3 +83,18 @@ def test_a_reference_free_paired_module_loads_caches_and_computes_no_reference(h
         chosen, rejected = module.policy_logps(batch).reduce(module.average_logratios).chunk(2)
     torch.testing.assert_close(loss, module.pair_loss(chosen, rejected).mean())
     torch.testing.assert_close(metrics["rewards/chosen"], module.reward_scale * chosen.mean())
+
+
+def test_the_reward_model_is_known_by_its_facts_not_by_its_name():
+    import ast
+
+    assert modules.reward_model_name() == "rm" == modules.declared_names()[modules.declared_names().index("rm")]
+    rm = modules.module_class("rm")
+    assert rm.model_key == "backbone" and rm.trained_roles == ("proxy", "judge")
+    assert [name for name in modules.registry() if not modules.trains_policy(name)] == ["rm"]
+    assert recipe.stage_names()[:2] == ["sft", "rm"]
+    # bench asks the registry; the name is spelt once, in modules/reward_model.py
+    root = Path(recipe.__file__).resolve().parents[1]
+    spelt = [f"{path.relative_to(root)}:{node.lineno}" for path in root.rglob("*.py")
+             for node in ast.walk(ast.parse(path.read_text())) if isinstance(node, ast.Constant) and node.value == "rm"]
+    assert spelt == []

@@ -191,7 +191,9 @@ def test_stage_names_with_dashes_and_dots_keep_their_seeds_apart():
     ids = {"stage.dpo-beta0.1.seed10": "a10", "stage.dpo-beta0.1.seed2": "a2", "stage.rloo-kl0.05.seed1": "b1",
            "stage.rloo-kl0.05.seed0": "b0", "stage.best-of-4-gold.seed0": "c0", "stage.rm-proxy.seed0": "r0",
            "stage.rm-judge.seed0": "r1", "stage.best-of-1": "d0", "stage.x.seedling": "e0"}
-    runs = {run_id: SimpleNamespace(run_id=run_id, data=SimpleNamespace(tags={"seed": run_id[1:]}))
+    # a reward model is known by its run's `algorithm` tag (the registry's reward model), not by its stage name
+    runs = {run_id: SimpleNamespace(run_id=run_id, data=SimpleNamespace(tags={
+        "seed": run_id[1:], "algorithm": "rm" if run_id.startswith("r") else "dpo"}))
             for run_id in ids.values()}
     client = SimpleNamespace(get_run=runs.__getitem__)
     parent = SimpleNamespace(data=SimpleNamespace(tags=ids))
