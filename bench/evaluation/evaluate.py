@@ -131,6 +131,9 @@ def resolve_target(target: str, reference: str | None, data: dict, experiment: s
     if Path(target).expanduser().exists() or target in BUILTIN_SPECS or "/" in target:
         _check_is_policy(target, "checkpoint")
         return Target(policy=target, reference=reference or target, experiment=experiment, data=data)
+    if tracking.store_is_missing():
+        raise BenchError(f"no MLflow run {target!r}: there is no MLflow store at {tracking.configured_uri()} yet, and no "
+                         "checkpoint at that path")
     client = mlflow.MlflowClient(tracking.tracking_uri())
     try:
         run = client.get_run(target)
@@ -156,6 +159,8 @@ def recipe_of_run(target: str) -> str | None:
     """The recipe a `bench train` run was trained with (its `recipe` tag); None for a checkpoint."""
     if Path(target).expanduser().exists() or target in BUILTIN_SPECS or "/" in target:
         return None
+    if tracking.store_is_missing():
+        return None  # no run at all: resolve_target says so
     try:
         return mlflow.MlflowClient(tracking.tracking_uri()).get_run(target).data.tags.get("recipe")
     except MlflowException:

@@ -27,6 +27,13 @@ def tracking_uri() -> str:
     return uri
 
 
+def store_is_missing() -> bool:
+    """A local sqlite store that does not exist yet: it holds no run, and a command that only reads runs
+    (`bench eval RUN_ID`) must not create it."""
+    uri = configured_uri()
+    return uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists()
+
+
 # What MLflow can track to: its database stores (SQLAlchemy URLs) and a tracking server.
 TRACKING_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql", "http", "https", "databricks")
 

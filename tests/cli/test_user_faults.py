@@ -166,3 +166,19 @@ def test_max_new_tokens_past_the_models_positions_is_refused_before_sampling(tok
     for max_new_tokens in (2000, 1_000_000_000):
         with pytest.raises(ConfigError, match="exceeds the model's 1024 positions: give max_new_tokens <= 1014"):
             sample(model, tokenizer, [[1] * 10], Sampling(max_new_tokens=max_new_tokens), "policy samples")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["eval", "abc"], "bench eval: error: no MLflow run 'abc': there is no MLflow store at"),
+    (["eval", "abc", "--eval.n_prompts=0"], "bench eval: error: eval.n_prompts must be >= 1, got 0"),
+    (["eval", "abc", "--n-prompts", "2", "--bogus"], "bench eval: error: unrecognized arguments: --bogus"),
+    (["compare", "--recipe", "tiny", "--eval.sampling.tempreature=1"],
+     "bench compare: error: unknown eval.sampling settings ['tempreature']"),
+])
+def test_bad_eval_settings_and_runs_are_one_line_and_leave_nothing(workdir, capsys, argv, message):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Traceback" not in err
+    assert [line for line in err.splitlines() if ": error: " in line][0].startswith(message)
+    assert list(workdir.iterdir()) == []  # not even an empty MLflow store
