@@ -86,7 +86,7 @@ def train(algorithm: str, recipe_arg: str, run_eval: str, resume: str | None, ar
         # The default reward-model stage: a proxy and a judge, each on its own half of the train split.
         for role in roles:
             train_one(algorithm, recipe.name, recipe.config(algorithm), [*argv, f"--model.role={role}"],
-                      run_name=f"rm-{role}-{datetime.now():%Y%m%d-%H%M%S}-{os.getpid()}")
+                      run_name=f"{algorithm}-{role}-{datetime.now():%Y%m%d-%H%M%S}-{os.getpid()}")
     else:
         run_id = train_one(algorithm, recipe.name, recipe.config(algorithm), argv, resume=resume,
                            bench_args=[] if run_eval == "auto" else ["--eval", run_eval]).run_id

@@ -24,6 +24,7 @@ import mlflow
 
 import modules
 from bench.core.errors import BenchError, ConfigError
+from bench.core.memory import collections_of_new_objects_only
 from bench.core.workers import WORKER_TAG, close_dead_runs, this_worker
 from bench.evaluation.best_of_n import evaluate_best_of_n
 from bench.evaluation.best_of_n import stage_name as best_of_n_stage_name
@@ -164,7 +165,7 @@ class Comparison:
         judge = self.recipe.eval.judge
         self.judge = judge if judge not in (None, "latest") and not str(judge).startswith("http") else None
         with tracking.closed_on_error(self.client, self.parent, "the comparison", self.command,
-                                      discard=self.refused_before_any_stage):
+                                      discard=self.refused_before_any_stage), collections_of_new_objects_only():
             for seed in self.seeds:
                 self.run_seed(seed, budgets)
         self.client.set_terminated(self.parent)  # first: `bench table` reads finished comparisons only

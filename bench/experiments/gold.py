@@ -263,7 +263,7 @@ def ensure_gold_model(recipe_name: str, recipe: dict, train: bool) -> str:
 
     log.info("training the gold reward model of recipe %s into %s (once)", recipe_name, run_dir)
     result = train_one(modules.reward_model_name(), recipe_name, gold_training_config(recipe), ["--model.role=gold", f"--trainer.default_root_dir={run_dir}"],
-                       run_name=f"rm-gold-{time.strftime('%Y%m%d-%H%M%S')}", tags={"gold_model": "true"})
+                       run_name=f"{modules.reward_model_name()}-gold-{time.strftime('%Y%m%d-%H%M%S')}", tags={"gold_model": "true"})
     if result.run_id is None:
         raise ConfigError("the gold reward model's training was interrupted")
     return str(model_dir)

@@ -27,6 +27,7 @@ from optuna_integration import PyTorchLightningPruningCallback
 
 import modules
 from bench.core.errors import BenchError, ConfigError, first_line
+from bench.core.memory import collections_of_new_objects_only
 from bench.core.workers import WORKER_TAG, is_dead_local_worker, this_worker
 from bench.experiments.recipe import Recipe
 from bench.reports import figures
@@ -331,6 +332,10 @@ class Sweep:
 
     def run(self, poll_seconds: float) -> None:
         """Run trials until the study holds `n_trials` finished ones; wait while other workers finish theirs."""
+        with collections_of_new_objects_only():  # each trial ends with a collection (gc_after_trial)
+            self.run_trials(poll_seconds)
+
+    def run_trials(self, poll_seconds: float) -> None:
         while True:
             fail_dead_local_trials(self.study, self.recipe_name)
             finished, running = self.counts()
