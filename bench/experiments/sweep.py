@@ -383,14 +383,17 @@ def record_best(study: optuna.Study, objectives: list[Objective], parent_run_id:
         run_id = trial.user_attrs.get("mlflow_run_id")
         if run_id:
             client.set_tag(run_id, "best_trial", str(trial.number in {t.number for t in best}).lower())
+    def on_parent(write, *args):  # every worker records the best when it ends, maybe at the same moment
+        tracking.written_despite_a_race(write, parent_run_id, *args)
+
     for trial in best[:1]:
-        client.set_tag(parent_run_id, "best_trial", str(trial.number))
-        client.set_tag(parent_run_id, "best_run_id", trial.user_attrs.get("mlflow_run_id", ""))
+        on_parent(client.set_tag, "best_trial", str(trial.number))
+        on_parent(client.set_tag, "best_run_id", trial.user_attrs.get("mlflow_run_id", ""))
         for objective, value in zip(objectives, trial.values):
-            client.log_metric(parent_run_id, f"best/{objective.metric}", value)
+            on_parent(client.log_metric, f"best/{objective.metric}", value)
         for name, value in trial.params.items():
-            client.set_tag(parent_run_id, f"best.{name}", str(value))
-    client.set_tag(parent_run_id, "finished_trials", str(sum(t.state in FINISHED for t in study.get_trials())))
+            on_parent(client.set_tag, f"best.{name}", str(value))
+    on_parent(client.set_tag, "finished_trials", str(sum(t.state in FINISHED for t in study.get_trials())))
     if client.get_run(parent_run_id).info.status != "FINISHED":  # it may be KILLED by a worker stopped earlier
         client.set_terminated(parent_run_id)
     figures.log_figures_of_finished_run(client, parent_run_id, figures.sweep_run_ids(client, parent_run_id))
@@ -473,7 +476,8 @@ def sweep(
     client = mlflow.MlflowClient(tracking.tracking_uri())
     if client.get_run(parent_run_id).info.status != "RUNNING":  # an interrupted study, resumed
         client.update_run(parent_run_id, status="RUNNING")
-    client.set_tag(parent_run_id, WORKER_TAG, this_worker())  # a later bench closes it if this worker is SIGKILLed
+    # A later bench closes it if this worker is SIGKILLed; every worker of the study tags it, maybe at once.
+    tracking.written_despite_a_race(client.set_tag, parent_run_id, WORKER_TAG, this_worker())
     with tracking.closed_on_error(client, parent_run_id, f"study {study_name!r}", command):
         Sweep(algorithm, recipe, space, objectives, study, n_trials, overrides,
               prune and len(objectives) == 1, parent_run_id, command).run(poll_seconds)

@@ -7,6 +7,7 @@ import subprocess
 from pathlib import Path
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
+log = logging.getLogger(__name__)
 
 
 def configured_uri() -> str:
@@ -187,6 +188,21 @@ def closed_on_error(client, run_id: str, what: str, command: str, discard=lambda
         hint = f" The same command carries on from where it stopped:  {command}" if interrupted else ""
         logging.getLogger(__name__).warning("%s stopped; its MLflow parent run %s is marked %s.%s", what, run_id, status, hint)
         raise
+
+
+def written_despite_a_race(write, *args, attempts: int = 3):
+    """`write(*args)`, an MlflowClient write to a run that other workers write at the same moment (a study's
+    parent run): MLflow's SQL store reads, then inserts, so of two workers inserting the same tag or latest
+    metric one fails on the unique key; written again, it finds the other's row and updates it."""
+    from mlflow.exceptions import MlflowException
+
+    for attempt in range(attempts):
+        try:
+            return write(*args)
+        except MlflowException as err:
+            if "unique" not in str(err).lower() or attempt == attempts - 1:
+                raise
+            log.info("another worker wrote %s at the same moment; writing it again", args[1:2])
 
 
 def git_commit() -> str:
