@@ -82,7 +82,8 @@ def train(algorithm: str, recipe_arg: str, run_eval: str, resume: str | None, ar
         check_evaluation_possible(recipe.name, recipe.eval)  # before training, not after it
     if roles and not any(a.startswith("--model.role") for a in argv):
         if resume:
-            raise BenchError(f"--resume trains one {algorithm} model: add " + " or ".join(f"--model.role={role}" for role in roles))
+            either = " or ".join(f"--model.role={role}" for role in roles)
+            raise BenchError(f"--resume trains one {algorithm} model: add {either}")
         # The default reward-model stage: a proxy and a judge, each on its own half of the train split.
         for role in roles:
             train_one(algorithm, recipe.name, recipe.config(algorithm), [*argv, f"--model.role={role}"],

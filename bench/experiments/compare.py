@@ -110,7 +110,8 @@ class Comparison:
         self.settings = recipe.compare
         # What reruns this comparison: its finished stages are reused (by config), the rest trained.
         self.command = command or shlex.join(["bench", "compare", "--recipe", recipe.name, *argv])
-        self.stages, self.seeds, self.budget = list(self.settings.stages), list(self.settings.seeds), self.settings.budget_prompts
+        self.stages, self.seeds = list(self.settings.stages), list(self.settings.seeds)
+        self.budget = self.settings.budget_prompts
         self.best_of_n, self.best_of_n_gold = list(self.settings.best_of_n), list(self.settings.best_of_n_gold)
         self.client = mlflow.MlflowClient(tracking.tracking_uri())
         self.runs: dict[str, str] = {}
@@ -139,11 +140,16 @@ class Comparison:
     def aligned_stages(self) -> list[str]:
         return [s for s in self.stages if self.algorithm(s) in modules.aligned()]
 
+    def stage_config(self, stage: str, algorithm: str) -> dict:
+        """The config a stage trains `algorithm` with: an arm's overrides over the algorithm's own."""
+        return self.recipe.config(algorithm, self.settings.overrides(stage))
+
     def train(self, stage: str, algorithm: str, argv: list[str], seed: int, callbacks: list | None = None):
         from bench.runs.training import train_one
 
         tags = {"mlflow.parentRunId": self.parent, "compare_stage": stage, "seed": str(seed)}
-        result = train_one(algorithm, self.recipe_name, self.recipe.config(algorithm, self.settings.overrides(stage)), [*argv, *self.seed_args(seed), *self.argv],
+        result = train_one(algorithm, self.recipe_name, self.stage_config(stage, algorithm),
+                           [*argv, *self.seed_args(seed), *self.argv],
                            run_name=f"{stage}-s{seed}-{datetime.now():%Y%m%d-%H%M%S}", tags=tags, reuse=True,
                            callbacks=callbacks, rerun_command=self.command)
         gc.collect()  # free the trainer and its models before the next stage loads its own
@@ -156,7 +162,8 @@ class Comparison:
 
     def run(self) -> dict:
         # Every stage's budget is checked before the first one trains.
-        budgets = {stage: budget_overrides(self.algorithm(stage), self.recipe.config(self.algorithm(stage), self.settings.overrides(stage)), self.budget)
+        budgets = {stage: budget_overrides(self.algorithm(stage), self.stage_config(stage, self.algorithm(stage)),
+                                           self.budget)
                    for stage in self.aligned_stages() if self.budget}
         close_dead_runs(self.client, self.recipe_name)
         self.parent = self.parent_run()

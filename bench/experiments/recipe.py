@@ -112,7 +112,8 @@ def stages_of(name: str, listed: list[str] | None, arms: dict[str, tuple[str, di
     unknown = [s for s in stages if s not in all_stages and s not in arms]
     if unknown:
         raise ConfigError(f"recipe {name}: compare.stages names {unknown}, which is not a stage; "
-                          f"stages are {', '.join(all_stages)} and the recipe's compare.arms ({', '.join(arms) or 'none'})")
+                          f"stages are {', '.join(all_stages)} and the recipe's compare.arms "
+                          f"({', '.join(arms) or 'none'})")
     optimising = [s for s in stages if algorithm(s) in modules.aligned()
                   and modules.module_class(algorithm(s)).proxy_setting]
     if optimising and modules.reward_model_name() not in stages:
@@ -231,8 +232,9 @@ def dry_run_sections(sections: dict, compare: dict) -> tuple[dict, dict]:
         small["algorithms"][name] = small_algorithm(name, section or {})
     small_gold(small)
     judge = "gold" if small.get("gold") and (small.get("eval") or {}).get("judge") == "gold" else "latest"
+    sampling = {**((small.get("eval") or {}).get("sampling") or {}), "max_new_tokens": 4, "batch_size": 2}
     small["eval"] = {**(small.get("eval") or {}), "n_prompts": 2, "judge": judge, "proxy": "latest",
-                     "sampling": {**((small.get("eval") or {}).get("sampling") or {}), "max_new_tokens": 4, "batch_size": 2}}
+                     "sampling": sampling}
     return small, small_compare(compare)
 
 
@@ -275,9 +277,10 @@ def small_gold(small: dict) -> None:
     if small.get("gold") and reward_needs_hub(small["gold"].get("model")):
         small["gold"] = {**small["gold"], "model": "reward:vader"}
     if small.get("gold"):
-        small["gold"] = {**small["gold"], "train": {"trainer": {"max_steps": 1, "max_epochs": -1, "limit_val_batches": 1},
-                                                   "data": {"batch_size": 2, "max_train_pairs": 8},
-                                                   "model": {"backbone": "all-minilm-l6-v2", "max_length": 64}}}
+        train = {"trainer": {"max_steps": 1, "max_epochs": -1, "limit_val_batches": 1},
+                 "data": {"batch_size": 2, "max_train_pairs": 8},
+                 "model": {"backbone": "all-minilm-l6-v2", "max_length": 64}}
+        small["gold"] = {**small["gold"], "train": train}
 
 
 def small_compare(compare: dict) -> dict:
