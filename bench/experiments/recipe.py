@@ -153,10 +153,6 @@ class Recipe:
     def data(self) -> dict:
         return copy.deepcopy(self.sections.get("data") or {})
 
-    @property
-    def seed(self) -> int:
-        return int(self.sections.get("seed_everything", 0) or 0)
-
 
 def eval_overrides(argv: list[str]) -> tuple[dict, list[str]]:
     """`--eval.n_prompts=8` or `--eval.sampling.max_new_tokens 32` as a mapping for the recipe's `eval:`; the
