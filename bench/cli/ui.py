@@ -17,6 +17,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -41,11 +42,25 @@ def run(argv: list[str]) -> None:
                              "(e.g. with --host 0.0.0.0); repeatable; allowed by the Host and CORS checks")
     args = parser.parse_args(argv)
 
+    # Ctrl-C or SIGTERM (even in the background, where the shell ignores SIGINT) only sets a flag that the loops
+    # below read: a KeyboardInterrupt raised at whatever line was running can land in a finaliser (sqlalchemy's
+    # weakref callbacks run during the imports below), where Python swallows it, and bench would wait for ever.
+    stop_asked = threading.Event()
+    handlers = [signal.signal(sig, lambda signum, frame: stop_asked.set()) for sig in (signal.SIGINT, signal.SIGTERM)]
+    try:
+        serve(args, stop_asked)
+    finally:
+        signal.signal(signal.SIGINT, handlers[0])
+        signal.signal(signal.SIGTERM, handlers[1])
+
+
+def serve(args, stop_asked: threading.Event) -> None:
+    """Start the server in its own process group (mlflow runs uvicorn and job runners under it), print its URLs
+    once it answers, and stop the whole group when asked to or when bench ends."""
     command, urls = server_command(args.host, args.port, args.workers, args.hostname)
     check_port_free(args.host, args.port)
-    # The server gets its own process group, which bench stops on Ctrl-C or SIGTERM (even when started in the
-    # background, where the shell ignores SIGINT): mlflow runs uvicorn and job-runner processes under it.
-    handlers = signal.signal(signal.SIGINT, signal.default_int_handler), signal.signal(signal.SIGTERM, interrupt)
+    if stop_asked.is_set():
+        return
     # The server's own output goes to stderr (stdout carries the URLs), without the deprecation warnings of its
     # dependencies (starlette's is a UserWarning), which a user of bench cannot act on.
     quiet = "ignore::DeprecationWarning,ignore:starlette.middleware.wsgi is deprecated"
@@ -53,22 +68,21 @@ def run(argv: list[str]) -> None:
                               env={**os.environ, "PYTHONWARNINGS": quiet})
     up = False
     try:
-        wait_until_up(server, urls[0], args.port)
-        up = True
-        for url in urls:
-            print(f"MLflow UI: {url}", flush=True)
-        if latest := latest_comparison():  # its run page shows the table, its tests and figures
-            print(f"latest comparison: {urls[0]}/#/{latest}", flush=True)
-        if server.wait() != 0:
-            raise BenchError(f"the MLflow server exited with code {server.returncode}")
-    except KeyboardInterrupt:
-        pass
+        up = wait_until_up(server, urls[0], args.port, stop_asked)
+        if up:
+            for url in urls:
+                print(f"MLflow UI: {url}", flush=True)
+            if latest := latest_comparison():  # its run page shows the table, its tests and figures
+                print(f"latest comparison: {urls[0]}/#/{latest}", flush=True)
+        while up and not stop_asked.wait(0.5):
+            if server.poll() is not None:
+                if server.returncode != 0:
+                    raise BenchError(f"the MLflow server exited with code {server.returncode}")
+                return
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not leave the server running
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         stop(server, graceful=up)
-        signal.signal(signal.SIGINT, handlers[0])
-        signal.signal(signal.SIGTERM, handlers[1])
 
 
 def latest_comparison() -> str | None:
@@ -83,10 +97,6 @@ def latest_comparison() -> str | None:
         if runs:
             return f"experiments/{runs[0].info.experiment_id}/runs/{runs[0].info.run_id}"
     return None
-
-
-def interrupt(signum, frame):
-    raise KeyboardInterrupt
 
 
 def server_command(host: str, port: int, workers: int, hostnames: list[str]) -> tuple[list[str], list[str]]:
@@ -133,21 +143,24 @@ def check_port_free(host: str, port: int) -> None:
                              f"stop what uses it or pass --port") from err
 
 
-def wait_until_up(server: subprocess.Popen, url: str, port: int) -> None:
+def wait_until_up(server: subprocess.Popen, url: str, port: int, stop_asked: threading.Event) -> bool:
+    """True once the server answers; False if asked to stop first."""
     # /health is exempt from the Host check, so this asks for the page itself, as a browser would.
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never through an http_proxy
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline and not stop_asked.is_set():
         if server.poll() is not None:
             raise BenchError(f"the MLflow server exited with code {server.returncode} before answering on port {port} "
                              f"(its log is above)")
         try:
             with opener.open(url + "/", timeout=2) as response:
                 if response.status == 200:
-                    return
+                    return True
         except (urllib.error.URLError, OSError):
             pass
-        time.sleep(0.5)
+        stop_asked.wait(0.5)
+    if stop_asked.is_set():
+        return False
     raise BenchError(f"the MLflow server did not answer at {url} within {STARTUP_TIMEOUT_S} s")
 
 

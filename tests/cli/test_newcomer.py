@@ -184,17 +184,32 @@ def ctrl_c_bench_ui(tmp_path, once_up: bool) -> tuple[str, str]:
     with open(tmp_path / "out", "w") as out_file, open(tmp_path / "err", "w") as err_file:
         process = subprocess.Popen([sys.executable, "-m", "bench.cli", "ui", "--port", str(port)], cwd=tmp_path,
                                    env=env, stdout=out_file, stderr=err_file)
-        # Once bench has started the server (a child process), the server is still importing for seconds.
-        children = Path(f"/proc/{process.pid}/task/{process.pid}/children")
+        # Once bench has started the server (a child process; bench's imports start others, `uname`), the server
+        # is still importing for seconds.
         deadline = time.monotonic() + 120
-        while not children.read_text().strip() and time.monotonic() < deadline:
+        while not server_children(process.pid) and time.monotonic() < deadline:
             time.sleep(0.05)
         time.sleep(0.5)
         while once_up and "MLflow UI:" not in (tmp_path / "out").read_text() and time.monotonic() < deadline:
             time.sleep(0.2)
+        servers = server_children(process.pid)
         process.send_signal(signal.SIGINT)
         process.wait(timeout=60)
+    assert servers and not [pid for pid in servers if Path(f"/proc/{pid}").exists()]  # nothing left running
     return (tmp_path / "out").read_text(), (tmp_path / "err").read_text()
+
+
+def server_children(pid: int) -> list[int]:
+    """The `mlflow server` processes among pid's children."""
+    from pathlib import Path
+
+    def cmdline(child: str) -> bytes:
+        try:
+            return Path(f"/proc/{child}/cmdline").read_bytes()
+        except FileNotFoundError:  # a child that ended meanwhile (`uname`)
+            return b""
+
+    return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split() if b"mlflow" in cmdline(c)]
 
 
 @pytest.mark.slow  # over 3 s: left out of `make test-fast`
