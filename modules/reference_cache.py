@@ -88,6 +88,12 @@ class ReferenceLogpCache:
 
 
 @torch.no_grad()
+def length_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
+    """Indices of the sequences of these lengths, shortest first, in batches of `batch_size`: little padding."""
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    return [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
+
+
 def compute_logps(
     model: torch.nn.Module,
     sequences: list[tuple[list[int], list[int]]],
@@ -102,8 +108,7 @@ def compute_logps(
     """Summed response log-probs of (prompt ids, response ids) sequences, in batches of similar length.
     With several processes each computes every `world_size`-th batch; every process runs the same number
     of forwards (sharded models need that) and returns {sequence index: log-prob} for its own batches."""
-    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i][0]) + len(sequences[i][1]))
-    batches = [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
+    batches = length_batches([len(prompt) + len(response) for prompt, response in sequences], batch_size)
     forwards = -(-len(batches) // world_size)
     values: dict[int, float] = {}
     for step in tqdm(range(forwards), desc=desc, unit="batch", disable=rank != 0):

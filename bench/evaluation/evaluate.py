@@ -8,8 +8,11 @@ vocabulary (`modules.logps.sequence_kl`); then the mean over prompts. By the cha
 KL between the tempered distributions of whole responses, and it is never negative. It is the KL of the
 tempered, untruncated distributions (top_p < 1 truncates what the sampler draws from; the recipes sample with
 top_p 1), and it is undefined (NaN, with a warning) for greedy sampling. The run's tags `eval.kl_kind` and
-`eval.kl_temperature` say so; the samples table (eval/samples.json) holds each prompt's `kl`. Training logs the
-same quantity as `objective/kl` (online algorithms) and `val/overopt/kl` (scores along training).
+`eval.kl_temperature` say so; the samples table (eval/samples.json) holds each prompt's `kl`. It is computed with
+autocast off, in the models' own dtype (float32), though the samples are drawn under bf16 autocast: bf16 rounds
+the two models differently, and the KL read through it was off by 10-50 % (`samples_kl`; tag `eval.kl_autocast`).
+Training logs the same quantity as `val/overopt/kl` (scores along training, also with autocast off) and, from
+the training step's own forward passes (bf16 under bf16-mixed), as `objective/kl` (online algorithms).
 
 What was cut is counted: `eval/prompts/truncated_ratio`, the share of prompts longer than
 `data.max_prompt_length` tokens (the policy sees their end), and `eval/completions/clipped_ratio`, the share of
@@ -54,7 +57,7 @@ from datamodules.formatting import Formatter
 from datamodules.hh_datamodule import Collator
 from datamodules.hh_rlhf import Pair, load_splits
 from modules.logps import SequenceLogps, head_computes_logits, sequence_kl, sequence_logps
-from modules.reference_cache import compute_logps
+from modules.reference_cache import compute_logps, length_batches
 from modules.reward_model import load_reward_model
 
 log = logging.getLogger(__name__)
@@ -212,11 +215,19 @@ def response_logps(model, rows: list[dict], pad_id: int, batch_size: int, desc: 
                          torch.tensor([len(completion) for _, completion in sequences]))
 
 
+# Rows per forward pass of the KL on a CPU: 256 rows of ~100 tokens in one pass took 1.6x as long as in batches of
+# 32 rows of similar length (SmolLM2-135M, float32; larger activations leave the caches).
+KL_ROWS_PER_CPU_FORWARD = 32
+
+
 @torch.no_grad()
 def samples_kl(policy, reference, rows: list[dict], collate, batch_size: int, temperature: float,
                desc: str = "KL") -> torch.Tensor:
     """Per row (prompt_ids, completion_ids: a sample of the policy), the exact KL of the policy from the
-    reference summed over the sample's tokens at the sampling `temperature` (`sequence_kl`), on the CPU in float32.
+    reference summed over the sample's tokens at the sampling `temperature` (`sequence_kl`), in rows of similar
+    length. Autocast is turned off: the forward runs in the models' own dtype (float32 as loaded and as trained
+    with bf16-mixed), since bfloat16 rounds the two models differently: under bf16 autocast the KL of
+    SmolLM2-135M from a copy with weights perturbed by 1e-3 read 0.371 instead of 0.244 (64 rows of 48 tokens).
     NaN for greedy sampling, which has no distribution to take a KL of."""
     if temperature == 0:
         log.warning("the KL is undefined for greedy sampling (temperature 0): it is reported as NaN")
@@ -224,17 +235,28 @@ def samples_kl(policy, reference, rows: list[dict], collate, batch_size: int, te
     if reference is policy:  # the policy is its own reference: exactly 0, with no forward pass
         return torch.zeros(len(rows))
     fast = (head_computes_logits(policy), head_computes_logits(reference))
-    kls = []
-    for start in tqdm(range(0, len(rows), batch_size), desc=desc, unit="batch"):
-        batch = {k: v.to(policy.device) for k, v in collate(rows[start : start + batch_size]).items()}
-        kls.append(sequence_kl(policy, reference, batch, temperature, fast).float().cpu())
-    return torch.cat(kls)
+    device = policy.device
+    rows_per_forward = min(batch_size, KL_ROWS_PER_CPU_FORWARD) if device.type == "cpu" else batch_size
+    batches = length_batches([len(row["prompt_ids"]) + len(row["completion_ids"]) for row in rows], rows_per_forward)
+    kls = torch.zeros(len(rows))
+    with torch.autocast(device.type, enabled=False):
+        for batch_rows in tqdm(batches, desc=desc, unit="batch"):
+            batch = {k: v.to(device) for k, v in collate([rows[i] for i in batch_rows]).items()}
+            kls[batch_rows] = sequence_kl(policy, reference, batch, temperature, fast).float().cpu()
+    return kls
 
 
 def kl_tags(sampling: Sampling) -> dict[str, str]:
     """What eval/kl is (see the module docstring), for the run's tags."""
     return {"eval.kl_kind": "exact" if sampling.temperature > 0 else "undefined (greedy sampling)",
-            "eval.kl_temperature": str(sampling.temperature)}
+            "eval.kl_temperature": str(sampling.temperature), "eval.kl_autocast": "off"}
+
+
+def kl_is_current(tags: dict[str, str]) -> bool:
+    """Whether an evaluated run's eval/kl was computed as `samples_kl` computes it now: exact, with autocast off.
+    Runs evaluated before (no `eval.kl_autocast` tag) took it under bf16 autocast, which rounds the two models
+    differently (0.494 for 0.547 on a DPO policy's 256 samples), or, before `eval.kl_kind`, from log-ratios."""
+    return tags.get("eval.kl_autocast") == "off" or tags.get("eval.kl_kind", "").startswith("undefined")
 
 
 def truncated_prompts(formatter: Formatter, prompts: list[str], prompt_ids: list[list[int]]) -> list[int]:

@@ -240,11 +240,15 @@ class Comparison:
                        sampling=replace(settings.sampling, seed=seed))
 
     def evaluate(self, algorithm: str, run_id: str, seed: int, proxy: str | None) -> None:
-        from bench.evaluation.evaluate import evaluate, resolve_target
+        from bench.evaluation.evaluate import evaluate, kl_is_current, resolve_target
 
-        if "eval/win_rate_vs_chosen" in self.client.get_run(run_id).data.metrics:
-            log.info("%s: run %s is already evaluated", algorithm, run_id)
-            return
+        run = self.client.get_run(run_id)
+        if "eval/win_rate_vs_chosen" in run.data.metrics:
+            if kl_is_current(run.data.tags):
+                log.info("%s: run %s is already evaluated", algorithm, run_id)
+                return
+            log.info("%s: run %s is evaluated again: its eval/kl was computed the old way (under bf16 autocast)",
+                     algorithm, run_id)
         evaluated = evaluate(resolve_target(run_id, None, {}, self.recipe_name), self.eval_settings(seed, proxy))
         figures.log_win_rates(self.client, evaluated.run_id)
         gc.collect()

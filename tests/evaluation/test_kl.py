@@ -181,7 +181,7 @@ def test_eval_kl_is_the_exact_kl_of_the_policys_samples(workdir, hh_path, reward
     rows = [{"prompt_ids": p, "completion_ids": g} for p, g in zip(prompt_ids, generated)]
     policy, reference = load_causal_lm(perturbed_tiny), load_causal_lm("tiny")
     expected = []
-    with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():  # evaluate's context (bf16: true)
+    with torch.no_grad():  # in float32, though evaluate samples under bf16 autocast
         for start in range(0, len(rows), 4):
             batch = Collator("sft", tokenizer.pad_token_id)(rows[start : start + 4])
             expected.append(sequence_kl(policy, reference, batch, 0.7, (True, True)).float())
@@ -329,3 +329,19 @@ def test_response_logps_sum_and_count_each_rows_completion_in_length_sorted_batc
         alone = sequence_logps(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels})
         torch.testing.assert_close(got.total[i], alone.total[0].float(), rtol=1e-5, atol=1e-5)
         assert got.tokens[i] == len(row["completion_ids"])
+
+
+def test_samples_kl_is_float32_under_bf16_autocast_and_keeps_each_rows_order():
+    # Evaluation samples under bf16 autocast, which rounds the two models differently (a KL of 0.371 for 0.244 on
+    # SmolLM2-135M): samples_kl turns it off, and its length-sorted batches still give each row its own KL.
+    from bench.evaluation.evaluate import samples_kl
+
+    policy, reference = tiny_llama(seed=3), tiny_llama(seed=4)
+    rows = [{"prompt_ids": [1, 2, 3][: 1 + i % 3], "completion_ids": [4, 5, 6, 7, 1][: 1 + (i * 2) % 5]} for i in range(7)]
+    collate = Collator("sft", pad_id=0)
+    alone = torch.stack([sequence_kl(policy, reference, collate([row]), 0.7)[0] for row in rows])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        rounded = torch.stack([sequence_kl(policy, reference, collate([row]), 0.7)[0] for row in rows])
+        got = samples_kl(policy, reference, rows, collate, batch_size=3, temperature=0.7)
+    assert (rounded - alone).abs().max() > 1e-3  # bf16 would have shown
+    torch.testing.assert_close(got, alone.float(), rtol=1e-5, atol=1e-6)

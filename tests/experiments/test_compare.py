@@ -200,3 +200,32 @@ def test_a_bad_comparison_is_refused_with_its_reason(workdir, hh_path, capsys, c
         main(["compare", "--recipe", str(path), "--data-path", hh_path])
     assert exited.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_a_reused_stage_whose_kl_was_taken_under_bf16_autocast_is_evaluated_again(workdir, monkeypatch):
+    # Runs evaluated before eval/kl turned autocast off keep their training and get a fresh evaluation; runs
+    # evaluated since are left alone.
+    from types import SimpleNamespace
+
+    import bench.evaluation.evaluate as evaluation
+    from bench.experiments.compare import Comparison
+
+    client = mlflow.MlflowClient(tracking.tracking_uri())
+    experiment = client.create_experiment("kl-again")
+    metrics = {"eval/win_rate_vs_chosen": 0.5, "eval/kl": 0.49}
+    old = client.create_run(experiment, tags={"eval.kl_kind": "exact"}).info.run_id
+    new = client.create_run(experiment, tags=evaluation.kl_tags(evaluation.Sampling(temperature=1.0))).info.run_id
+    for run_id in (old, new):
+        for key, value in metrics.items():
+            client.log_metric(run_id, key, value)
+    evaluated = []
+    monkeypatch.setattr(evaluation, "resolve_target", lambda run_id, *args: run_id)
+    monkeypatch.setattr(evaluation, "evaluate", lambda target, settings: evaluated.append(target) or
+                        SimpleNamespace(run_id=target))
+    monkeypatch.setattr("bench.reports.figures.log_win_rates", lambda client, run_id: None)
+    comparison = SimpleNamespace(client=client, recipe_name="kl-again", eval_settings=lambda seed, proxy: None)
+    for run_id in (old, new):
+        Comparison.evaluate(comparison, "dpo", run_id, seed=0, proxy=None)
+    assert evaluated == [old]
+    assert not evaluation.kl_is_current({"eval.kl_kind": "exact"})
+    assert evaluation.kl_is_current({"eval.kl_kind": "undefined (greedy sampling)"})
