@@ -117,6 +117,9 @@ class Target:
     experiment: str
     data: dict
     run_id: str | None = None
+    # The training run's own evaluation made again with the same settings, into that run, replacing what it
+    # logged (a comparison does so when the run's eval/kl was taken the old way: `kl_is_current`).
+    again: bool = False
 
 
 def _check_is_policy(spec: str, what: str) -> None:
@@ -422,11 +425,11 @@ def judge_responses(judge, proxy, pairs: list[Pair], policy_text: list[str], ref
 
 def eval_run(client, target: Target) -> tuple[str, bool]:
     """(the run an evaluation logs into, whether it was made for it). The training run's first evaluation goes
-    into that run; a later one is a run of its own nested under it (tag `eval_of`), so the run's `eval/` metrics,
+    into that run, and so does that evaluation made `again`; a later one is a run of its own nested under it (tag `eval_of`), so the run's `eval/` metrics,
     params and samples stay one evaluation's and a comparison's table keeps reading the evaluation it made."""
     if target.run_id is not None:
         trained = client.get_run(target.run_id)
-        if not any(key.startswith("eval/") for key in trained.data.metrics):
+        if target.again or not any(key.startswith("eval/") for key in trained.data.metrics):
             return target.run_id, False
         run_id = client.create_run(trained.info.experiment_id, run_name=f"{trained.info.run_name}-eval-{datetime.now():%Y%m%d-%H%M%S}",
                                    tags={"mlflow.parentRunId": target.run_id, "eval_of": target.run_id,

@@ -243,13 +243,15 @@ class Comparison:
         from bench.evaluation.evaluate import evaluate, kl_is_current, resolve_target
 
         run = self.client.get_run(run_id)
-        if "eval/win_rate_vs_chosen" in run.data.metrics:
-            if kl_is_current(run.data.tags):
-                log.info("%s: run %s is already evaluated", algorithm, run_id)
-                return
-            log.info("%s: run %s is evaluated again: its eval/kl was computed the old way (under bf16 autocast)",
-                     algorithm, run_id)
-        evaluated = evaluate(resolve_target(run_id, None, {}, self.recipe_name), self.eval_settings(seed, proxy))
+        again = "eval/win_rate_vs_chosen" in run.data.metrics
+        if again and kl_is_current(run.data.tags):
+            log.info("%s: run %s is already evaluated", algorithm, run_id)
+            return
+        if again:
+            log.info("%s: run %s is evaluated again, into itself: its eval/kl was computed the old way (under bf16 "
+                     "autocast)", algorithm, run_id)
+        target = replace(resolve_target(run_id, None, {}, self.recipe_name), again=again)
+        evaluated = evaluate(target, self.eval_settings(seed, proxy))
         figures.log_win_rates(self.client, evaluated.run_id)
         gc.collect()
 

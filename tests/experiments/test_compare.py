@@ -205,6 +205,7 @@ def test_a_bad_comparison_is_refused_with_its_reason(workdir, hh_path, capsys, c
 def test_a_reused_stage_whose_kl_was_taken_under_bf16_autocast_is_evaluated_again(workdir, monkeypatch):
     # Runs evaluated before eval/kl turned autocast off keep their training and get a fresh evaluation; runs
     # evaluated since are left alone.
+    from dataclasses import replace
     from types import SimpleNamespace
 
     import bench.evaluation.evaluate as evaluation
@@ -219,13 +220,17 @@ def test_a_reused_stage_whose_kl_was_taken_under_bf16_autocast_is_evaluated_agai
         for key, value in metrics.items():
             client.log_metric(run_id, key, value)
     evaluated = []
-    monkeypatch.setattr(evaluation, "resolve_target", lambda run_id, *args: run_id)
+    monkeypatch.setattr(evaluation, "resolve_target",
+                        lambda run_id, *args: evaluation.Target("policy", "reference", "kl-again", {}, run_id))
     monkeypatch.setattr(evaluation, "evaluate", lambda target, settings: evaluated.append(target) or
-                        SimpleNamespace(run_id=target))
+                        SimpleNamespace(run_id=target.run_id))
     monkeypatch.setattr("bench.reports.figures.log_win_rates", lambda client, run_id: None)
     comparison = SimpleNamespace(client=client, recipe_name="kl-again", eval_settings=lambda seed, proxy: None)
     for run_id in (old, new):
         Comparison.evaluate(comparison, "dpo", run_id, seed=0, proxy=None)
-    assert evaluated == [old]
+    assert [(target.run_id, target.again) for target in evaluated] == [(old, True)]
+    # made again, the evaluation goes into the training run itself (a table reads it there), not a nested run
+    assert evaluation.eval_run(client, evaluated[0]) == (old, False)
+    assert evaluation.eval_run(client, replace(evaluated[0], again=False))[0] != old
     assert not evaluation.kl_is_current({"eval.kl_kind": "exact"})
     assert evaluation.kl_is_current({"eval.kl_kind": "undefined (greedy sampling)"})
