@@ -425,8 +425,9 @@ def judge_responses(judge, proxy, pairs: list[Pair], policy_text: list[str], ref
 
 def eval_run(client, target: Target) -> tuple[str, bool]:
     """(the run an evaluation logs into, whether it was made for it). The training run's first evaluation goes
-    into that run, and so does that evaluation made `again`; a later one is a run of its own nested under it (tag `eval_of`), so the run's `eval/` metrics,
-    params and samples stay one evaluation's and a comparison's table keeps reading the evaluation it made."""
+    into that run, and so does that evaluation made `again`; a later one is a run of its own nested under it (tag
+    `eval_of`), so the run's `eval/` metrics, params and samples stay one evaluation's and a comparison's table
+    keeps reading the evaluation it made."""
     if target.run_id is not None:
         trained = client.get_run(target.run_id)
         if target.again or not any(key.startswith("eval/") for key in trained.data.metrics):

@@ -347,7 +347,8 @@ def perf(settings: PerfSettings, variants: tuple[str, ...] = VARIANTS,
             sampling.append(result)
             print(f"{variant}: {result['tokens_per_s']:.1f} tokens/s", file=sys.stderr, flush=True)
     return {"settings": asdict(settings), "generation_settings": asdict(generation) if generation else None,
-            "peak_flops": peak, "machine_load": load.report, "results": training, "generation": sampling,
+            "peak_flops": peak, "torch_threads": torch.get_num_threads(), "machine_load": load.report,
+            "results": training, "generation": sampling,
             "ratios": ratios(training), "generation_ratios": generation_ratios(sampling),
             "final_loss_gap": loss_gap(training)}
 
@@ -399,7 +400,7 @@ def markdown(report: dict, command: str) -> str:
         "",
         f"Command: `{command}`  ",
         f"Date: {time.strftime('%Y-%m-%d %H:%M %Z')}  ",
-        f"Machine: {machine()}  ",
+        f"Machine: {machine()}; {report.get('torch_threads', '?')} torch threads (`OMP_NUM_THREADS` sets them)  ",
         f"Commit: {tracking.git_commit()}  ",
         f"Load: {contended}; 1-minute load average {load['load_average_before']:.2f} before, "
         f"{load['load_average_after']:.2f} after; {load['wall_seconds'] / 60:.1f} min in all  ",

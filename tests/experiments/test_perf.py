@@ -5,6 +5,7 @@ variant; the machine's load."""
 import json
 
 import pytest
+import torch
 
 from bench.cli import main
 from bench.experiments import perf
@@ -30,6 +31,7 @@ def test_every_variant_reports_speed_and_memory(report):
         assert len(r["losses"]) == settings.steps
     table = perf.markdown(found, "bench perf --test")
     assert "| harness-warm |" in table and "pairs/s warm / trl:" in table and "Machine:" in table
+    assert f"; {torch.get_num_threads()} torch threads" in table  # the threads it ran with
     assert "## Generation" in table and "tokens/s harness / generate:" in table and "Load:" in table
     assert set(found["ratios"]) == {"warm / trl", "cold / trl-precompute", "cold / trl", "warm / trl-precompute"}
 
