@@ -443,6 +443,12 @@ def eval_run(client, target: Target) -> tuple[str, bool]:
                              tags={"algorithm": "eval", "model": target.policy}).info.run_id, True
 
 
+def run_artifacts(client, run_id: str):
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+    return get_artifact_repository(client.get_run(run_id).info.artifact_uri)
+
+
 def record_eval(target: Target, settings: EvalSettings, judge, proxy, metrics: dict, table: dict,
                 pairs: list[Pair]) -> str:
     """Log into the training run's first evaluation, else into a run of the evaluation's own (`eval_run`)."""
@@ -464,6 +470,8 @@ def record_eval(target: Target, settings: EvalSettings, judge, proxy, metrics: d
               **{f"eval.sampling.{k}": v for k, v in asdict(settings.sampling).items()}}
     for key, value in params.items():
         client.log_param(run_id, key, value)
+    if target.again:  # log_table appends to a table the run already has: this evaluation replaces it
+        run_artifacts(client, run_id).delete_artifacts("eval/samples.json")
     client.log_table(run_id, data=table, artifact_file="eval/samples.json")
     tracking.log_datasets(client, run_id, target.data["path"], target.data.get("subsets"), {settings.split: pairs},
                           {settings.split: "evaluation"})

@@ -195,6 +195,13 @@ def test_eval_kl_is_the_exact_kl_of_the_policys_samples(workdir, hh_path, reward
     table = json.loads(open(client.download_artifacts(run.info.run_id, "eval/samples.json")).read())
     columns = {name: [row[i] for row in table["data"]] for i, name in enumerate(table["columns"])}
     torch.testing.assert_close(torch.tensor(columns["kl"]), expected, rtol=1e-4, atol=1e-6)
+    # Made again into the same run (as `bench compare` does for a KL taken the old way), the evaluation replaces
+    # its samples table, which MLflow's log_table would otherwise append to, and makes no run of its own.
+    again = Target(perturbed_tiny, "tiny", "kl-test", data, run_id=run.info.run_id, again=True)
+    assert bench.evaluation.evaluate.evaluate(again, settings).run_id == run.info.run_id
+    assert len(client.search_runs([run.info.experiment_id])) == 1
+    table = json.loads(open(client.download_artifacts(run.info.run_id, "eval/samples.json")).read())
+    assert len(table["data"]) == settings.n_prompts
     cut = [int(length > lengths[2]) for length in (len(eval_formatter(tokenizer, {}).prompt_ids(p.prompt))
                                                    for p in pairs)]
     assert columns["prompt_truncated"] == cut and 0 < sum(cut) < len(cut)
