@@ -25,7 +25,7 @@ import datasets
 import torch
 from tqdm.auto import tqdm
 
-from bench.core.batches import pad_rows
+from bench.core.batches import length_batches, pad_rows
 from bench.core.models import cache_dir
 from bench.sampling.generation import model_fingerprint
 
@@ -88,12 +88,6 @@ class ReferenceLogpCache:
 
 
 @torch.no_grad()
-def length_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
-    """Indices of the sequences of these lengths, shortest first, in batches of `batch_size`: little padding."""
-    order = sorted(range(len(lengths)), key=lengths.__getitem__)
-    return [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
-
-
 def compute_logps(
     model: torch.nn.Module,
     sequences: list[tuple[list[int], list[int]]],

@@ -32,3 +32,9 @@ def pad_rows(prompts: list[list[int]], completions: list[list[int]], pad_id: int
         attention_mask[row, :length] = 1
         labels[row, len(prompt) : length] = torch.tensor(completion)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def length_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
+    """Indices of the sequences of these lengths, shortest first, in batches of `batch_size`: little padding."""
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    return [order[start:start + batch_size] for start in range(0, len(order), batch_size)]

@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig
 
 import modules
+from bench.core.batches import length_batches
 from bench.core.errors import BenchError, ConfigError
 from bench.core.models import BUILTIN_SPECS, load_causal_lm, load_tokenizer, resolve
 from bench.evaluation.judges import RewardModelJudge, judge_class
@@ -57,7 +58,7 @@ from datamodules.formatting import Formatter
 from datamodules.hh_datamodule import Collator
 from datamodules.hh_rlhf import Pair, load_splits
 from modules.logps import SequenceLogps, head_computes_logits, sequence_kl, sequence_logps
-from modules.reference_cache import compute_logps, length_batches
+from modules.reference_cache import compute_logps
 from modules.reward_model import load_reward_model
 
 log = logging.getLogger(__name__)

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from transformers import LogitsProcessorList, TopPLogitsWarper
 from transformers.cache_utils import DynamicCache
 
+from bench.core.batches import length_batches
 from bench.core.errors import ConfigError
 from bench.core.models import cache_dir, resolve
 from bench.sampling.decoding import DecodeCache, attention_for_decoding, decode_cache, decode_step, packed_linears
@@ -90,12 +91,6 @@ def decode_responses(tokenizer, generated: list[list[int]]) -> list[str]:
     return [cut_at_new_turn(tokenizer.decode(ids, skip_special_tokens=True)) for ids in generated]
 
 
-def length_sorted_batches(prompt_ids: list[list[int]], batch_size: int) -> list[list[int]]:
-    """Prompt indices in batches of similar length: less left-padding to compute on."""
-    order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
-    return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
-
-
 def left_padded(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(p) for p in prompts)
     input_ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts], device=device)
@@ -143,7 +138,7 @@ class HFGenerateSampler(Sampler):
     def generate(self, model, prompt_ids, sampling, eos_ids, pad_id, progress):
         torch.manual_seed(sampling.seed)
         outputs: list[list[int] | None] = [None] * len(prompt_ids)
-        for batch in length_sorted_batches(prompt_ids, sampling.batch_size):
+        for batch in length_batches(list(map(len, prompt_ids)), sampling.batch_size):
             input_ids, attention_mask = left_padded([prompt_ids[i] for i in batch], pad_id, model.device)
             generated = model.generate(
                 input_ids=input_ids, attention_mask=attention_mask, do_sample=not sampling.greedy,
@@ -209,7 +204,7 @@ class KVCacheSampler(Sampler):
         warpers = self.warpers(sampling)
         seeds = row_seeds(sampling.seed, len(prompt_ids))
         outputs: list[list[int] | None] = [None] * len(prompt_ids)
-        for batch in length_sorted_batches(prompt_ids, sampling.batch_size):
+        for batch in length_batches(list(map(len, prompt_ids)), sampling.batch_size):
             generators = [torch.Generator(model.device).manual_seed(seeds[i]) for i in batch]
             with attention_for_decoding(model), packed_linears(model):
                 generated = self.decode(model, [prompt_ids[i] for i in batch], sampling, warpers, generators, eos_ids,
