@@ -1,6 +1,7 @@
 """Writing a results file or a model folder so that a reader never sees half of it."""
 
 import contextlib
+import fcntl
 import os
 import shutil
 from pathlib import Path
@@ -47,3 +48,18 @@ def readable_as_umask_allows(folder: Path) -> None:
     os.umask(mask)
     for path in [folder, *folder.rglob("*")]:
         path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
+
+
+@contextlib.contextmanager
+def held_lock(path: Path):
+    """An exclusive lock on the file `path` (made if absent) for the duration: two processes that would build
+    the same cached folder (two `bench` commands, or test workers, on a fresh machine) build it one at a time,
+    and the second finds it built. Released when the block ends or the process dies."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

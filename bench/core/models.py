@@ -23,7 +23,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from bench.core.atomic import written_whole
+from bench.core.atomic import held_lock, written_whole
 from bench.core.errors import ModelSpecError
 from bench.core.paths import cache_dir
 
@@ -47,9 +47,20 @@ def _smollm2_gguf_dir() -> Path:
 
 def _convert_smollm2() -> Path:
     """Dequantise the shipped GGUF once into a plain HF folder and return that folder."""
-    target = cache_dir() / "models" / SMOLLM2_SPEC
-    if (target / "config.json").exists():
-        return target
+    return _built_once(cache_dir() / "models" / SMOLLM2_SPEC, _write_smollm2)
+
+
+def _built_once(target: Path, build) -> Path:
+    """`target`, a model folder that `build(target)` writes the first time, one process at a time (a second
+    process waits, then finds it built)."""
+    if not (target / "config.json").exists():
+        with held_lock(target.with_name(f".{target.name}.lock")):
+            if not (target / "config.json").exists():
+                build(target)
+    return target
+
+
+def _write_smollm2(target: Path) -> None:
     gguf_dir = _smollm2_gguf_dir()
     log.info("converting %s to a plain HF folder at %s (once)", SMOLLM2_GGUF, target)
     gguf_model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
@@ -68,7 +79,6 @@ def _convert_smollm2() -> Path:
         saved_config = json.loads(config_path.read_text())
         if saved_config.pop("quantization_config", None) is not None:
             config_path.write_text(json.dumps(saved_config, indent=2))
-    return target
 
 
 def _minilm_dir() -> Path:
@@ -82,9 +92,10 @@ def _minilm_dir() -> Path:
 
 def _tiny_dir() -> Path:
     """A random-init 2-layer Llama with SmolLM2's tokenizer; saved once so that every load is identical."""
-    target = cache_dir() / "models" / TINY_SPEC
-    if (target / "config.json").exists():
-        return target
+    return _built_once(cache_dir() / "models" / TINY_SPEC, _write_tiny)
+
+
+def _write_tiny(target: Path) -> None:
     tokenizer = AutoTokenizer.from_pretrained(_convert_smollm2())
     config = LlamaConfig(
         vocab_size=len(tokenizer),
@@ -103,7 +114,6 @@ def _tiny_dir() -> Path:
     with written_whole(target) as staging:
         LlamaForCausalLM(config).save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-    return target
 
 
 def resolve(spec: str) -> str:
