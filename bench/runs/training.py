@@ -73,6 +73,18 @@ LAST_CHECKPOINT = Path("checkpoints") / "last.ckpt"
 RUN_DIR_ENV = "BENCH_RUN_DIR"
 
 
+def resume_checkpoint(run_dir: Path) -> Path:
+    """Where a run directory's resume checkpoint is: in the `checkpoint.dirpath` its saved config names (a
+    user's `--checkpoint.dirpath`, on scratch storage say), else in its own `checkpoints/`."""
+    dirpath = None
+    try:
+        saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+        dirpath = saved["checkpoint"]["dirpath"]
+    except (OSError, yaml.YAMLError, TypeError, KeyError):  # no config saved yet, or not one of ours
+        pass
+    return Path(dirpath) / LAST_CHECKPOINT.name if isinstance(dirpath, str) and dirpath else run_dir / LAST_CHECKPOINT
+
+
 def latest_unfinished_run_dir(recipe_name: str, algorithm: str, output_name: str) -> Path:
     """The newest run directory of this algorithm with a checkpoint and no saved model: the experiment's
     unfinished runs (wherever --trainer.default_root_dir put them), and `runs/<recipe>/<algorithm>-*`."""
@@ -82,18 +94,18 @@ def latest_unfinished_run_dir(recipe_name: str, algorithm: str, output_name: str
         query = f"tags.algorithm = '{algorithm}' and attributes.status != 'FINISHED'"
         dirs |= {Path(run.data.tags["output_path"]).parent for run in client.search_runs([experiment.experiment_id], query)
                  if run.data.tags.get("output_path")}
-    candidates = [d for d in dirs if (d / LAST_CHECKPOINT).exists() and not (d / output_name).exists()]
+    candidates = [d for d in dirs if resume_checkpoint(d).exists() and not (d / output_name).exists()]
     if not candidates:
         raise BenchError(f"--resume: no unfinished {algorithm} run with a checkpoint under {Path('runs', recipe_name)}")
-    return max(candidates, key=lambda run_dir: (run_dir / LAST_CHECKPOINT).stat().st_mtime)
+    return max(candidates, key=lambda run_dir: resume_checkpoint(run_dir).stat().st_mtime)
 
 
 def earlier_run(run_dir: Path) -> dict | None:
     """The record of the run that `run_dir` already holds, if any; a finished one is never trained over."""
     record_file = run_dir / RUN_RECORD
     if not record_file.exists():
-        if (run_dir / LAST_CHECKPOINT).exists():
-            raise BenchError(f"{run_dir / LAST_CHECKPOINT} exists but {record_file} does not: not a `bench train` "
+        if resume_checkpoint(run_dir).exists():
+            raise BenchError(f"{resume_checkpoint(run_dir)} exists but {record_file} does not: not a `bench train` "
                              "run directory")
         return None
     try:
@@ -176,8 +188,8 @@ def run_dir_and_name(algorithm: str, recipe_name: str, output_name: str, argv: l
     a resumed run's directory, rank 0's for the other processes of a DDP run, or a new one named by the time."""
     if resume is not None:
         run_dir = latest_unfinished_run_dir(recipe_name, algorithm, output_name) if resume == "latest" else Path(resume)
-        if not (run_dir / LAST_CHECKPOINT).exists():
-            raise BenchError(f"--resume: {run_dir / LAST_CHECKPOINT} does not exist")
+        if not resume_checkpoint(run_dir).exists():
+            raise BenchError(f"--resume: {resume_checkpoint(run_dir)} does not exist")
         argv, run_name = [*argv, f"--trainer.default_root_dir={run_dir}"], run_dir.name
     from lightning.pytorch.utilities import rank_zero_only
 

@@ -106,3 +106,22 @@ def test_resume_refuses_another_config(workdir, hh_path, capsys):
     with pytest.raises(SystemExit):
         main([*TRAIN, data, "--resume=runs/tiny/nothing-here"])
     assert "runs/tiny/nothing-here/checkpoints/last.ckpt does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # over 3 s: left out of `make test-fast`
+@pytest.mark.parametrize("how", ["run-dir", "latest"])
+def test_a_run_checkpointing_elsewhere_resumes_from_there(workdir, hh_path, how):
+    """`--checkpoint.dirpath` outside the run directory (scratch storage on a cluster): `--resume RUN_DIR` and
+    `--resume` alone find the checkpoint where the run's saved config says it is."""
+    data, scratch = f"--data.path={hh_path}", workdir / "scratch" / "checkpoints"
+    run_dir = workdir / "runs" / "tiny" / "dpo-elsewhere"
+    argv = [*TRAIN, data, f"--checkpoint.dirpath={scratch}"]
+    process = bench_process(workdir, *argv, f"--trainer.default_root_dir={run_dir}")
+    kill_after_checkpoints(process, scratch / "last.ckpt", count=1)
+    assert not (run_dir / "checkpoints").exists()
+
+    main([*argv, f"--resume={run_dir}" if how == "run-dir" else "--resume"])
+
+    (run,) = mlflow.MlflowClient().search_runs([mlflow.get_experiment_by_name("tiny").experiment_id])
+    assert run.info.status == "FINISHED" and run.data.tags["resumed_from"] == str(scratch / "last.ckpt")
+    assert (run_dir / "policy" / "model.safetensors").exists() and not (scratch / "last.ckpt").exists()
