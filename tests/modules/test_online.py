@@ -114,7 +114,7 @@ def test_rloo_advantages_equal_trls(monkeypatch):
     mask, old, _, ref, _ = random_rollout(2, rows=rows)
     lengths = mask.sum(1).tolist()
     scores = torch.randn(rows, generator=torch.Generator().manual_seed(3))
-    policy, reference = object(), object()
+    reference = object()
     trainer = object.__new__(RLOOTrainer)
     trainer.__dict__.update(
         accelerator=SimpleNamespace(device="cpu", process_index=0, reduce=lambda x, reduction="sum": x),
