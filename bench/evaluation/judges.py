@@ -40,6 +40,7 @@ import torch
 from tqdm.auto import tqdm
 
 from bench.core.errors import BenchError, ConfigError
+from bench.core.registries import register
 from bench.evaluation.metrics import win_outcomes
 from bench.evaluation.rewards import is_reward_spec, make_reward
 from bench.runs import tracking
@@ -85,11 +86,7 @@ class Judge:
             return
         if cls.accepts.__func__ is Judge.accepts.__func__:
             raise TypeError(f"judge {cls.__qualname__} (kind {kind!r}) needs an `accepts(spec)` classmethod")
-        taken = JUDGES.get(kind)
-        if taken is not None and (taken.__module__, taken.__qualname__) != (cls.__module__, cls.__qualname__):
-            raise TypeError(f"judge kind {kind!r} is taken by {taken.__module__}.{taken.__qualname__}; "
-                            f"{cls.__module__}.{cls.__qualname__} needs another kind")
-        JUDGES[kind] = cls  # the same class defined again (a module reloaded) replaces itself
+        register(JUDGES, kind, cls, "judge kind")
 
     def __init__(self, spec: str):
         self.path = spec  # what tables and tags name the judge by

@@ -33,6 +33,7 @@ from typing import Callable, ClassVar
 import numpy as np
 
 from bench.core.errors import ConfigError, DataError, first_line
+from bench.core.registries import register
 from bench.evaluation.labelling import source_files, source_fingerprint
 from datamodules.hh_rlhf import ASSISTANT_TAG, is_local, read_pairs
 
@@ -68,8 +69,8 @@ class PromptSource:
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
-        if cls.name:
-            PROMPT_SOURCES[cls.name] = cls
+        if cls.__dict__.get("name"):  # a subclass that keeps its parent's name is not a second source of it
+            register(PROMPT_SOURCES, cls.name, cls, "prompt source name")
 
     def prompts(self, data: dict, tokenizer, max_prompt_tokens: int, limit: int | None = None, seed: int = 0,
                 fits: Fits | None = None) -> list[str]:

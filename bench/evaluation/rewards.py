@@ -25,6 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from bench.core.errors import ConfigError, first_line
+from bench.core.registries import register
 
 PREFIX = "reward:"
 REWARDS: dict[str, type["Reward"]] = {}
@@ -39,8 +40,8 @@ class Reward:
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
-        if cls.name:
-            REWARDS[cls.name] = cls
+        if cls.__dict__.get("name"):  # a subclass that keeps its parent's name is not a second reward of it
+            register(REWARDS, cls.name, cls, "reward name")
 
     def score_texts(self, prompts: list[str], responses: list[str]) -> list[float]:
         raise NotImplementedError

@@ -32,6 +32,7 @@ from transformers.cache_utils import DynamicCache
 
 from bench.core.batches import length_batches
 from bench.core.errors import ConfigError
+from bench.core.registries import register
 from bench.core.models import cache_dir, resolve
 from bench.sampling.decoding import DecodeCache, attention_for_decoding, decode_cache, decode_step, packed_linears
 
@@ -117,7 +118,8 @@ class Sampler:
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
-        SAMPLERS[cls.name] = cls
+        if cls.__dict__.get("name"):  # a subclass that keeps its parent's name is not a second backend of it
+            register(SAMPLERS, cls.name, cls, "sampling backend name")
 
     def generate(self, model, prompt_ids: list[list[int]], sampling: Sampling, eos_ids: set[int], pad_id: int,
                  progress: tqdm) -> list[list[int]]:

@@ -161,3 +161,14 @@ def test_compare_arms_are_stages_of_their_algorithm():
         arms_of(name, {"x": {"algorithm": "nosuch"}})
     with pytest.raises(ConfigError, match=r"an arm overrides only"):
         arms_of(name, {"x": {"algorithm": "dpo", "eval": {}}})
+
+
+def test_a_reward_named_like_a_builtin_is_refused_and_a_subclass_keeping_its_name_is_not_registered():
+    with pytest.raises(TypeError, match="reward name 'vader' is taken by bench.evaluation.rewards.VaderSentiment"):
+        class MyVader(Reward):
+            name = "vader"
+
+    class StricterVader(REWARDS["vader"]):  # a variant used directly, not a second "vader"
+        pass
+
+    assert REWARDS["vader"].__name__ == "VaderSentiment" and StricterVader.name == "vader"

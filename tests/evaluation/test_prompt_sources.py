@@ -223,3 +223,13 @@ def test_the_siebert_reward_is_registered_with_its_model_id_and_needs_the_hub():
     assert issubclass(REWARDS["siebert-sentiment"], HubSentimentClassifier)
     assert reward_needs_hub("reward:siebert-sentiment")  # what a dry run swaps for a local gold
     assert not any(reward_needs_hub(spec) for spec in ("reward:vader", "reward:nosuch", "train", None, "org/model"))
+
+
+def test_a_prompt_source_named_like_a_builtin_is_refused():
+    from bench.evaluation.prompt_sources import PromptSource
+
+    with pytest.raises(TypeError, match="prompt source name 'hh-first-turn' is taken by "
+                                        "bench.evaluation.prompt_sources.HHFirstTurn"):
+        class MyFirstTurn(PromptSource):
+            name = "hh-first-turn"
+    assert PROMPT_SOURCES["hh-first-turn"].__name__ == "HHFirstTurn"

@@ -304,3 +304,15 @@ def test_greedy_equals_model_generate_on_smollm2(hh_path):
     assert hf == harness
     assert any(ids[-1] == tokenizer.eos_token_id for ids in harness)  # some answers end before the cap
     assert bench.sampling.generation.SAMPLING_STATS.tokens > 0
+
+
+def test_a_backend_named_like_a_builtin_is_refused():
+    with pytest.raises(TypeError, match="sampling backend name 'harness' is taken by "
+                                        "bench.sampling.generation.KVCacheSampler"):
+        class MyHarness(bench.sampling.generation.Sampler):
+            name = "harness"
+
+    class FewerPrefillRows(KVCacheSampler):  # a tuned variant keeps the name and stays unregistered
+        prefill_rows = 4
+
+    assert bench.sampling.generation.SAMPLERS["harness"] is KVCacheSampler

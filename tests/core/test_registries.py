@@ -1,0 +1,23 @@
+"""A registry's name names one class: another class under a taken name is refused, naming both; the same class
+defined again (a reloaded module) replaces itself."""
+
+import pytest
+
+from bench.core.registries import register
+
+
+def make(module: str, qualname: str) -> type:
+    return type(qualname, (), {"__module__": module, "__qualname__": qualname})
+
+
+def test_a_taken_name_is_refused_and_the_same_class_again_replaces_itself():
+    registry = {}
+    first = make("somewhere", "Vader")
+    register(registry, "vader", first, "reward name")
+    again = make("somewhere", "Vader")  # the module reloaded
+    register(registry, "vader", again, "reward name")
+    assert registry == {"vader": again}
+    with pytest.raises(TypeError, match=r"reward name 'vader' is taken by somewhere\.Vader; "
+                                        r"mine\.MyVader needs another name"):
+        register(registry, "vader", make("mine", "MyVader"), "reward name")
+    assert registry == {"vader": again}
