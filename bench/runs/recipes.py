@@ -135,5 +135,9 @@ def for_algorithm(recipe: dict, algorithm: str) -> dict:
     shared = {key: value for key, value in recipe.items() if key in CLI_SECTIONS}
     if not modules.trains_policy(algorithm):  # the shared `model` section describes the policy
         shared.pop("model", None)
+    if modules.module_class(algorithm).online and "gradient_clip_val" in (shared.get("trainer") or {}):
+        # Lightning's clipping is for automatic optimisation; an online algorithm clips each update itself
+        # (model.max_grad_norm). Its own section, or the command line, may still set one, and is refused.
+        shared["trainer"] = {k: v for k, v in shared["trainer"].items() if k != "gradient_clip_val"}
     overrides = (recipe.get("algorithms") or {}).get(algorithm) or {}
     return deep_merge(shared, overrides)

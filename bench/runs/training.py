@@ -203,6 +203,15 @@ def run_dir_and_name(algorithm: str, recipe_name: str, output_name: str, argv: l
     return argv, run_name or f"{algorithm}-{datetime.now():%Y%m%d-%H%M%S}-{os.getpid()}", is_rank_zero
 
 
+def check_gradient_clipping(trainer_config: dict, options: "RunOptions") -> None:
+    """Lightning clips gradients itself only under automatic optimisation; the online algorithms step by hand and
+    clip each update at `model.max_grad_norm`, and Lightning would stop them with a traceback."""
+    clip = trainer_config.get("gradient_clip_val")
+    if options.module_class.online and clip is not None:
+        raise BenchError(f"trainer.gradient_clip_val={clip}: {options.algorithm} clips each of its updates at "
+                         "--model.max_grad_norm instead; leave trainer.gradient_clip_val unset (null)")
+
+
 def check_training_budget(trainer_config: dict) -> None:
     for key in ("max_steps", "max_epochs", "limit_train_batches"):
         if trainer_config.get(key) == 0:  # Lightning would save the untrained model as a finished run
@@ -262,6 +271,7 @@ def train_cli_class():
             self.run_dir = Path(given_dir or Path("runs") / options.recipe_name / options.run_name)
             check_writable_dir(self.run_dir, "--trainer.default_root_dir" if given_dir else "the run directory")
             check_training_budget(self.config["trainer"])
+            check_gradient_clipping(self.config["trainer"], options)
             self.resume_from = place_resume_checkpoint(self.config, self.run_dir)
             # Rank 0 keeps the run's records; the other processes only train with it.
             self.earlier = earlier_run(self.run_dir) if options.is_rank_zero and not options.check_only else None

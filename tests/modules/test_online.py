@@ -278,3 +278,17 @@ def test_bad_hyperparameters_are_refused_in_the_constructor(reward_models, build
 def test_bad_hyperparameters_fail_at_parse_time_naming_them(refused_tiny_training, argv, field, kind):
     err = refused_tiny_training(*argv)
     assert field in err and kind in err
+
+
+@pytest.mark.parametrize("algorithm", ["online-dpo", "rloo", "ppo"])
+def test_lightnings_gradient_clipping_is_refused_for_an_online_algorithm_and_a_recipes_is_left_out(
+        refused_tiny_training, algorithm):
+    """Lightning clips only under automatic optimisation (it would stop an online run with a traceback); an online
+    algorithm clips each update at model.max_grad_norm. A recipe's shared clip is for the offline algorithms."""
+    from bench.runs.recipes import for_algorithm
+
+    err = refused_tiny_training(algorithm, "--trainer.gradient_clip_val=1.0")
+    assert f"trainer.gradient_clip_val=1.0: {algorithm} clips each of its updates at --model.max_grad_norm" in err
+    recipe = {"trainer": {"gradient_clip_val": 10.0, "max_steps": 3}, "algorithms": {"dpo": {"model": {"beta": 0.1}}}}
+    assert for_algorithm(recipe, algorithm)["trainer"] == {"max_steps": 3}
+    assert for_algorithm(recipe, "dpo")["trainer"] == {"gradient_clip_val": 10.0, "max_steps": 3}
