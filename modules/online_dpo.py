@@ -29,13 +29,19 @@ class OnlineDPO(OnlineModule):
         require_positive(beta=beta)
         self.save_hyperparameters(logger=False)
 
+    train_on_measures_kl = True  # from the loss's own forward passes, before the update
+
     def train_on(self, samples, batch_idx):
         beta = self.hparams.beta
-        logprobs, _ = self.response_logprobs(self.policy, "policy", samples.sequences)
-        logprobs = logprobs * samples.mask
+        policy_logits, _ = self.response_logits(self.policy, "policy", samples.sequences)
+        logprobs = self.logprobs_of(policy_logits, samples.sequences) * samples.mask
         with torch.no_grad():
-            ref, _ = self.response_logprobs(self.reference, "reference", samples.sequences)
-            ref = ref * samples.mask
+            reference_logits, _ = self.response_logits(self.reference, "reference", samples.sequences)
+            ref = self.logprobs_of(reference_logits, samples.sequences) * samples.mask
+        # objective/kl of the policy that sampled: these logits are its own (the update comes below), so the KL
+        # needs no forward pass of its own
+        samples.kl = self.response_kl(policy_logits, reference_logits, samples.mask)
+        del reference_logits
         scores = samples.scores.view(-1, 2)
         first_wins = scores[:, 0] >= scores[:, 1]
         pairs = torch.arange(len(scores), device=self.device) * 2
