@@ -203,13 +203,18 @@ def run_dir_and_name(algorithm: str, recipe_name: str, output_name: str, argv: l
     return argv, run_name or f"{algorithm}-{datetime.now():%Y%m%d-%H%M%S}-{os.getpid()}", is_rank_zero
 
 
-def check_gradient_clipping(trainer_config: dict, options: "RunOptions") -> None:
-    """Lightning clips gradients itself only under automatic optimisation; the online algorithms step by hand and
-    clip each update at `model.max_grad_norm`, and Lightning would stop them with a traceback."""
-    clip = trainer_config.get("gradient_clip_val")
-    if options.module_class.online and clip is not None:
+def check_manual_optimisation(trainer_config: dict, options: "RunOptions") -> None:
+    """Lightning clips and accumulates gradients only under automatic optimisation, and stops a run that asks for
+    either under manual optimisation with a traceback. The online algorithms step by hand: one update per rollout
+    (or `model.num_iterations`, PPO's `ppo_epochs`), each clipped at `model.max_grad_norm`."""
+    if not options.module_class.online:
+        return
+    if (clip := trainer_config.get("gradient_clip_val")) is not None:
         raise BenchError(f"trainer.gradient_clip_val={clip}: {options.algorithm} clips each of its updates at "
                          "--model.max_grad_norm instead; leave trainer.gradient_clip_val unset (null)")
+    if (accumulate := trainer_config.get("accumulate_grad_batches") or 1) != 1:
+        raise BenchError(f"trainer.accumulate_grad_batches={accumulate}: {options.algorithm} takes its optimizer steps "
+                         "itself, on each rollout's whole batch; give a larger --data.batch_size instead")
 
 
 def check_training_budget(trainer_config: dict) -> None:
@@ -271,7 +276,7 @@ def train_cli_class():
             self.run_dir = Path(given_dir or Path("runs") / options.recipe_name / options.run_name)
             check_writable_dir(self.run_dir, "--trainer.default_root_dir" if given_dir else "the run directory")
             check_training_budget(self.config["trainer"])
-            check_gradient_clipping(self.config["trainer"], options)
+            check_manual_optimisation(self.config["trainer"], options)
             self.resume_from = place_resume_checkpoint(self.config, self.run_dir)
             # Rank 0 keeps the run's records; the other processes only train with it.
             self.earlier = earlier_run(self.run_dir) if options.is_rank_zero and not options.check_only else None

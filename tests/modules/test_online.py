@@ -281,7 +281,7 @@ def test_bad_hyperparameters_fail_at_parse_time_naming_them(refused_tiny_trainin
 
 
 @pytest.mark.parametrize("algorithm", ["online-dpo", "rloo", "ppo"])
-def test_lightnings_gradient_clipping_is_refused_for_an_online_algorithm_and_a_recipes_is_left_out(
+def test_lightnings_clipping_and_accumulation_are_refused_for_an_online_algorithm_and_a_recipes_clip_left_out(
         refused_tiny_training, algorithm):
     """Lightning clips only under automatic optimisation (it would stop an online run with a traceback); an online
     algorithm clips each update at model.max_grad_norm. A recipe's shared clip is for the offline algorithms."""
@@ -289,6 +289,8 @@ def test_lightnings_gradient_clipping_is_refused_for_an_online_algorithm_and_a_r
 
     err = refused_tiny_training(algorithm, "--trainer.gradient_clip_val=1.0")
     assert f"trainer.gradient_clip_val=1.0: {algorithm} clips each of its updates at --model.max_grad_norm" in err
+    err = refused_tiny_training(algorithm, "--trainer.accumulate_grad_batches=2")
+    assert f"trainer.accumulate_grad_batches=2: {algorithm} takes its optimizer steps itself" in err
     recipe = {"trainer": {"gradient_clip_val": 10.0, "max_steps": 3}, "algorithms": {"dpo": {"model": {"beta": 0.1}}}}
     assert for_algorithm(recipe, algorithm)["trainer"] == {"max_steps": 3}
     assert for_algorithm(recipe, "dpo")["trainer"] == {"gradient_clip_val": 10.0, "max_steps": 3}
