@@ -289,7 +289,13 @@ def train_cli_class():
             resumed_run_id = self.earlier["mlflow_run_id"] if self.resume_from and self.earlier else None
             self.run_logger = tracking.make_logger(options.recipe_name, self.run_dir.name, options.tags,
                                                    run_id=resumed_run_id)
-            trainer = super().instantiate_trainer(logger=self.run_logger, default_root_dir=str(self.run_dir), **kwargs)
+            try:
+                trainer = super().instantiate_trainer(logger=self.run_logger, default_root_dir=str(self.run_dir),
+                                                      **kwargs)
+            except Exception as err:
+                if refused_by_lightning(err):  # FSDP on a CPU, say: before any run exists
+                    raise BenchError(f"trainer: {' '.join(str(err).split())}") from None
+                raise
             trainer.callbacks.extend([TrainingThroughput(), *(options.callbacks or [])])
             return trainer
 
@@ -484,6 +490,10 @@ def fit(cli, output_path: Path) -> TrainResult:
     except Exception as err:
         if is_disk_full(err) and cli.trainer.is_global_zero:  # Lightning has marked the run FAILED
             raise BenchError(disk_full_message(cli)) from None
+        # a setting Lightning checks once the data is known (a validation interval longer than the epoch)
+        if refused_by_lightning(err) and cli.trainer.global_step == 0 and cli.trainer.is_global_zero:
+            raise BenchError(f"trainer: {' '.join(str(err).split())} (MLflow run {cli.run_logger.run_id} is marked "
+                             "FAILED; nothing was trained)") from None
         raise
     finally:
         os.environ.pop(RUN_DIR_ENV, None)
@@ -498,6 +508,18 @@ def fit(cli, output_path: Path) -> TrainResult:
         last.unlink()
     print(f"run {cli.run_logger.run_id} finished; model saved to {cli.model.output_dir}")
     return TrainResult(run_id=cli.run_logger.run_id, output_path=output_path)
+
+
+def refused_by_lightning(err: BaseException) -> bool:
+    """Lightning's own refusal of a trainer setting (a strategy this machine cannot run, a validation interval
+    longer than the epoch): a ValueError or MisconfigurationException raised in Lightning's code, not the model's."""
+    from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+    frame = err.__traceback__
+    while frame is not None and frame.tb_next is not None:
+        frame = frame.tb_next
+    return (isinstance(err, (ValueError, MisconfigurationException)) and frame is not None
+            and f"{os.sep}lightning{os.sep}" in frame.tb_frame.f_code.co_filename)
 
 
 def disk_full_message(cli) -> str:

@@ -182,3 +182,20 @@ def test_bad_eval_settings_and_runs_are_one_line_and_leave_nothing(workdir, caps
     assert exit_info.value.code == 2 and "Traceback" not in err
     assert [line for line in err.splitlines() if ": error: " in line][0].startswith(message)
     assert list(workdir.iterdir()) == []  # not even an empty MLflow store
+
+
+@pytest.mark.parametrize("flag, message, run_made", [
+    ("--trainer.strategy=fsdp", "trainer: The strategy `fsdp` requires a GPU accelerator", False),
+    ("--trainer.val_check_interval=100000", "trainer: `val_check_interval` (100000) must be less than or equal", True),
+    ("--trainer.limit_train_batches=0.0001", "trainer: You requested to check 0.0001 of the `train_dataloader`", True),
+])
+def test_a_trainer_setting_lightning_refuses_is_one_line(workdir, hh_path, capsys, flag, message, run_made):
+    """Lightning refuses these while building the trainer (no run yet) or once the data is known (the run then
+    exists and is marked FAILED, never left RUNNING)."""
+    line = fails_in_one_line(capsys, ["train", "dpo", "--recipe", "tiny", f"--data.path={hh_path}", "--eval", "false",
+                                      "--trainer.max_steps=2", flag], message)
+    if not run_made:
+        nothing_written(workdir)
+        return
+    (run,) = mlflow.MlflowClient().search_runs([mlflow.get_experiment_by_name("tiny").experiment_id])
+    assert run.info.status == "FAILED" and f"MLflow run {run.info.run_id} is marked FAILED; nothing was trained" in line
