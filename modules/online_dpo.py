@@ -21,6 +21,7 @@ class OnlineDPO(OnlineModule):
     name = "online-dpo"
     colour = "#843c39"
     samples_per_prompt = 2
+    train_on_measures_kl = True  # from the loss's own forward passes, before the update
     # The implicit reward is beta * log(pi / pi_ref) of the model itself, not of its tempered sampling distribution.
     logprob_temperature_is_sampling = False
 
@@ -28,8 +29,6 @@ class OnlineDPO(OnlineModule):
         super().__init__(**kwargs)
         require_positive(beta=beta)
         self.save_hyperparameters(logger=False)
-
-    train_on_measures_kl = True  # from the loss's own forward passes, before the update
 
     def train_on(self, samples, batch_idx):
         beta = self.hparams.beta

@@ -86,7 +86,7 @@ class Judge:
             return
         if cls.accepts.__func__ is Judge.accepts.__func__:
             raise TypeError(f"judge {cls.__qualname__} (kind {kind!r}) needs an `accepts(spec)` classmethod")
-        register(JUDGES, kind, cls, "judge kind")
+        register(JUDGES, cls, "kind", "judge kind")
 
     def __init__(self, spec: str):
         self.path = spec  # what tables and tags name the judge by

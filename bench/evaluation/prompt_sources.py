@@ -69,8 +69,7 @@ class PromptSource:
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
-        if cls.__dict__.get("name"):  # a subclass that keeps its parent's name is not a second source of it
-            register(PROMPT_SOURCES, cls.name, cls, "prompt source name")
+        register(PROMPT_SOURCES, cls, "name", "prompt source name")
 
     def prompts(self, data: dict, tokenizer, max_prompt_tokens: int, limit: int | None = None, seed: int = 0,
                 fits: Fits | None = None) -> list[str]:

@@ -40,8 +40,7 @@ class Reward:
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
-        if cls.__dict__.get("name"):  # a subclass that keeps its parent's name is not a second reward of it
-            register(REWARDS, cls.name, cls, "reward name")
+        register(REWARDS, cls, "name", "reward name")
 
     def score_texts(self, prompts: list[str], responses: list[str]) -> list[float]:
         raise NotImplementedError

@@ -94,18 +94,19 @@ def latest_unfinished_run_dir(recipe_name: str, algorithm: str, output_name: str
         query = f"tags.algorithm = '{algorithm}' and attributes.status != 'FINISHED'"
         dirs |= {Path(run.data.tags["output_path"]).parent for run in client.search_runs([experiment.experiment_id], query)
                  if run.data.tags.get("output_path")}
-    candidates = [d for d in dirs if resume_checkpoint(d).exists() and not (d / output_name).exists()]
+    checkpoints = {d: resume_checkpoint(d) for d in dirs if not (d / output_name).exists()}
+    candidates = {d: last for d, last in checkpoints.items() if last.exists()}
     if not candidates:
         raise BenchError(f"--resume: no unfinished {algorithm} run with a checkpoint under {Path('runs', recipe_name)}")
-    return max(candidates, key=lambda run_dir: resume_checkpoint(run_dir).stat().st_mtime)
+    return max(candidates, key=lambda run_dir: candidates[run_dir].stat().st_mtime)
 
 
 def earlier_run(run_dir: Path) -> dict | None:
     """The record of the run that `run_dir` already holds, if any; a finished one is never trained over."""
     record_file = run_dir / RUN_RECORD
     if not record_file.exists():
-        if resume_checkpoint(run_dir).exists():
-            raise BenchError(f"{resume_checkpoint(run_dir)} exists but {record_file} does not: not a `bench train` "
+        if (last := resume_checkpoint(run_dir)).exists():
+            raise BenchError(f"{last} exists but {record_file} does not: not a `bench train` "
                              "run directory")
         return None
     try:
@@ -188,8 +189,8 @@ def run_dir_and_name(algorithm: str, recipe_name: str, output_name: str, argv: l
     a resumed run's directory, rank 0's for the other processes of a DDP run, or a new one named by the time."""
     if resume is not None:
         run_dir = latest_unfinished_run_dir(recipe_name, algorithm, output_name) if resume == "latest" else Path(resume)
-        if not resume_checkpoint(run_dir).exists():
-            raise BenchError(f"--resume: {resume_checkpoint(run_dir)} does not exist")
+        if not (last := resume_checkpoint(run_dir)).exists():
+            raise BenchError(f"--resume: {last} does not exist")
         argv, run_name = [*argv, f"--trainer.default_root_dir={run_dir}"], run_dir.name
     from lightning.pytorch.utilities import rank_zero_only
 
@@ -289,13 +290,7 @@ def train_cli_class():
             resumed_run_id = self.earlier["mlflow_run_id"] if self.resume_from and self.earlier else None
             self.run_logger = tracking.make_logger(options.recipe_name, self.run_dir.name, options.tags,
                                                    run_id=resumed_run_id)
-            try:
-                trainer = super().instantiate_trainer(logger=self.run_logger, default_root_dir=str(self.run_dir),
-                                                      **kwargs)
-            except Exception as err:
-                if refused_by_lightning(err):  # FSDP on a CPU, say: before any run exists
-                    raise BenchError(f"trainer: {' '.join(str(err).split())}") from None
-                raise
+            trainer = super().instantiate_trainer(logger=self.run_logger, default_root_dir=str(self.run_dir), **kwargs)
             trainer.callbacks.extend([TrainingThroughput(), *(options.callbacks or [])])
             return trainer
 
@@ -305,8 +300,6 @@ def train_cli_class():
 def build_cli(options: RunOptions, recipe_config: dict, argv: list[str]):
     """The TrainCLI of the recipe's config and the overrides, with a bad value as one line; the ranked view's
     proxy is checked here, so that `check_only` sees it too."""
-    from lightning.pytorch.utilities.exceptions import MisconfigurationException
-
     from datamodules.hh_datamodule import HHRLHFDataModule
 
     algorithm = options.algorithm
@@ -329,8 +322,10 @@ def build_cli(options: RunOptions, recipe_config: dict, argv: list[str]):
             )
         except argparse.ArgumentError as err:  # jsonargparse's, with exit_on_error off: one line, not its usage
             raise BenchError(f"{' '.join(str(err).split())}; see `bench train {algorithm} --help`") from None
-        except MisconfigurationException as err:  # Lightning's word on a trainer setting (no GPU, max_steps=-5)
-            raise BenchError(f"trainer: {' '.join(str(err).split())}") from None
+        except Exception as err:
+            if refused_by_lightning(err):  # a trainer setting (no GPU, max_steps=-5, FSDP on a CPU): before any run
+                raise BenchError(trainer_refusal(err)) from None
+            raise
     if cli.datamodule.hparams.view == "ranked":  # the data layer scores its candidates with the proxy it is given
         from modules.reward_model import check_proxy, load_proxy
 
@@ -492,8 +487,8 @@ def fit(cli, output_path: Path) -> TrainResult:
             raise BenchError(disk_full_message(cli)) from None
         # a setting Lightning checks once the data is known (a validation interval longer than the epoch)
         if refused_by_lightning(err) and cli.trainer.global_step == 0 and cli.trainer.is_global_zero:
-            raise BenchError(f"trainer: {' '.join(str(err).split())} (MLflow run {cli.run_logger.run_id} is marked "
-                             "FAILED; nothing was trained)") from None
+            raise BenchError(f"{trainer_refusal(err)} (MLflow run {cli.run_logger.run_id} is marked FAILED; nothing "
+                             "was trained)") from None
         raise
     finally:
         os.environ.pop(RUN_DIR_ENV, None)
@@ -511,15 +506,22 @@ def fit(cli, output_path: Path) -> TrainResult:
 
 
 def refused_by_lightning(err: BaseException) -> bool:
-    """Lightning's own refusal of a trainer setting (a strategy this machine cannot run, a validation interval
-    longer than the epoch): a ValueError or MisconfigurationException raised in Lightning's code, not the model's."""
+    """Lightning's own refusal of a trainer setting (no GPU, a strategy this machine cannot run, a validation
+    interval longer than the epoch): a MisconfigurationException, or a ValueError raised in Lightning's code, not
+    the model's."""
     from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
+    if isinstance(err, MisconfigurationException):
+        return True
     frame = err.__traceback__
     while frame is not None and frame.tb_next is not None:
         frame = frame.tb_next
-    return (isinstance(err, (ValueError, MisconfigurationException)) and frame is not None
+    return (isinstance(err, ValueError) and frame is not None
             and f"{os.sep}lightning{os.sep}" in frame.tb_frame.f_code.co_filename)
+
+
+def trainer_refusal(err: BaseException) -> str:
+    return f"trainer: {' '.join(str(err).split())}"
 
 
 def disk_full_message(cli) -> str:

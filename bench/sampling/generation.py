@@ -118,8 +118,7 @@ class Sampler:
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
-        if cls.__dict__.get("name"):  # a subclass that keeps its parent's name is not a second backend of it
-            register(SAMPLERS, cls.name, cls, "sampling backend name")
+        register(SAMPLERS, cls, "name", "sampling backend name")
 
     def generate(self, model, prompt_ids: list[list[int]], sampling: Sampling, eos_ids: set[int], pad_id: int,
                  progress: tqdm) -> list[list[int]]:
