@@ -22,7 +22,7 @@ class GroupedOnlineModule(OnlineModule):
             with this, not with prompts x k.
     """
 
-    train_on_measures_kl = True  # old_and_reference_logprobs, before the first update
+    train_on_measures_kl = True  # old_and_reference_logprobs or logprobs_of_one_pass, before the update
 
     def __init__(self, num_generations: AtLeastTwo = 4, beta: NonNegativeFloat = 0.05, epsilon: PositiveFloat = 0.2,
                  num_iterations: PositiveInt = 1, micro_batch_rows: PositiveInt | None = None, **kwargs):
@@ -61,23 +61,48 @@ class GroupedOnlineModule(OnlineModule):
         samples.kl = torch.cat(kl)
         return torch.cat(old), torch.cat(ref)
 
+    def one_pass(self, samples: Samples) -> bool:
+        """Whether the policy's only update on this rollout is one forward pass over all of it: then its log-probs
+        as it sampled are that pass's own (`logprobs_of_one_pass`), and the policy runs once, not twice."""
+        return self.hparams.num_iterations == 1 and len(self.micro_batches(samples)) == 1
+
+    def logprobs_of_one_pass(self, samples: Samples) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The policy's per-token log-probs of the samples with their graph (for the update), the same detached as
+        the old log-probs (nothing has updated the policy yet, so they are the sampling policy's), and the
+        reference's; records the exact KL in `samples.kl`, as `old_and_reference_logprobs` does. The reference's
+        logits are held beside the policy's graph, in place of a second forward pass of the policy."""
+        sequences, mask = samples.sequences, samples.mask
+        with torch.no_grad():
+            reference_logits, _ = self.response_logits(self.reference, "reference", sequences)
+            ref = self.logprobs_of(reference_logits, sequences) * mask
+        policy_logits, _ = self.response_logits(self.policy, "policy", sequences)
+        samples.kl = self.response_kl(policy_logits, reference_logits, mask)
+        logprobs = self.logprobs_of(policy_logits, sequences)
+        return logprobs, logprobs.detach() * mask, ref
+
     def micro_batch_losses(self, samples: Samples, old: torch.Tensor, ref: torch.Tensor, advantages: torch.Tensor,
-                           shares: list[tuple[torch.Tensor, dict, int]]):
+                           shares: list[tuple[torch.Tensor, dict, int]], computed: torch.Tensor | None = None):
         """Each micro-batch's share of the loss, its forward pass run only when `update` asks for it, so that
-        one micro-batch's activations are alive at a time; `shares` records each share and its metrics."""
+        one micro-batch's activations are alive at a time; `shares` records each share and its metrics.
+        `computed`: the policy's log-probs of a one-pass update, whose forward pass has run."""
         for rows in self.micro_batches(samples):
-            logprobs, _ = self.response_logprobs(self.policy, "policy", samples.sequences[rows])
+            logprobs = computed if computed is not None else self.response_logprobs(
+                self.policy, "policy", samples.sequences[rows])[0]
             loss, metrics = self.loss(logprobs, old[rows], ref[rows], advantages[rows], samples[rows], samples)
             shares.append((loss.detach(), metrics, int(samples.mask[rows].sum())))
             yield loss
 
     def train_on(self, samples, batch_idx):
-        old, ref = self.old_and_reference_logprobs(samples)
+        computed = None
+        if self.one_pass(samples):
+            computed, old, ref = self.logprobs_of_one_pass(samples)
+        else:
+            old, ref = self.old_and_reference_logprobs(samples)
         advantages = self.advantages(samples, old, ref)
         updates = []
         for _ in range(self.hparams.num_iterations):
             shares = []
-            if self.update(self.micro_batch_losses(samples, old, ref, advantages, shares), batch_idx):
+            if self.update(self.micro_batch_losses(samples, old, ref, advantages, shares, computed), batch_idx):
                 tokens = max(sum(n for *_, n in shares), 1)
                 updates.append({"loss": sum(loss for loss, *_ in shares)} | {
                     name: sum(metrics[name] * n for _, metrics, n in shares) / tokens for name in shares[0][1]})

@@ -191,7 +191,8 @@ def test_rloo_module_loss_is_the_pure_loss_on_its_samples(hh_path, reward_models
 @pytest.mark.parametrize("algorithm, settings", [(GRPO, {"loss_type": "dapo"}), (GRPO, {"loss_type": "grpo"}),
                                                  (GRPO, {"loss_type": "dr_grpo"}), (RLOO, {})])
 def test_micro_batches_give_the_whole_rollouts_gradient(hh_path, reward_models, monkeypatch, algorithm, settings):
-    """Micro-batches of 4 and 2 of a 6-response rollout: the same gradient, loss and metrics as one pass."""
+    """Micro-batches of 4 and 2 of a 6-response rollout: the same gradient, loss and metrics as one pass, where
+    the policy runs once (its old log-probs are the update's own) instead of once without and once with a graph."""
     module = algorithm(policy="tiny", proxy=reward_models["proxy"], num_generations=3, max_new_tokens=6, beta=0.04,
                        **settings)
     module.configure_model()
@@ -202,9 +203,15 @@ def test_micro_batches_give_the_whole_rollouts_gradient(hh_path, reward_models, 
     samples.mask[0, 2:], samples.mask[5, 4:] = False, False  # responses of several lengths, as if they had ended
     assert len(samples.scores) == 6 and len(set(samples.mask.sum(1).tolist())) == 3
 
+    forwards = []
+    response_logits = module.response_logits
+    monkeypatch.setattr(module, "response_logits", lambda model, name, sequences: forwards.append(
+        (name, torch.is_grad_enabled())) or response_logits(model, name, sequences))
+
     def gradients(micro_batch_rows):
         module.hparams.micro_batch_rows = micro_batch_rows
         passes, grads = [], {}
+        forwards.clear()
 
         def update(losses, batch_idx):
             module.policy.zero_grad()
@@ -215,11 +222,13 @@ def test_micro_batches_give_the_whole_rollouts_gradient(hh_path, reward_models, 
             return True
 
         monkeypatch.setattr(module, "update", update)
-        return grads, module.train_on(samples, 0), len(passes)
+        return grads, module.train_on(samples, 0), len(passes), sorted(forwards)
 
-    whole, whole_metrics, whole_passes = gradients(None)
-    split, split_metrics, split_passes = gradients(4)
+    whole, whole_metrics, whole_passes, whole_forwards = gradients(None)
+    split, split_metrics, split_passes, split_forwards = gradients(4)
     assert (whole_passes, split_passes) == (1, 2) and whole and whole.keys() == split.keys()
+    assert whole_forwards == [("policy", True), ("reference", False)]
+    assert split_forwards == [("policy", False)] * 2 + [("policy", True)] * 2 + [("reference", False)] * 2
     for name in whole:
         torch.testing.assert_close(split[name], whole[name], rtol=1e-4, atol=1e-7)
     for name in whole_metrics:
