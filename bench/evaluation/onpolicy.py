@@ -4,7 +4,8 @@ about this policy's samples to learn; this one does.
 
 For every prompt of the source (a registered prompt source, `bench.evaluation.prompt_sources`: by default the first
 human turn of each HH dialogue, deduplicated, kept when its formatted prompt is at most `max_prompt_tokens`), the reference samples `responses_per_prompt` (k)
-responses; disjoint consecutive pairs of them, (1, 2), (3, 4), ..., are scored by the gold and labelled by
+responses; disjoint consecutive pairs of them, (1, 2), (3, 4), ..., or with `pairs: all` every pair of them
+(k(k-1)/2: the DPO paper's 6 pairs of 4 completions), are scored by the gold and labelled by
 the rule of `bench.experiments.gold.label_pairs` (Bradley-Terry with a temperature and a seed: annotator noise). Pairs the
 gold scores equal carry no preference and are dropped (counted). The pairs are written in the dataset's own
 layout, `onpolicy/train.jsonl.gz` (one source split, which the loader carves into train/validation/test by
@@ -15,6 +16,7 @@ sampling again. A folder whose manifest does not match the settings asked for is
 """
 
 import gzip
+import itertools
 import json
 import logging
 import os
@@ -42,6 +44,11 @@ log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 SUBSET = "onpolicy"
 
+PAIRINGS = {  # which pairs of one prompt's k responses are labelled
+    "disjoint": lambda drawn: zip(drawn[0::2], drawn[1::2]),  # (1, 2), (3, 4), ...: k // 2 independent pairs
+    "all": lambda drawn: itertools.combinations(drawn, 2),  # every pair, k (k - 1) / 2 of them, sharing responses
+}
+
 
 @dataclass(frozen=True)
 class OnPolicySettings:
@@ -51,6 +58,7 @@ class OnPolicySettings:
     responses_per_prompt: int = 2
     max_prompt_tokens: int = 64
     max_prompts: int | None = None  # the first N prompts (in source order) that fit; None: all of them
+    pairs: str = "disjoint"  # which pairs of a prompt's responses are labelled: "disjoint" (1-2, 3-4, ...) or "all"
     sampling: Sampling = field(default_factory=lambda: Sampling(temperature=1.0, max_new_tokens=48, batch_size=128))
 
     @classmethod
@@ -69,6 +77,8 @@ class OnPolicySettings:
             raise ConfigError(f"gold.on_policy.max_prompt_tokens must be >= 1, got {settings.max_prompt_tokens}")
         if sampling.greedy:
             raise ConfigError("gold.on_policy.sampling.temperature must be > 0: greedy responses to one prompt are equal")
+        if settings.pairs not in PAIRINGS:
+            raise ConfigError(f"gold.on_policy.pairs must be one of {', '.join(PAIRINGS)}, got {settings.pairs!r}")
         return settings
 
 
@@ -101,21 +111,20 @@ def reference_responses(policy: str, formatter: Formatter, prompts: list[str], s
     return responses
 
 
-def candidate_pairs(prompts: list[str], responses: list[list[str]]) -> list[tuple[str, str, str]]:
-    """(prompt, a, b) for the disjoint consecutive pairs of each prompt's responses; empty responses are skipped."""
-    found = []
-    for prompt, drawn in zip(prompts, responses):
-        for a, b in zip(drawn[0::2], drawn[1::2]):
-            if a.strip() and b.strip():
-                found.append((prompt, a, b))
-    return found
+def candidate_pairs(prompts: list[str], responses: list[list[str]], pairs: str = "disjoint") -> list[tuple[str, str, str]]:
+    """(prompt, a, b) for the pairs (`PAIRINGS`) of each prompt's responses; pairs with an empty response are skipped."""
+    return [(prompt, a, b) for prompt, drawn in zip(prompts, responses) for a, b in PAIRINGS[pairs](drawn)
+            if a.strip() and b.strip()]
 
 
 def expected_manifest(gold_spec: str, policy: str, settings: OnPolicySettings, label: dict, data: dict) -> dict:
-    """What a cached folder must say of itself to be reused for these settings."""
+    """What a cached folder must say of itself to be reused for these settings (and its cache key)."""
+    on_policy = json.loads(json.dumps(asdict(settings)))
+    if on_policy["pairs"] == "disjoint":  # the default is left out, so folders made before `pairs` existed keep their key
+        del on_policy["pairs"]
     return {"kind": "on-policy", "gold": gold_spec, "gold_fingerprint": scorer_fingerprint(gold_spec),
             "reference": policy, "reference_fingerprint": model_fingerprint(policy),
-            "on_policy": json.loads(json.dumps(asdict(settings))), **label,
+            "on_policy": on_policy, **label,
             "chat_template": data.get("chat_template", True)}
 
 
@@ -180,7 +189,7 @@ def on_policy_source(gold_spec: str, policy: str, settings: OnPolicySettings, ru
                           data.get("max_prompt_length", 256))
     prompts = source_prompts(settings, data, formatter)
     responses = reference_responses(policy, formatter, prompts, settings)
-    records, counts = label(candidate_pairs(prompts, responses), load_scorer(gold_spec, "gold"), rule)
+    records, counts = label(candidate_pairs(prompts, responses, settings.pairs), load_scorer(gold_spec, "gold"), rule)
     counts["prompts"] = len(prompts)
     manifest = {**expected, "counts": counts, "source": str(data["path"]), "seconds": round(time.perf_counter() - started, 1),
                 "created": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
@@ -202,7 +211,8 @@ def describe(manifest: dict, folder: str) -> str:
         f"{manifest['on_policy']['max_prompt_tokens']} tokens",
         f"samples       {manifest['on_policy']['responses_per_prompt']} per prompt at T {sampling['temperature']}, "
         f"<= {sampling['max_new_tokens']} new tokens",
-        f"pairs         {counts['pairs']:,} labelled ({counts['ties_dropped']} gold ties dropped); gold mean "
+        f"pairs         {counts['pairs']:,} labelled ({manifest['on_policy'].get('pairs', 'disjoint')} pairs of each "
+        f"prompt's samples; {counts['ties_dropped']} gold ties dropped); gold mean "
         f"{counts['gold_mean']:+.3f}, sd {counts['gold_sd']:.3f}",
         f"rule          {rule}, seed {manifest['seed']}: {counts['flipped']:,} labels disagree with the gold "
         f"({(counts['flip_rate'] or 0):.1%})",

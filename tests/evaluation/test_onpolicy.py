@@ -58,6 +58,33 @@ def test_an_unknown_reward_is_one_line(workdir, capsys):
     assert not (workdir / "mlflow.db").exists()
 
 
+def test_pairs_of_a_prompts_samples_disjoint_or_all():
+    from bench.evaluation.onpolicy import candidate_pairs
+
+    responses = [["a", "b", "c", "d"], ["e", " ", "g", "h"]]  # the second prompt's second sample is empty
+    assert candidate_pairs(["p", "q"], responses) == [("p", "a", "b"), ("p", "c", "d"), ("q", "g", "h")]
+    assert candidate_pairs(["p", "q"], responses, "all") == [
+        ("p", "a", "b"), ("p", "a", "c"), ("p", "a", "d"), ("p", "b", "c"), ("p", "b", "d"), ("p", "c", "d"),
+        ("q", "e", "g"), ("q", "e", "h"), ("q", "g", "h")]
+
+
+def test_the_pairs_setting_is_checked_and_keyed_only_when_not_the_default(monkeypatch):
+    from bench.evaluation import onpolicy
+
+    with pytest.raises(ConfigError, match=r"gold.on_policy.pairs must be one of disjoint, all, got 'every'"):
+        onpolicy.OnPolicySettings.from_dict({"pairs": "every"})
+    monkeypatch.setattr(onpolicy, "scorer_fingerprint", lambda spec: "gold")
+    monkeypatch.setattr(onpolicy, "model_fingerprint", lambda spec: "reference")
+
+    def manifest(**values):
+        return onpolicy.expected_manifest("reward:vader", "tiny", onpolicy.OnPolicySettings.from_dict(values),
+                                          {"rule": "bradley-terry"}, {})
+
+    # Folders labelled before the setting existed were keyed without it: the default keeps their key.
+    assert "pairs" not in manifest()["on_policy"] and manifest() == manifest(pairs="disjoint")
+    assert manifest(pairs="all")["on_policy"]["pairs"] == "all" and manifest(pairs="all") != manifest()
+
+
 @pytest.fixture
 def source(tmp_path):
     """A small HH folder: multi-turn dialogues whose first human turns become the prompts, one duplicate."""
@@ -70,11 +97,11 @@ def source(tmp_path):
     return tmp_path / "hh"
 
 
-def make_on_policy(source, monkeypatch, tmp_path, seed=0, create=True):
+def make_on_policy(source, monkeypatch, tmp_path, seed=0, create=True, pairs="disjoint"):
     from bench.evaluation import onpolicy
 
     monkeypatch.setenv("BENCH_CACHE", str(tmp_path / "cache"))
-    settings = onpolicy.OnPolicySettings.from_dict({"responses_per_prompt": 4, "max_prompt_tokens": 64,
+    settings = onpolicy.OnPolicySettings.from_dict({"responses_per_prompt": 4, "max_prompt_tokens": 64, "pairs": pairs,
                                                     "sampling": {"max_new_tokens": 6, "batch_size": 32, "seed": 3}})
     rule = {"rule": "bradley-terry", "temperature": 0.3, "seed": seed}
     data = {"path": str(source), "chat_template": True, "max_length": 128, "max_prompt_length": 64,
@@ -110,6 +137,15 @@ def test_on_policy_data_is_cached_and_refused_when_its_manifest_does_not_match(s
     folder, manifest = make_on_policy(source, monkeypatch, tmp_path)
     again, _ = make_on_policy(source, monkeypatch, tmp_path, create=False)
     assert again == folder
+    from bench.evaluation import onpolicy
+
+    def no_sampling(*args, **kwargs):
+        raise AssertionError("the samples are cached: another pairing labels them again without sampling")
+
+    monkeypatch.setattr(onpolicy, "sample", no_sampling)
+    every, every_manifest = make_on_policy(source, monkeypatch, tmp_path, pairs="all")  # 6 pairs of 4 samples
+    assert every != folder and every_manifest["on_policy"]["pairs"] == "all"
+    assert manifest["counts"]["pairs_sampled"] < every_manifest["counts"]["pairs_sampled"] <= 6 * 40
     with pytest.raises(ConfigError, match="not made yet"):
         make_on_policy(source, monkeypatch, tmp_path, seed=1, create=False)
     edited = json.loads((folder / "manifest.json").read_text())
