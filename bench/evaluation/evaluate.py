@@ -43,6 +43,7 @@ import modules
 from bench.core.batches import length_batches
 from bench.core.errors import BenchError, ConfigError
 from bench.core.models import BUILTIN_SPECS, load_causal_lm, load_tokenizer, resolve
+from bench.core.settings import check_values
 from bench.evaluation.judges import RewardModelJudge, judge_class
 from bench.evaluation.metrics import BootstrapMean, WinRate
 from bench.runs import tracking
@@ -89,6 +90,7 @@ class EvalSettings:
         unknown = set(values) - set(cls.__dataclass_fields__)
         if unknown:
             raise ConfigError(f"unknown eval settings {sorted(unknown)}; known: {sorted(cls.__dataclass_fields__)}")
+        check_values(cls, values, "eval")
         settings = cls(sampling=sampling, **values)
         if settings.n_prompts < 1:
             raise ConfigError(f"eval.n_prompts must be >= 1, got {settings.n_prompts}")

@@ -30,6 +30,7 @@ import torch
 
 from bench.core.errors import ConfigError
 from bench.core.models import cache_dir, load_causal_lm, load_tokenizer
+from bench.core.settings import check_values
 from bench.evaluation import labelling
 from bench.evaluation.judges import load_scorer, scorer_fingerprint
 from bench.evaluation.labelling import label_pairs
@@ -69,6 +70,7 @@ class OnPolicySettings:
         if unknown:
             raise ConfigError(f"unknown gold.on_policy settings {sorted(unknown)}; known: "
                               f"{sorted(cls.__dataclass_fields__)}")
+        check_values(cls, values, "gold.on_policy")
         settings = cls(sampling=sampling, **values)
         make_prompt_source(settings.prompts)  # an unknown name fails here, before anything is sampled
         if settings.responses_per_prompt < 2:

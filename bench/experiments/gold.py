@@ -28,6 +28,7 @@ import torch
 import modules
 from bench.core.errors import ConfigError, DataError
 from bench.core.models import cache_dir
+from bench.core.settings import check_values
 from bench.evaluation import labelling, onpolicy
 from bench.evaluation.judges import load_scorer, scorer_fingerprint
 from bench.evaluation.labelling import (  # noqa: F401 - gold.label_pairs
@@ -218,6 +219,7 @@ def gold_settings(recipe: dict) -> GoldSettings | None:
     if unknown:
         raise ConfigError(f"unknown gold settings {sorted(unknown)}; known: {sorted(GoldSettings.__dataclass_fields__)} "
                           "and train, on_policy")
+    check_values(GoldSettings, values, "gold")
     check_gold_spec(str(values["model"]))
     return GoldSettings(**values)
 

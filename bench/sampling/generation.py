@@ -33,6 +33,7 @@ from transformers.cache_utils import DynamicCache
 from bench.core.batches import length_batches
 from bench.core.errors import ConfigError
 from bench.core.registries import register
+from bench.core.settings import check_values
 from bench.core.models import cache_dir, resolve
 from bench.sampling.decoding import DecodeCache, attention_for_decoding, decode_cache, decode_step, packed_linears
 
@@ -75,6 +76,7 @@ class Sampling:
         unknown = set(values) - set(cls.__dataclass_fields__)
         if unknown:
             raise ConfigError(f"unknown {where} settings {sorted(unknown)}; known: {sorted(cls.__dataclass_fields__)}")
+        check_values(cls, values, where)
         return cls(**values)
 
 

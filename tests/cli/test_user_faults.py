@@ -174,6 +174,9 @@ def test_max_new_tokens_past_the_models_positions_is_refused_before_sampling(tok
     (["eval", "abc", "--n-prompts", "2", "--bogus"], "bench eval: error: unrecognized arguments: --bogus"),
     (["compare", "--recipe", "tiny", "--eval.sampling.tempreature=1"],
      "bench compare: error: unknown eval.sampling settings ['tempreature']"),
+    (["compare", "--recipe", "tiny", "--eval.n_prompts=two"], "bench compare: error: eval.n_prompts must be a whole number, got 'two'"),
+    (["compare", "--recipe", "tiny", "--eval.sampling.temperature=hot"],
+     "bench compare: error: eval.sampling.temperature must be a number, got 'hot'"),
 ])
 def test_bad_eval_settings_and_runs_are_one_line_and_leave_nothing(workdir, capsys, argv, message):
     with pytest.raises(SystemExit) as exit_info:

@@ -73,6 +73,8 @@ def test_the_pairs_setting_is_checked_and_keyed_only_when_not_the_default(monkey
 
     with pytest.raises(ConfigError, match=r"gold.on_policy.pairs must be one of disjoint, all, got 'every'"):
         onpolicy.OnPolicySettings.from_dict({"pairs": "every"})
+    with pytest.raises(ConfigError, match=r"gold.on_policy.pairs must be a string, got \['all'\]"):
+        onpolicy.OnPolicySettings.from_dict({"pairs": ["all"]})
     monkeypatch.setattr(onpolicy, "scorer_fingerprint", lambda spec: "gold")
     monkeypatch.setattr(onpolicy, "model_fingerprint", lambda spec: "reference")
 
