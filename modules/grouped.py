@@ -22,7 +22,7 @@ class GroupedOnlineModule(OnlineModule):
             with this, not with prompts x k.
     """
 
-    train_on_measures_kl = True  # old_and_reference_logprobs or logprobs_of_one_pass, before the update
+    train_on_measures_kl = True  # old_and_reference_logprobs or policy_logprobs_with_kl, before the update
 
     def __init__(self, num_generations: AtLeastTwo = 4, beta: NonNegativeFloat = 0.05, epsilon: PositiveFloat = 0.2,
                  num_iterations: PositiveInt = 1, micro_batch_rows: PositiveInt | None = None, **kwargs):
@@ -63,22 +63,8 @@ class GroupedOnlineModule(OnlineModule):
 
     def one_pass(self, samples: Samples) -> bool:
         """Whether the policy's only update on this rollout is one forward pass over all of it: then its log-probs
-        as it sampled are that pass's own (`logprobs_of_one_pass`), and the policy runs once, not twice."""
+        as it sampled are that pass's own (`policy_logprobs_with_kl`), and the policy runs once, not twice."""
         return self.hparams.num_iterations == 1 and len(self.micro_batches(samples)) == 1
-
-    def logprobs_of_one_pass(self, samples: Samples) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The policy's per-token log-probs of the samples with their graph (for the update), the same detached as
-        the old log-probs (nothing has updated the policy yet, so they are the sampling policy's), and the
-        reference's; records the exact KL in `samples.kl`, as `old_and_reference_logprobs` does. The reference's
-        logits are held beside the policy's graph, in place of a second forward pass of the policy."""
-        sequences, mask = samples.sequences, samples.mask
-        with torch.no_grad():
-            reference_logits, _ = self.response_logits(self.reference, "reference", sequences)
-            ref = self.logprobs_of(reference_logits, sequences) * mask
-        policy_logits, _ = self.response_logits(self.policy, "policy", sequences)
-        samples.kl = self.response_kl(policy_logits, reference_logits, mask)
-        logprobs = self.logprobs_of(policy_logits, sequences)
-        return logprobs, logprobs.detach() * mask, ref
 
     def micro_batch_losses(self, samples: Samples, old: torch.Tensor, ref: torch.Tensor, advantages: torch.Tensor,
                            shares: list[tuple[torch.Tensor, dict, int]], computed: torch.Tensor | None = None):
@@ -94,8 +80,9 @@ class GroupedOnlineModule(OnlineModule):
 
     def train_on(self, samples, batch_idx):
         computed = None
-        if self.one_pass(samples):
-            computed, old, ref = self.logprobs_of_one_pass(samples)
+        if self.one_pass(samples):  # the update's own log-probs, detached, are the sampling policy's
+            computed, ref = self.policy_logprobs_with_kl(samples)
+            old = computed.detach() * samples.mask
         else:
             old, ref = self.old_and_reference_logprobs(samples)
         advantages = self.advantages(samples, old, ref)

@@ -214,6 +214,18 @@ class OnlineModule(AlignmentModule):
         ref_logprobs = self.logprobs_of(reference_logits, sequences) * mask
         return logprobs, ref_logprobs, self.response_kl(policy_logits, reference_logits, mask)
 
+    def policy_logprobs_with_kl(self, samples: Samples) -> tuple[torch.Tensor, torch.Tensor]:
+        """The policy's per-token log-probs of the samples with their graph (for an update on them) and the
+        reference's (0 on padding), from one forward pass of each; records the responses' exact KL in `samples.kl`.
+        Called before any update on these samples, so that KL is the sampling policy's and needs no pass of its own."""
+        sequences, mask = samples.sequences, samples.mask
+        policy_logits, _ = self.response_logits(self.policy, "policy", sequences)
+        with torch.no_grad():
+            reference_logits, _ = self.response_logits(self.reference, "reference", sequences)
+            ref = self.logprobs_of(reference_logits, sequences) * mask
+        samples.kl = self.response_kl(policy_logits, reference_logits, mask)
+        return self.logprobs_of(policy_logits, sequences), ref
+
     def old_and_reference_logprobs(self, samples: Samples) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-token log-probs of the samples under the policy as it sampled them and under the reference, 0 on
         padding; records the responses' exact KL in `samples.kl`."""

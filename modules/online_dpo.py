@@ -32,15 +32,8 @@ class OnlineDPO(OnlineModule):
 
     def train_on(self, samples, batch_idx):
         beta = self.hparams.beta
-        policy_logits, _ = self.response_logits(self.policy, "policy", samples.sequences)
-        logprobs = self.logprobs_of(policy_logits, samples.sequences) * samples.mask
-        with torch.no_grad():
-            reference_logits, _ = self.response_logits(self.reference, "reference", samples.sequences)
-            ref = self.logprobs_of(reference_logits, samples.sequences) * samples.mask
-        # objective/kl of the policy that sampled: these logits are its own (the update comes below), so the KL
-        # needs no forward pass of its own
-        samples.kl = self.response_kl(policy_logits, reference_logits, samples.mask)
-        del reference_logits
+        logprobs, ref = self.policy_logprobs_with_kl(samples)  # and objective/kl, before the update below
+        logprobs = logprobs * samples.mask
         scores = samples.scores.view(-1, 2)
         first_wins = scores[:, 0] >= scores[:, 1]
         pairs = torch.arange(len(scores), device=self.device) * 2
