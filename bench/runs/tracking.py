@@ -191,9 +191,10 @@ def closed_on_error(client, run_id: str, what: str, command: str, discard=lambda
 
 
 def written_despite_a_race(write, *args, attempts: int = 3):
-    """`write(*args)`, an MlflowClient write to a run that other workers write at the same moment (a study's
-    parent run): MLflow's SQL store reads, then inserts, so of two workers inserting the same tag or latest
-    metric one fails on the unique key; written again, it finds the other's row and updates it."""
+    """`write(*args)`, an MlflowClient write that another process may make at the same moment (sweep workers
+    writing a study's parent run; two runs of one experiment logging the same dataset): MLflow's SQL store
+    reads, then inserts, so of two processes inserting the same tag, latest metric or dataset one fails on the
+    unique key; written again, it finds the other's row and uses it."""
     from mlflow.exceptions import MlflowException
 
     for attempt in range(attempts):
@@ -202,7 +203,8 @@ def written_despite_a_race(write, *args, attempts: int = 3):
         except MlflowException as err:
             if "unique" not in str(err).lower() or attempt == attempts - 1:
                 raise
-            log.info("another worker wrote %s at the same moment; writing it again", args[1:2])
+            log.info("another process wrote the same row at the same moment (%s); writing it again",
+                     getattr(write, "__name__", "a write"))
 
 
 def git_commit() -> str:
@@ -277,7 +279,7 @@ def log_datasets(client, run_id: str, source: str, subsets: list[str] | None, pa
         dataset = mlflow.data.from_pandas(pd.DataFrame([asdict(pair) for pair in pairs]), source=origin,
                                           name=f"{where}:{split}")
         inputs.append(DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag(MLFLOW_DATASET_CONTEXT, context[split])]))
-    client.log_inputs(run_id, datasets=inputs)
+    written_despite_a_race(client.log_inputs, run_id, inputs)  # two runs may log the same dataset at once
 
 
 def newest_finished_output(experiment: str, filter_string: str, accept=lambda run: True) -> tuple[str, Path] | None:
