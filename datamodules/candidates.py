@@ -9,10 +9,10 @@ import logging
 from collections.abc import Callable
 from dataclasses import asdict
 
-import torch
 
 from bench.core.errors import ConfigError
 from bench.core.models import load_causal_lm
+from bench.core.precision import inference_autocast
 from bench.sampling.generation import JsonCache, Sampling, decode_responses, model_fingerprint, sample
 from datamodules.formatting import Formatter
 from datamodules.hh_rlhf import Pair
@@ -93,8 +93,7 @@ def score_candidates(
     texts: list[list[str]] = [[] for _ in pairs]
     if samples_per_prompt:
         model = load_causal_lm(policy)
-        device_type = model.device.type
-        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=device_type in ("cpu", "cuda")):
+        with inference_autocast(model.device):
             generated = sample(model, formatter.tokenizer, [p for p in prompt_ids for _ in range(samples_per_prompt)],
                                sampling, desc=f"RRHF {split} candidates")
         decoded = decode_responses(formatter.tokenizer, generated)

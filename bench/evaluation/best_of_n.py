@@ -17,10 +17,10 @@ import torch
 
 from bench.core.errors import ConfigError
 from bench.core.models import load_causal_lm, load_tokenizer
+from bench.core.precision import inference_autocast
 from bench.evaluation.evaluate import (
     EvalSettings,
     Target,
-    _autocast,
     eval_formatter,
     eval_pairs,
     judge_responses,
@@ -68,7 +68,7 @@ def draws(reference, tokenizer, prompt_ids: list[list[int]], settings: EvalSetti
         log.info("best-of-N: reusing %d cached samples of each of %d prompts (%s)", n_max, len(prompt_ids), key)
         return cached["draws"]
     model = load_causal_lm(reference)
-    with _autocast(settings.bf16, model.device):
+    with inference_autocast(model.device, settings.bf16):
         flat = sample(model, tokenizer, [p for _ in range(n_max) for p in prompt_ids], settings.sampling,
                       desc=f"best-of-{n_max} samples")
     by_prompt = [[flat[j * len(prompt_ids) + i] for j in range(n_max)] for i in range(len(prompt_ids))]

@@ -43,6 +43,8 @@ import modules
 from bench.core.batches import length_batches
 from bench.core.errors import BenchError, ConfigError
 from bench.core.models import BUILTIN_SPECS, load_causal_lm, load_tokenizer, resolve
+from bench.core import precision
+from bench.core.precision import inference_autocast
 from bench.core.settings import check_values
 from bench.evaluation.judges import RewardModelJudge, judge_class
 from bench.evaluation.metrics import BootstrapMean, WinRate
@@ -77,7 +79,9 @@ class EvalSettings:
     proxy: str | None = "latest"  # a reward-model folder, "latest", or None for no proxy score
     judge_format: str = "auto"  # how a reward-model judge reads: transcript, pair, chat, or auto (see modules.reward_model)
     proxy_format: str = "auto"
-    bf16: bool = True  # autocast on CPU/GPU for generation and scoring
+    # bf16 autocast for generation and scoring; by default where the hardware has bf16 arithmetic (elsewhere
+    # it is emulated, about 6x slower than fp32)
+    bf16: bool = field(default_factory=lambda: precision.bf16_arithmetic())
     confidence: float = 0.95
     split: str = "test"  # "validation" for sweeps: a study must not select on the prompts the tables report
     prompt_seed: int = 0  # which prompts: fixed while sampling.seed varies, so that seeds share their prompts
@@ -205,10 +209,6 @@ def make_proxy(settings: EvalSettings, experiment: str, judge):
     return load_reward_model(path, role="proxy", input_format=settings.proxy_format)
 
 
-def _autocast(enabled: bool, device: torch.device):
-    return torch.autocast(device.type, dtype=torch.bfloat16) if enabled else nullcontext()
-
-
 @torch.no_grad()
 def response_logps(model, rows: list[dict], pad_id: int, batch_size: int, desc: str) -> SequenceLogps:
     """Each row's summed completion log-prob and its token count, in batches of similar length (the reference
@@ -321,7 +321,7 @@ def evaluate(target: Target, settings: EvalSettings) -> Evaluated:
     reference = policy if target.reference == target.policy else load_causal_lm(target.reference)
     device = policy.device
     before = replace(SAMPLING_STATS)
-    with _autocast(settings.bf16, device):
+    with inference_autocast(device, settings.bf16):
         policy_ids = sample(policy, tokenizer, prompt_ids, settings.sampling, desc="policy samples")
         reference_ids = reference_samples(target.reference, lambda: reference, tokenizer, prompt_ids, settings.sampling)
         sampling_seconds = SAMPLING_STATS.since(before).seconds

@@ -30,6 +30,7 @@ import torch
 
 from bench.core.errors import ConfigError
 from bench.core.models import cache_dir, load_causal_lm, load_tokenizer
+from bench.core.precision import inference_autocast
 from bench.core.settings import check_values
 from bench.evaluation import labelling
 from bench.evaluation.judges import load_scorer, scorer_fingerprint
@@ -104,7 +105,7 @@ def reference_responses(policy: str, formatter: Formatter, prompts: list[str], s
         log.info("on-policy data: reusing %d x %d cached reference samples (%s)", len(prompts), k, key)
         return cached["responses"]
     model = load_causal_lm(policy)
-    with torch.autocast(model.device.type, dtype=torch.bfloat16):
+    with inference_autocast(model.device):  # as evaluation samples
         flat = sample(model, formatter.tokenizer, [ids for _ in range(k) for ids in prompt_ids], settings.sampling,
                       desc=f"on-policy data: {k} samples of {len(prompts)} prompts")
     texts = decode_responses(formatter.tokenizer, flat)

@@ -23,11 +23,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 import modules
 from bench.core.errors import ConfigError, DataError
 from bench.core.models import cache_dir
+from bench.core.precision import inference_autocast
 from bench.core.settings import check_values
 from bench.evaluation import labelling, onpolicy
 from bench.evaluation.judges import load_scorer, scorer_fingerprint
@@ -179,7 +179,7 @@ def gold_scores(pairs: list, settings: GoldSettings, scorer) -> tuple[np.ndarray
     cached = cache.load(key)
     if cached is None:
         prompts = [p.prompt for p in pairs]
-        with torch.autocast(getattr(scorer(), "device", torch.device("cpu")).type, dtype=torch.bfloat16):  # the precision evaluation scores in
+        with inference_autocast(getattr(scorer(), "device", "cpu")):  # the precision evaluation scores in
             cached = {"chosen": scorer().score(prompts, [p.chosen for p in pairs], batch_size=settings.batch_size,
                                                desc="gold scores: chosen").tolist()}
             cached["rejected"] = scorer().score(prompts, [p.rejected for p in pairs], batch_size=settings.batch_size,

@@ -16,11 +16,11 @@ from datetime import datetime
 from pathlib import Path
 
 import mlflow
-import torch
 import yaml
 
 from bench.core.errors import BenchError, first_line
 from bench.core.paths import check_writable_dir, is_disk_full
+from bench.core import precision
 from bench.core.workers import WORKER_TAG, close_dead_runs, lock_run_dir, this_worker
 from bench.runs import recipes, tracking
 
@@ -35,13 +35,8 @@ class TrainResult:
 
 
 def default_precision() -> str:
-    """bf16 autocast where the hardware has bf16 arithmetic (CUDA since Ampere; CPUs with AVX512-BF16 or
-    AMX, where it runs about 4x faster than fp32), else fp32."""
-    if torch.cuda.is_available():
-        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "32-true"
-    cpuinfo = Path("/proc/cpuinfo")
-    flags = set(cpuinfo.read_text().split()) if cpuinfo.exists() else set()
-    return "bf16-mixed" if flags & {"avx512_bf16", "amx_bf16"} else "32-true"
+    """bf16 autocast where the hardware has bf16 arithmetic, else fp32 (`bench.core.precision`)."""
+    return "bf16-mixed" if precision.bf16_arithmetic() else "32-true"
 
 
 def config_fingerprint(algorithm: str, config: dict) -> str:

@@ -6,9 +6,9 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 from bench.core.errors import ConfigError
+from bench.core.precision import inference_autocast
 from bench.experiments.gold import GoldSettings, check_manifest, label_pairs, relabelled_source
 from datamodules.hh_rlhf import load_splits
 from modules.reward_model import load_reward_model
@@ -69,10 +69,10 @@ def test_relabelled_copy_reads_back_through_the_loader(source, tmp_path, reward_
     # Each record is the human pair, kept or swapped, with the gold model's scores of what it now holds.
     originals = [json.loads(line) for line in gzip.open(source / "harmless-base" / "test.jsonl.gz", "rt")][:30]
     lines = [json.loads(line) for line in gzip.open(folder / "harmless-base" / "test.jsonl.gz", "rt")]
-    # The gold model scores the original pairs here as labelling does (bf16, the same batches): a bf16 score
-    # depends on its batch's padding, by up to 7e-4 on an AVX2 CPU, so only the same batches compare exactly.
+    # The gold model scores the original pairs here as labelling does (its precision, the same batches): a bf16
+    # score depends on its batch's padding (by 7e-4 in a CI run), so only the same batches compare exactly.
     prompts = [o["chosen"][: o["chosen"].rfind("Assistant:") + len("Assistant:")] for o in originals]
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with inference_autocast("cpu"):
         scores = {side: gold.score(prompts, [o[side][len(p):] for o, p in zip(originals, prompts)],
                                    batch_size=settings.batch_size).tolist() for side in ("chosen", "rejected")}
     flipped = 0

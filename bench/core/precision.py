@@ -1,0 +1,31 @@
+"""Which precision the hardware computes fast in. bf16 autocast where it has bf16 arithmetic (CUDA since Ampere;
+CPUs with AVX512-BF16 or AMX, where bf16 runs about 4x faster than fp32); fp32 elsewhere, where bf16 is
+emulated: on an AVX2 EPYC a SmolLM2 forward ran 5.9x slower under bf16 autocast than in fp32 and a 2048²
+matmul over 250x slower (docs/performance.md). Training's default precision, evaluation's `eval.bf16`, and
+the sampling and scoring that labelling and RRHF's candidates do all follow this one rule."""
+
+import contextlib
+from pathlib import Path
+
+import torch
+
+
+def bf16_arithmetic(device_type: str | None = None, cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
+    """Whether `device_type` ("cpu", "cuda"; default: CUDA when there is one, else the CPU) has bf16 arithmetic;
+    a CPU's flags are read from `cpuinfo`."""
+    device_type = device_type or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device_type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device_type != "cpu":
+        return False
+    flags = set(cpuinfo.read_text().split()) if cpuinfo.exists() else set()
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
+def inference_autocast(device: torch.device | str, enabled: bool | None = None):
+    """bf16 autocast for sampling and scoring on `device` where `enabled` (default: where it has bf16
+    arithmetic), else no autocast (the models' own dtype)."""
+    device_type = torch.device(device).type
+    if enabled is None:
+        enabled = bf16_arithmetic(device_type)
+    return torch.autocast(device_type, dtype=torch.bfloat16) if enabled else contextlib.nullcontext()

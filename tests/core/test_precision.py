@@ -1,0 +1,40 @@
+"""One rule for the precision sampling, scoring and training run in: bf16 autocast where the hardware has bf16
+arithmetic, the models' own fp32 elsewhere (where bf16 is emulated and several times slower)."""
+
+import pytest
+import torch
+
+from bench.core import precision
+from bench.core.precision import bf16_arithmetic, inference_autocast
+from bench.evaluation.evaluate import EvalSettings
+from bench.runs.training import default_precision
+
+
+@pytest.mark.parametrize("flags, expected", [("fpu avx2 fma", False), ("avx2 avx512f avx512_bf16", True),
+                                             ("avx512f amx_bf16 amx_tile", True), ("avx512f avx512_vnni", False)])
+def test_a_cpu_has_bf16_arithmetic_with_avx512_bf16_or_amx(tmp_path, flags, expected):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
+    assert bf16_arithmetic("cpu", cpuinfo=cpuinfo) is expected
+    assert bf16_arithmetic("cpu", cpuinfo=tmp_path / "missing") is False  # not Linux: fp32
+    assert bf16_arithmetic("mps", cpuinfo=cpuinfo) is False
+
+
+@pytest.mark.parametrize("has_bf16", [False, True])
+def test_sampling_scoring_and_training_follow_the_hardware(monkeypatch, has_bf16):
+    monkeypatch.setattr(precision, "bf16_arithmetic", lambda device_type=None: has_bf16)
+    a = torch.randn(4, 4)
+    with inference_autocast("cpu"):
+        assert (a @ a).dtype == (torch.bfloat16 if has_bf16 else torch.float32)
+    assert default_precision() == ("bf16-mixed" if has_bf16 else "32-true")
+    assert EvalSettings.from_dict({}).bf16 is has_bf16
+    assert EvalSettings.from_dict({"bf16": not has_bf16}).bf16 is (not has_bf16)  # a recipe may say otherwise
+
+
+def test_an_explicit_choice_wins_over_the_hardware():
+    a = torch.randn(4, 4)
+    with inference_autocast(torch.device("cpu"), enabled=True):
+        assert (a @ a).dtype == torch.bfloat16
+    with inference_autocast("cpu", enabled=False):
+        assert (a @ a).dtype == torch.float32
+    assert EvalSettings().bf16 is bf16_arithmetic()
