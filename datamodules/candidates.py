@@ -9,7 +9,6 @@ import logging
 from collections.abc import Callable
 from dataclasses import asdict
 
-
 from bench.core.errors import ConfigError
 from bench.core.models import load_causal_lm
 from bench.core.precision import inference_autocast

@@ -40,10 +40,10 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig
 
 import modules
+from bench.core import precision
 from bench.core.batches import length_batches
 from bench.core.errors import BenchError, ConfigError
 from bench.core.models import BUILTIN_SPECS, load_causal_lm, load_tokenizer, resolve
-from bench.core import precision
 from bench.core.precision import inference_autocast
 from bench.core.settings import check_values
 from bench.evaluation.judges import RewardModelJudge, judge_class

@@ -18,9 +18,9 @@ from pathlib import Path
 import mlflow
 import yaml
 
+from bench.core import precision
 from bench.core.errors import BenchError, first_line
 from bench.core.paths import check_writable_dir, is_disk_full
-from bench.core import precision
 from bench.core.workers import WORKER_TAG, close_dead_runs, lock_run_dir, this_worker
 from bench.runs import recipes, tracking
 
