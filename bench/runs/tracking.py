@@ -131,8 +131,8 @@ def check_store_schema(database: Path) -> None:
 
     from bench.core.errors import BenchError
 
-    try:
-        with contextlib.closing(sqlite3.connect(f"file:{database}?mode=ro", uri=True)) as connection:
+    try:  # read-write (the file is writable: checked): a writer killed mid-write left a journal to roll back
+        with contextlib.closing(sqlite3.connect(f"file:{database}?mode=rw", uri=True)) as connection:
             revision = connection.execute("SELECT version_num FROM alembic_version").fetchone()
     except sqlite3.Error as err:
         raise BenchError(f"the MLflow store {database} is damaged ({err}): move it aside (mv {database} "

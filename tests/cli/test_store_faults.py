@@ -42,6 +42,37 @@ def test_a_damaged_store_is_named_with_what_to_do(workdir, capsys):
     assert sorted(p.name for p in workdir.iterdir()) == ["mlflow.db"]  # left for the user to inspect
 
 
+KILLED_MID_WRITE = r"""
+import os, signal, sqlite3, sys
+db = sqlite3.connect(sys.argv[1], isolation_level=None)
+db.execute("PRAGMA cache_size=1")  # changed pages spill into the file mid-transaction, behind a journal
+db.execute("BEGIN")
+db.execute("UPDATE experiments SET name = name || '-half-written'")
+db.execute("CREATE TABLE filler (x BLOB)")
+for _ in range(64):
+    db.execute("INSERT INTO filler VALUES (zeroblob(65536))")
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+@pytest.mark.slow  # over 3 s: left out of `make test-fast`
+def test_a_store_whose_writer_was_killed_mid_write_is_rolled_back_not_called_damaged(workdir, hh_path):
+    """A process killed during an MLflow write leaves a hot journal; opening the store read-only cannot roll it
+    back ("attempt to write a readonly database"), and bench called the store damaged (seen in CI after a
+    killed training run). Opened read-write, sqlite rolls the half-written change back, as MLflow would."""
+    database = workdir / "mlflow.db"
+    mlflow.MlflowClient(f"sqlite:///{database}").create_experiment("kept")
+    assert subprocess.run([sys.executable, "-c", KILLED_MID_WRITE, str(database)]).returncode == -9
+    assert (workdir / "mlflow.db-journal").stat().st_size > 0  # the hot journal of the killed writer
+    main(["train", "dpo", *TINY, f"--data.path={hh_path}"])
+    client = mlflow.MlflowClient(f"sqlite:///{database}")
+    assert sorted(e.name for e in client.search_experiments()) == ["Default", "kept", "tiny"]  # rolled back
+    (run,) = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
+    assert run.info.status == "FINISHED" and not (workdir / "mlflow.db-journal").exists()
+    with sqlite3.connect(database) as db:
+        assert not db.execute("SELECT name FROM sqlite_master WHERE name = 'filler'").fetchall()
+
+
 def test_a_half_built_store_is_named_and_not_migrated_further(workdir, capsys):
     mlflow.MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}").search_experiments()  # a whole store ...
     with sqlite3.connect(workdir / "mlflow.db") as db:
