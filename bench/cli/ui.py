@@ -70,10 +70,9 @@ def serve(args, stop_asked: threading.Event) -> None:
     try:
         up = wait_until_up(server, urls[0], args.port, stop_asked)
         if up:
-            for url in urls:
-                print(f"MLflow UI: {url}", flush=True)
-            if latest := latest_comparison():  # its run page shows the table, its tests and figures
-                print(f"latest comparison: {urls[0]}/#/{latest}", flush=True)
+            latest = latest_comparison()  # its run page shows the table, its tests and figures
+            lines = [f"MLflow UI: {url}" for url in urls] + ([f"latest comparison: {urls[0]}/#/{latest}"] if latest else [])
+            print("\n".join(lines), flush=True)  # one write: whoever reads the URLs finds the comparison with them
         while up and not stop_asked.wait(0.5):
             if server.poll() is not None:
                 if server.returncode != 0:
