@@ -10,11 +10,17 @@ from bench.core.errors import ConfigError
 DESCRIBED = {bool: "true or false", int: "a whole number", float: "a number", str: "a string", type(None): "null"}
 
 
-def check_values(settings_class: type, values: dict, where: str) -> None:
-    """ConfigError naming `where.field` for the first value of a scalar field (bool, int, float, str, a Literal,
-    or a union of them with None) that is not of the field's type: an int passes as a float, a bool never as a
-    number. Fields of other types (nested settings, tuples, mappings) are left to their own checks, and the
-    values' ranges to the class's."""
+def check_values(settings_class: type, values: dict, where: str, also_known: str = "") -> None:
+    """ConfigError listing the names the group does not have (`also_known`: the sections read beside it), else
+    naming `where.field` for the first value of a scalar field (bool, int, float, str, a Literal, or a union of
+    them with None) that is not of the field's type: an int passes as a float, a bool never as a number. Fields
+    of other types (nested settings, tuples, mappings) are left to their own checks, and the values' ranges to
+    the class's."""
+    known = sorted(settings_class.__dataclass_fields__)
+    unknown = set(values) - set(known)
+    if unknown:
+        raise ConfigError(f"unknown {where} settings {sorted(unknown)}; known: {known}"
+                          + (f" and {also_known}" if also_known else ""))
     hints = typing.get_type_hints(settings_class)
     for name, value in values.items():
         allowed = scalar_types(hints.get(name))

@@ -44,7 +44,6 @@ from bench.core import precision
 from bench.core.batches import length_batches
 from bench.core.errors import BenchError, ConfigError
 from bench.core.models import BUILTIN_SPECS, load_causal_lm, load_tokenizer, resolve
-from bench.core.precision import inference_autocast
 from bench.core.settings import check_values
 from bench.evaluation.judges import RewardModelJudge, judge_class
 from bench.evaluation.metrics import BootstrapMean, WinRate
@@ -91,9 +90,6 @@ class EvalSettings:
     def from_dict(cls, values: dict | None) -> "EvalSettings":
         values = dict(values or {})
         sampling = Sampling.of(values.pop("sampling", None), "eval.sampling")
-        unknown = set(values) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ConfigError(f"unknown eval settings {sorted(unknown)}; known: {sorted(cls.__dataclass_fields__)}")
         check_values(cls, values, "eval")
         settings = cls(sampling=sampling, **values)
         if settings.n_prompts < 1:
@@ -321,7 +317,7 @@ def evaluate(target: Target, settings: EvalSettings) -> Evaluated:
     reference = policy if target.reference == target.policy else load_causal_lm(target.reference)
     device = policy.device
     before = replace(SAMPLING_STATS)
-    with inference_autocast(device, settings.bf16):
+    with precision.inference_autocast(device, settings.bf16):
         policy_ids = sample(policy, tokenizer, prompt_ids, settings.sampling, desc="policy samples")
         reference_ids = reference_samples(target.reference, lambda: reference, tokenizer, prompt_ids, settings.sampling)
         sampling_seconds = SAMPLING_STATS.since(before).seconds

@@ -67,10 +67,6 @@ class OnPolicySettings:
     def from_dict(cls, values: dict | None) -> "OnPolicySettings":
         values = dict(values or {})
         sampling = Sampling.of(values.pop("sampling", None), "gold.on_policy.sampling", **asdict(cls().sampling))
-        unknown = set(values) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ConfigError(f"unknown gold.on_policy settings {sorted(unknown)}; known: "
-                              f"{sorted(cls.__dataclass_fields__)}")
         check_values(cls, values, "gold.on_policy")
         settings = cls(sampling=sampling, **values)
         make_prompt_source(settings.prompts)  # an unknown name fails here, before anything is sampled

@@ -215,11 +215,7 @@ def gold_settings(recipe: dict) -> GoldSettings | None:
     if not isinstance(section, dict) or "model" not in section:
         raise ConfigError("recipe section gold: needs `model:` (a reward-model folder or hub id, or `train`)")
     values = {key: value for key, value in section.items() if key not in ("train", "on_policy")}
-    unknown = set(values) - set(GoldSettings.__dataclass_fields__)
-    if unknown:
-        raise ConfigError(f"unknown gold settings {sorted(unknown)}; known: {sorted(GoldSettings.__dataclass_fields__)} "
-                          "and train, on_policy")
-    check_values(GoldSettings, values, "gold")
+    check_values(GoldSettings, values, "gold", also_known="train, on_policy")
     check_gold_spec(str(values["model"]))
     return GoldSettings(**values)
 

@@ -73,9 +73,6 @@ class Sampling:
         if isinstance(value, cls):
             return value
         values = {**defaults, **dict(value or {})}
-        unknown = set(values) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ConfigError(f"unknown {where} settings {sorted(unknown)}; known: {sorted(cls.__dataclass_fields__)}")
         check_values(cls, values, where)
         return cls(**values)
 
