@@ -190,6 +190,9 @@ def load_reward_backbone(spec: str, trust_remote_code: bool = False) -> torch.nn
         report_logger.removeFilter(report_filter)
 
 
+LOADED_ON = torch.device("cpu")  # where the loaders below put a model; what samples or scores outside training runs there
+
+
 def load_causal_lm(spec: str, trust_remote_code: bool = False) -> torch.nn.Module:
     # fp32 master weights; speed comes from the trainer's bf16 autocast.
     return _from_pretrained(AutoModelForCausalLM, spec, dtype=torch.float32, trust_remote_code=trust_remote_code)

@@ -22,10 +22,22 @@ def bf16_arithmetic(device_type: str | None = None, cpuinfo: Path = Path("/proc/
     return bool(flags & {"avx512_bf16", "amx_bf16"})
 
 
+def autocast_enabled(device: torch.device | str, enabled: bool | None = None) -> bool:
+    """Whether sampling and scoring on `device` run under bf16 autocast: `enabled`, or by default where the
+    device has bf16 arithmetic."""
+    return bf16_arithmetic(torch.device(device).type) if enabled is None else enabled
+
+
 def inference_autocast(device: torch.device | str, enabled: bool | None = None):
-    """bf16 autocast for sampling and scoring on `device` where `enabled` (default: where it has bf16
-    arithmetic), else no autocast (the models' own dtype)."""
+    """bf16 autocast for sampling and scoring on `device` where `autocast_enabled`, else no autocast (the
+    models' own dtype)."""
     device_type = torch.device(device).type
-    if enabled is None:
-        enabled = bf16_arithmetic(device_type)
-    return torch.autocast(device_type, dtype=torch.bfloat16) if enabled else contextlib.nullcontext()
+    return torch.autocast(device_type, dtype=torch.bfloat16) if autocast_enabled(device, enabled) else contextlib.nullcontext()
+
+
+def cache_key_part(autocast: bool) -> dict:
+    """What a cache key records of the precision samples or scores were computed in (bf16 `autocast` or
+    fp32): they differ between bf16 autocast and fp32 (a sampled token can flip at a near-tie),
+    so an entry of one is not reused for the other. bf16 autocast, which every cached entry had before keys
+    recorded it, adds nothing, so those entries keep their keys."""
+    return {} if autocast else {"precision": "fp32"}

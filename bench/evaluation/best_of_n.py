@@ -17,7 +17,7 @@ import torch
 
 from bench.core.errors import ConfigError
 from bench.core.models import load_causal_lm, load_tokenizer
-from bench.core.precision import inference_autocast
+from bench.core.precision import cache_key_part, inference_autocast
 from bench.evaluation.evaluate import (
     EvalSettings,
     Target,
@@ -62,7 +62,7 @@ def draws(reference, tokenizer, prompt_ids: list[list[int]], settings: EvalSetti
     draw j + 1 of any, so that a row's random stream (its position) does not depend on `n_max`."""
     cache = JsonCache("best_of_n")
     key = JsonCache.key({"model": model_fingerprint(reference), "prompts": prompt_ids, "n": n_max,
-                         "sampling": asdict(settings.sampling)})
+                         "sampling": asdict(settings.sampling), **cache_key_part(settings.bf16)})
     cached = cache.load(key)
     if cached is not None:
         log.info("best-of-N: reusing %d cached samples of each of %d prompts (%s)", n_max, len(prompt_ids), key)
@@ -107,7 +107,7 @@ def evaluate_best_of_n(reference: str, data: dict, settings: EvalSettings, ns: l
         raise ConfigError(f"best-of-N by the gold needs a judge that scores responses; {judge.describe()} only compares")
     pick_scores = pick_scores.view(len(prompts), max(ns))
     reference_ids = reference_samples(reference, lambda: load_causal_lm(reference), tokenizer, prompt_ids,
-                                      settings.sampling)
+                                      settings.sampling, settings.bf16)
     reference_text = decode_responses(tokenizer, reference_ids)
     client = mlflow.MlflowClient(tracking.tracking_uri())
     runs = {}

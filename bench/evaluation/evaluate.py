@@ -319,7 +319,8 @@ def evaluate(target: Target, settings: EvalSettings) -> Evaluated:
     before = replace(SAMPLING_STATS)
     with precision.inference_autocast(device, settings.bf16):
         policy_ids = sample(policy, tokenizer, prompt_ids, settings.sampling, desc="policy samples")
-        reference_ids = reference_samples(target.reference, lambda: reference, tokenizer, prompt_ids, settings.sampling)
+        reference_ids = reference_samples(target.reference, lambda: reference, tokenizer, prompt_ids, settings.sampling,
+                                          settings.bf16)
         sampling_seconds = SAMPLING_STATS.since(before).seconds
 
         # The exact KL(policy || reference) at the sampling temperature, on the policy's own samples.
@@ -368,19 +369,22 @@ def eval_formatter(tokenizer, data: dict) -> Formatter:
 
 
 def reference_samples(reference_spec: str, load_reference, tokenizer, prompt_ids: list[list[int]],
-                      sampling: Sampling) -> list[list[int]]:
+                      sampling: Sampling, autocast: bool) -> list[list[int]]:
     """The reference policy's samples of the prompts, cached on disk and shared by every policy evaluated
-    against the same reference. They draw with seed + 1: evaluating the reference itself then compares two
-    independent samples, not one sample with itself. `load_reference()` gives the model on a cache miss."""
+    against the same reference, drawn under bf16 autocast where `autocast`, else in fp32 (and keyed by it).
+    They draw with seed + 1: evaluating the reference itself then compares two independent samples, not one
+    sample with itself. `load_reference()` gives the model on a cache miss."""
     cache = JsonCache("reference_samples")
     reference_sampling = Sampling(**{**asdict(sampling), "seed": sampling.seed + 1})
-    key = reference_samples_key(reference_spec, prompt_ids, reference_sampling)
+    key = reference_samples_key(reference_spec, prompt_ids, reference_sampling, autocast)
     cached = cache.load(key)
     if cached is not None:
         log.info("reusing cached reference samples %s (%d prompts)", key, len(cached["generated"]))
         return cached["generated"]
     log.info("generating reference samples (%s, %d prompts); cache key %s", reference_spec, len(prompt_ids), key)
-    generated = sample(load_reference(), tokenizer, prompt_ids, reference_sampling, desc="reference samples")
+    model = load_reference()
+    with precision.inference_autocast(model.device, autocast):
+        generated = sample(model, tokenizer, prompt_ids, reference_sampling, desc="reference samples")
     log.info("stored reference samples at %s", cache.store(key, {"generated": generated}))
     return generated
 

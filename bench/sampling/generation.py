@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from transformers import LogitsProcessorList, TopPLogitsWarper
 from transformers.cache_utils import DynamicCache
 
+from bench.core import precision
 from bench.core.batches import length_batches
 from bench.core.errors import ConfigError
 from bench.core.registries import register
@@ -436,6 +437,8 @@ class JsonCache:
         return path
 
 
-def reference_samples_key(reference: str, prompt_ids: list[list[int]], sampling: Sampling) -> str:
-    """Reference-policy samples are shared by every algorithm evaluated against the same reference."""
-    return JsonCache.key({"model": model_fingerprint(reference), "prompts": prompt_ids, "sampling": asdict(sampling)})
+def reference_samples_key(reference: str, prompt_ids: list[list[int]], sampling: Sampling, autocast: bool) -> str:
+    """Reference-policy samples are shared by every algorithm evaluated against the same reference in the same
+    precision (`autocast`: bf16 autocast, else fp32)."""
+    return JsonCache.key({"model": model_fingerprint(reference), "prompts": prompt_ids, "sampling": asdict(sampling),
+                          **precision.cache_key_part(autocast)})

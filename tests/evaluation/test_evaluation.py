@@ -85,6 +85,34 @@ def test_a_second_evaluation_reuses_the_reference_samples(trained, sample_cache,
     assert "reusing cached reference samples" in caplog.text
 
 
+def test_reference_samples_are_drawn_and_cached_in_the_precision_asked_for(tokenizer, sample_cache, monkeypatch):
+    """bf16 and fp32 samples differ (a token flips at a near-tie), so neither is reused for the other; the
+    sampling runs under the autocast the entry is keyed by, whoever calls (evaluation or best-of-N)."""
+    from bench.core.models import load_causal_lm
+    from bench.evaluation.evaluate import reference_samples
+    from bench.sampling.generation import JsonCache, Sampling, model_fingerprint, reference_samples_key
+
+    model = load_causal_lm("tiny")
+    prompt_ids = [tokenizer("Human: hi\n\nAssistant:").input_ids] * 3
+    sampling = Sampling(temperature=1.0, max_new_tokens=4, batch_size=3, seed=0)
+    loads, autocast_seen = [], []
+    real_sample = bench.evaluation.evaluate.sample
+    monkeypatch.setattr(bench.evaluation.evaluate, "sample", lambda *a, **k: autocast_seen.append(
+        torch.is_autocast_enabled("cpu")) or real_sample(*a, **k))
+    load = lambda: loads.append(1) or model  # noqa: E731
+    bf16 = reference_samples("tiny", load, tokenizer, prompt_ids, sampling, autocast=True)
+    fp32 = reference_samples("tiny", load, tokenizer, prompt_ids, sampling, autocast=False)
+    assert autocast_seen == [True, False] and len(loads) == 2  # the fp32 call did not reuse the bf16 entry
+    assert reference_samples("tiny", load, tokenizer, prompt_ids, sampling, autocast=False) == fp32
+    assert reference_samples("tiny", load, tokenizer, prompt_ids, sampling, autocast=True) == bf16
+    assert len(loads) == 2 and len(list(sample_cache.glob("*.json"))) == 2
+    # bf16 entries keep the key they had before keys recorded the precision
+    drawn = Sampling(**{**sampling.__dict__, "seed": 1})
+    before = JsonCache.key({"model": model_fingerprint("tiny"), "prompts": prompt_ids, "sampling": drawn.__dict__})
+    assert reference_samples_key("tiny", prompt_ids, drawn, autocast=True) == before
+    assert reference_samples_key("tiny", prompt_ids, drawn, autocast=False) != before
+
+
 @pytest.mark.slow  # over 3 s: left out of `make test-fast`
 def test_untrained_reference_against_itself_is_even(workdir, hh_path, sample_cache, capsys):
     main(["train", "rm", "--recipe", "tiny", f"--data.path={hh_path}", "--trainer.max_steps=1",

@@ -135,6 +135,21 @@ def test_on_policy_pairs_read_back_through_the_loader(source, monkeypatch, tmp_p
 
 
 @pytest.mark.slow  # over 3 s: left out of `make test-fast`
+def test_on_policy_data_sampled_in_fp32_is_not_reused_where_the_reference_samples_in_bf16(source, monkeypatch, tmp_path):
+    from bench.core import precision
+
+    monkeypatch.setattr(precision, "bf16_arithmetic", lambda device_type=None: False)
+    fp32_folder, fp32_manifest = make_on_policy(source, monkeypatch, tmp_path)
+    assert fp32_manifest["precision"] == "fp32"
+    monkeypatch.setattr(precision, "bf16_arithmetic", lambda device_type=None: True)
+    with pytest.raises(ConfigError, match="not made yet"):  # another folder, and its samples are not cached either
+        make_on_policy(source, monkeypatch, tmp_path, create=False)
+    bf16_folder, bf16_manifest = make_on_policy(source, monkeypatch, tmp_path)
+    assert bf16_folder != fp32_folder and "precision" not in bf16_manifest  # bf16 folders keep their old keys
+    assert len(list((tmp_path / "cache" / "onpolicy_samples").glob("*.json"))) == 2
+
+
+@pytest.mark.slow  # over 3 s: left out of `make test-fast`
 def test_on_policy_data_is_cached_and_refused_when_its_manifest_does_not_match(source, monkeypatch, tmp_path):
     folder, manifest = make_on_policy(source, monkeypatch, tmp_path)
     again, _ = make_on_policy(source, monkeypatch, tmp_path, create=False)
