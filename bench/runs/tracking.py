@@ -284,9 +284,12 @@ def log_datasets(client, run_id: str, source: str, subsets: list[str] | None, pa
 
 def newest_finished_output(experiment: str, filter_string: str, accept=lambda run: True) -> tuple[str, Path] | None:
     """The newest FINISHED run of the experiment that matches `filter_string` (and `accept`) and whose output
-    (its `output_path` tag) is still on disk: its id and output."""
+    (its `output_path` tag) is still on disk: its id and output. A missing local store holds none, and is not
+    created by asking (a command refused for want of a reward model leaves no empty store behind)."""
     import mlflow
 
+    if store_is_missing():
+        return None
     client = mlflow.MlflowClient(tracking_uri())
     found = client.get_experiment_by_name(experiment)
     if found is None:

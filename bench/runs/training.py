@@ -219,6 +219,23 @@ def check_training_budget(trainer_config: dict) -> None:
             raise BenchError(f"--trainer.{key}=0 trains nothing; give it a positive value")
 
 
+def check_nodes(trainer_config: dict) -> None:
+    """Several nodes need a launcher that tells each process its place (SLURM, torchrun, LSF, MPI; Kubeflow and
+    hand-made launches set RANK and WORLD_SIZE) or NODE_RANK set by hand on each. Without either, every process
+    takes itself for node 0 and waits for the others until the process group times out."""
+    from lightning.pytorch.plugins import environments
+
+    nodes = trainer_config.get("num_nodes") or 1
+    launchers = (environments.SLURMEnvironment, environments.TorchElasticEnvironment, environments.LSFEnvironment,
+                 environments.MPIEnvironment)
+    placed = "NODE_RANK" in os.environ or {"RANK", "WORLD_SIZE"} <= os.environ.keys()
+    if nodes > 1 and not placed and not any(launcher.detect() for launcher in launchers):
+        raise BenchError(f"--trainer.num_nodes={nodes}: no multi-node launcher found (SLURM, torchrun, LSF, MPI) "
+                         "and neither NODE_RANK nor RANK and WORLD_SIZE are set, so this process would wait for the other nodes; start "
+                         "bench on every node through a launcher, or set MASTER_ADDR, MASTER_PORT and NODE_RANK on "
+                         "each (docs/scale-out.md)")
+
+
 def place_resume_checkpoint(config, run_dir: Path) -> Path | None:
     """Puts the resume checkpoint in the run directory unless told otherwise; the one already there, if any."""
     checkpoint = config["checkpoint"]
@@ -272,11 +289,16 @@ def train_cli_class():
             self.run_dir = Path(given_dir or Path("runs") / options.recipe_name / options.run_name)
             check_writable_dir(self.run_dir, "--trainer.default_root_dir" if given_dir else "the run directory")
             check_training_budget(self.config["trainer"])
+            check_nodes(self.config["trainer"])
             check_manual_optimisation(self.config["trainer"], options)
             self.resume_from = place_resume_checkpoint(self.config, self.run_dir)
             # Rank 0 keeps the run's records; the other processes only train with it.
             self.earlier = earlier_run(self.run_dir) if options.is_rank_zero and not options.check_only else None
             resolve_latest_proxies(self.config, options.recipe_name)
+            if options.module_class.data_view == "ranked":  # before the logger makes a store: a bad proxy leaves none
+                from modules.reward_model import check_proxy
+
+                check_proxy(self.config["data"]["proxy"], self.config["data"]["allow_judge_as_proxy"])
 
         def instantiate_trainer(self, **kwargs):
             options = self.run_options
@@ -322,9 +344,8 @@ def build_cli(options: RunOptions, recipe_config: dict, argv: list[str]):
                 raise BenchError(trainer_refusal(err)) from None
             raise
     if cli.datamodule.hparams.view == "ranked":  # the data layer scores its candidates with the proxy it is given
-        from modules.reward_model import check_proxy, load_proxy
+        from modules.reward_model import load_proxy
 
-        check_proxy(cli.datamodule.hparams.proxy, cli.datamodule.hparams.allow_judge_as_proxy)
         cli.datamodule.load_proxy = load_proxy
     return cli
 

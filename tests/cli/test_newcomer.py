@@ -262,6 +262,7 @@ def test_ctrl_c_then_resume_anywhere_and_dead_runs_are_closed(workdir, hh_path, 
 @pytest.mark.parametrize("override, needle", [
     ("--data.max_length=-5", 'Parser key "data.max_length"'),
     ("--trainer.max_steps=0", "--trainer.max_steps=0 trains nothing"),
+    ("--trainer.num_nodes=2", "--trainer.num_nodes=2: no multi-node launcher found"),  # it would wait for node 1
 ])
 def test_values_that_cannot_train_fail_before_any_run(workdir, hh_path, capsys, override, needle):
     with pytest.raises(SystemExit) as exit_info:
@@ -270,6 +271,29 @@ def test_values_that_cannot_train_fail_before_any_run(workdir, hh_path, capsys, 
     err = capsys.readouterr().err
     assert "Traceback" not in err and needle in err
     assert sorted(p.name for p in workdir.iterdir()) == []
+
+
+@pytest.mark.parametrize("env, refused", [
+    ({}, True),
+    ({"NODE_RANK": "1", "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29500"}, False),  # set by hand on each node
+    ({"RANK": "3", "GROUP_RANK": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1", "WORLD_SIZE": "4",
+      "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29500", "TORCHELASTIC_RUN_ID": "x"}, False),  # torchrun
+    ({"RANK": "3", "WORLD_SIZE": "4", "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29500"}, False),  # Kubeflow
+])
+def test_several_nodes_need_a_launcher_or_node_rank(monkeypatch, env, refused):
+    from bench.core.errors import BenchError
+    from bench.runs.training import check_nodes
+
+    for name in ("NODE_RANK", "RANK", "WORLD_SIZE", "GROUP_RANK", "LOCAL_RANK", "SLURM_NTASKS", "TORCHELASTIC_RUN_ID"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    check_nodes({"num_nodes": 1})  # one node needs neither
+    if refused:
+        with pytest.raises(BenchError, match="num_nodes=2: no multi-node launcher found"):
+            check_nodes({"num_nodes": 2})
+    else:
+        check_nodes({"num_nodes": 2})
 
 
 def test_a_reward_backbones_new_head_is_not_reported_but_other_load_news_is(capfd):

@@ -192,7 +192,9 @@ def test_bad_rrhf_and_ppo_input(workdir, hh_path, reward_models, capsys, algorit
     with pytest.raises(SystemExit) as exit_info:
         main(argv)
     assert exit_info.value.code == 2
-    assert message in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not (workdir / "mlflow.db").exists() and not (workdir / "runs").exists()  # nothing left behind
 
 
 def test_a_judge_is_a_proxy_only_on_purpose(reward_models):
