@@ -22,6 +22,23 @@ def bf16_arithmetic(device_type: str | None = None, cpuinfo: Path = Path("/proc/
     return bool(flags & {"avx512_bf16", "amx_bf16"})
 
 
+def cpu_description(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """The CPU's model as /proc/cpuinfo names it (family and model numbers too: a virtual machine's name is
+    often only the vendor's line, "AMD EPYC") and whether it has bf16 arithmetic, which sets the precision
+    everything runs in: a report's speed and its bf16 rounding are comparable only between such machines."""
+    if not cpuinfo.exists():
+        return "CPU unknown"
+    fields = {}
+    for line in cpuinfo.read_text().splitlines():
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    units = sorted({"avx512_bf16": "AVX512-BF16", "amx_bf16": "AMX"}[flag]
+                   for flag in set(fields.get("flags", "").split()) & {"avx512_bf16", "amx_bf16"})
+    numbers = ", ".join(f"{name} {fields[key]}" for key, name in (("cpu family", "family"), ("model", "model")) if key in fields)
+    return (f"{fields.get('model name', 'CPU')}" + (f" ({numbers})" if numbers else "") + ", "
+            + (f"bf16 arithmetic ({' and '.join(units)})" if units else "no bf16 arithmetic"))
+
+
 def autocast_enabled(device: torch.device | str, enabled: bool | None = None) -> bool:
     """Whether sampling and scoring on `device` run under bf16 autocast: `enabled`, or by default where the
     device has bf16 arithmetic."""

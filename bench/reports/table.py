@@ -337,9 +337,11 @@ def published_rows(experiment: str) -> tuple[str, list[dict]]:
 def machine() -> str:
     import torch
 
+    from bench.core.precision import cpu_description
+
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return (f"{os.cpu_count()} CPU cores ({platform.machine()}), {memory:.0f} GiB RAM, {device}, "
+    return (f"{os.cpu_count()} CPU cores ({platform.machine()}; {cpu_description()}), {memory:.0f} GiB RAM, {device}, "
             f"Python {platform.python_version()}, torch {torch.__version__}")
 
 

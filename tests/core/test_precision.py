@@ -38,3 +38,17 @@ def test_an_explicit_choice_wins_over_the_hardware():
     with inference_autocast("cpu", enabled=False):
         assert (a @ a).dtype == torch.float32
     assert EvalSettings().bf16 is bf16_arithmetic()
+
+
+def test_a_report_names_the_cpu_and_whether_it_computes_in_bf16(tmp_path):
+    from bench.core.precision import cpu_description
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpu = "processor\t: {n}\nvendor_id\t: AuthenticAMD\ncpu family\t: 26\nmodel\t\t: 2\nmodel name\t: AMD EPYC\nflags\t\t: {flags}\n\n"
+    cpuinfo.write_text(cpu.format(n=0, flags="avx2 avx512f avx512_bf16") + cpu.format(n=1, flags="avx2 avx512f avx512_bf16"))
+    assert cpu_description(cpuinfo) == "AMD EPYC (family 26, model 2), bf16 arithmetic (AVX512-BF16)"
+    cpuinfo.write_text(cpu.format(n=0, flags="avx2 fma"))
+    assert cpu_description(cpuinfo) == "AMD EPYC (family 26, model 2), no bf16 arithmetic"
+    cpuinfo.write_text("model name\t: Intel Xeon\nflags\t\t: avx512_bf16 amx_bf16 amx_tile\n")
+    assert cpu_description(cpuinfo) == "Intel Xeon, bf16 arithmetic (AMX and AVX512-BF16)"
+    assert cpu_description(tmp_path / "missing") == "CPU unknown"
