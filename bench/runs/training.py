@@ -231,9 +231,9 @@ def check_nodes(trainer_config: dict) -> None:
     placed = "NODE_RANK" in os.environ or {"RANK", "WORLD_SIZE"} <= os.environ.keys()
     if nodes > 1 and not placed and not any(launcher.detect() for launcher in launchers):
         raise BenchError(f"--trainer.num_nodes={nodes}: no multi-node launcher found (SLURM, torchrun, LSF, MPI) "
-                         "and neither NODE_RANK nor RANK and WORLD_SIZE are set, so this process would wait for the other nodes; start "
-                         "bench on every node through a launcher, or set MASTER_ADDR, MASTER_PORT and NODE_RANK on "
-                         "each (docs/scale-out.md)")
+                         "and neither NODE_RANK nor RANK and WORLD_SIZE are set, so this process would wait for the "
+                         "other nodes; start bench on every node through a launcher, or set MASTER_ADDR, MASTER_PORT "
+                         "and NODE_RANK on each (docs/scale-out.md)")
 
 
 def place_resume_checkpoint(config, run_dir: Path) -> Path | None:
