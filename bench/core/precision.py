@@ -10,6 +10,9 @@ from pathlib import Path
 import torch
 
 
+BF16_UNITS = {"avx512_bf16": "AVX512-BF16", "amx_bf16": "AMX"}  # the CPU flags of bf16 arithmetic, as reports name them
+
+
 def bf16_arithmetic(device_type: str | None = None, cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
     """Whether `device_type` ("cpu", "cuda"; default: CUDA when there is one, else the CPU) has bf16 arithmetic;
     a CPU's flags are read from `cpuinfo`."""
@@ -19,7 +22,7 @@ def bf16_arithmetic(device_type: str | None = None, cpuinfo: Path = Path("/proc/
     if device_type != "cpu":
         return False
     flags = set(cpuinfo.read_text().split()) if cpuinfo.exists() else set()
-    return bool(flags & {"avx512_bf16", "amx_bf16"})
+    return bool(flags & BF16_UNITS.keys())
 
 
 def cpu_description(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
@@ -32,8 +35,7 @@ def cpu_description(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
     for line in cpuinfo.read_text().splitlines():
         key, _, value = line.partition(":")
         fields.setdefault(key.strip(), value.strip())
-    units = sorted({"avx512_bf16": "AVX512-BF16", "amx_bf16": "AMX"}[flag]
-                   for flag in set(fields.get("flags", "").split()) & {"avx512_bf16", "amx_bf16"})
+    units = sorted(BF16_UNITS[flag] for flag in set(fields.get("flags", "").split()) & BF16_UNITS.keys())
     numbers = ", ".join(f"{name} {fields[key]}" for key, name in (("cpu family", "family"), ("model", "model")) if key in fields)
     return (f"{fields.get('model name', 'CPU')}" + (f" ({numbers})" if numbers else "") + ", "
             + (f"bf16 arithmetic ({' and '.join(units)})" if units else "no bf16 arithmetic"))
