@@ -270,13 +270,14 @@ class AlignmentModule(TrainedHFModel):
             return
         hp = self.hparams
         self.tokenizer = load_tokenizer(hp.policy, hp.trust_remote_code)
-        self.policy = load_causal_lm(hp.policy, hp.trust_remote_code).eval()  # no dropout: see train()
+        # On the CPU: Lightning moves them to the device it trains on (and shards them under FSDP).
+        self.policy = load_causal_lm(hp.policy, hp.trust_remote_code, device="cpu").eval()  # no dropout: see train()
         if self.needs_reference and self.reference_logps_cache is not None and not self.uncached_sequences:
             log.info("reference log-probs of every sequence are cached in %s: the reference model is not loaded",
                      self.reference_logps_cache.folder)
         elif self.needs_reference:
             # Loaded, not copied from the policy: the same initial weights, and the policy may have trained since.
-            self.reference = load_causal_lm(hp.reference or hp.policy, hp.trust_remote_code)
+            self.reference = load_causal_lm(hp.reference or hp.policy, hp.trust_remote_code, device="cpu")
             self.reference.requires_grad_(False).eval()
         self.head_on_responses = {name: head_computes_logits(model) for name, model in
                                   (("policy", self.policy), ("reference", self.reference)) if model is not None}

@@ -117,7 +117,7 @@ class OnlineModule(AlignmentModule):
         if self.policy is not None:
             return
         super().configure_model()
-        self.proxy = load_proxy(self.hparams.proxy, self.hparams.allow_judge_as_proxy)
+        self.proxy = load_proxy(self.hparams.proxy, self.hparams.allow_judge_as_proxy, device="cpu")  # as the policy
 
     def dropout_free_models(self) -> list[torch.nn.Module]:
         return super().dropout_free_models() + ([self.proxy] if self.proxy is not None else [])

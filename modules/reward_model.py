@@ -12,6 +12,7 @@ from jsonargparse.typing import NonNegativeFloat, PositiveFloat
 from tqdm.auto import tqdm
 from transformers import AutoConfig
 
+from bench.core import precision
 from bench.core.errors import BenchError, ConfigError, first_line
 from bench.core.models import load_reward_backbone, load_tokenizer
 from bench.core.models import resolve as resolve_model
@@ -157,10 +158,11 @@ def input_format_of(module, trained_role: str, requested: str = "auto") -> str:
     return "chat" if module.tokenizer.chat_template is not None else "pair"
 
 
-def load_reward_model(path: str, role: str, input_format: str = "auto"):
+def load_reward_model(path: str, role: str, input_format: str = "auto", device: torch.device | str | None = None):
     """A RewardModel module around a reward model (a folder of this harness's, or any sequence classifier
-    with one output: folder or hub id), checked to be one; `role` is the role it is used in, which its
-    `used_as` records (the role it was trained for, if any, is `trained_role`)."""
+    with one output: folder or hub id), checked to be one, on `device` (default: `inference_device()`); `role`
+    is the role it is used in, which its `used_as` records (the role it was trained for, if any, is
+    `trained_role`)."""
     trained_role = check_reward_model(path, role)
     trained_length = getattr(AutoConfig.from_pretrained(resolve_model(str(path))), MAX_LENGTH_KEY, None)
     module = RewardModel(backbone=str(path), **({"max_length": trained_length} if trained_length else {}))
@@ -168,7 +170,7 @@ def load_reward_model(path: str, role: str, input_format: str = "auto"):
     module.trained_role, module.used_as = trained_role, role
     module.input_format = input_format_of(module, trained_role, input_format)
     RewardFormatter(module.tokenizer, module.hparams.max_length, module.input_format)  # checks the format now
-    return module
+    return module.to(precision.inference_device() if device is None else device)
 
 
 def check_proxy(path: str, allow_judge_as_proxy: bool = False) -> None:
@@ -185,6 +187,6 @@ def check_proxy(path: str, allow_judge_as_proxy: bool = False) -> None:
         )
 
 
-def load_proxy(path: str, allow_judge_as_proxy: bool = False):
+def load_proxy(path: str, allow_judge_as_proxy: bool = False, device: torch.device | str | None = None):
     check_proxy(path, allow_judge_as_proxy)
-    return load_reward_model(path, role="proxy").requires_grad_(False)
+    return load_reward_model(path, role="proxy", device=device).requires_grad_(False)

@@ -23,6 +23,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from bench.core import precision
 from bench.core.atomic import held_lock, written_whole
 from bench.core.errors import ModelSpecError
 from bench.core.paths import cache_dir
@@ -190,9 +191,7 @@ def load_reward_backbone(spec: str, trust_remote_code: bool = False) -> torch.nn
         report_logger.removeFilter(report_filter)
 
 
-LOADED_ON = torch.device("cpu")  # where the loaders below put a model; what samples or scores outside training runs there
-
-
-def load_causal_lm(spec: str, trust_remote_code: bool = False) -> torch.nn.Module:
-    # fp32 master weights; speed comes from the trainer's bf16 autocast.
-    return _from_pretrained(AutoModelForCausalLM, spec, dtype=torch.float32, trust_remote_code=trust_remote_code)
+def load_causal_lm(spec: str, trust_remote_code: bool = False, device: torch.device | str | None = None) -> torch.nn.Module:
+    """fp32 master weights (speed comes from bf16 autocast), on `device` (default: `inference_device()`)."""
+    model = _from_pretrained(AutoModelForCausalLM, spec, dtype=torch.float32, trust_remote_code=trust_remote_code)
+    return model.to(precision.inference_device() if device is None else device)

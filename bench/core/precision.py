@@ -2,7 +2,8 @@
 CPUs with AVX512-BF16 or AMX, where bf16 runs about 4x faster than fp32); fp32 elsewhere, where bf16 is
 emulated: on an AVX2 EPYC a SmolLM2 forward ran 5.9x slower under bf16 autocast than in fp32 and a 2048²
 matmul over 250x slower (docs/performance.md). Training's default precision, evaluation's `eval.bf16`, and
-the sampling and scoring that labelling and RRHF's candidates do all follow this one rule."""
+the sampling and scoring that labelling and RRHF's candidates do all follow this one rule, read for the device
+that sampling and scoring run on (`inference_device`: the GPU where there is one)."""
 
 import contextlib
 from pathlib import Path
@@ -13,10 +14,17 @@ import torch
 BF16_UNITS = {"avx512_bf16": "AVX512-BF16", "amx_bf16": "AMX"}  # the CPU flags of bf16 arithmetic, as reports name them
 
 
+def inference_device() -> torch.device:
+    """Where a model that samples or scores outside training runs: the current CUDA device where there is one
+    (`CUDA_VISIBLE_DEVICES=` keeps it on the CPU), else the CPU. Training's models are placed by Lightning (and
+    sharded under FSDP), so they load on the CPU."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
 def bf16_arithmetic(device_type: str | None = None, cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
-    """Whether `device_type` ("cpu", "cuda"; default: CUDA when there is one, else the CPU) has bf16 arithmetic;
-    a CPU's flags are read from `cpuinfo`."""
-    device_type = device_type or ("cuda" if torch.cuda.is_available() else "cpu")
+    """Whether `device_type` ("cpu", "cuda"; default: `inference_device()`'s) has bf16 arithmetic; a CPU's flags
+    are read from `cpuinfo`."""
+    device_type = device_type or inference_device().type
     if device_type == "cuda":
         return torch.cuda.is_bf16_supported()
     if device_type != "cpu":

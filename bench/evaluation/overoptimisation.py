@@ -69,7 +69,7 @@ class ScoresAlongTraining(L.Callback):
         if getattr(module, "reference", None) is not None:
             return module.reference
         if self.reference is None:
-            self.reference = load_causal_lm(module.hparams.reference or module.hparams.policy).eval()
+            self.reference = load_causal_lm(module.hparams.reference or module.hparams.policy, device=module.device).eval()
         return self.reference
 
     @torch.no_grad()

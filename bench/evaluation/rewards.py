@@ -25,6 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from bench.core.errors import ConfigError, first_line
+from bench.core.precision import inference_device
 from bench.core.registries import register
 
 PREFIX = "reward:"
@@ -101,7 +102,7 @@ class HubSentimentClassifier(Reward):
     micro_batch_size: ClassVar[int] = 32
 
     def __init__(self):
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = inference_device()
         self.model = self.tokenizer = None
         self.positive: int | None = None
         self.others: list[int] = []

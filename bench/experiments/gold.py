@@ -27,7 +27,7 @@ import numpy as np
 import modules
 from bench.core.errors import ConfigError, DataError
 from bench.core.models import cache_dir
-from bench.core.precision import inference_autocast
+from bench.core.precision import autocast_enabled, cache_key_part, inference_autocast, inference_device
 from bench.core.settings import check_values
 from bench.evaluation import labelling, onpolicy
 from bench.evaluation.judges import load_scorer, scorer_fingerprint
@@ -68,10 +68,17 @@ class GoldSettings:
             raise ConfigError(f"gold.batch_size must be >= 1, got {self.batch_size}")
 
 
+def scoring_precision(settings: GoldSettings) -> dict:
+    """What the gold's scores record of the precision they were computed in: nothing for a computable reward
+    (text in, a number out; a hub classifier scores in fp32 itself), bf16 autocast or fp32 for a reward model
+    (`cache_key_part`: bf16 entries keep the keys they had before this was recorded)."""
+    return {} if is_reward_spec(settings.model) else cache_key_part(autocast_enabled(inference_device()))
+
+
 def labels_key(settings: GoldSettings, gold_fingerprint: str, sources: list[dict]) -> str:
     payload = {"gold": gold_fingerprint, "rule": settings.rule, "seed": settings.seed,
                "temperature": settings.temperature if settings.rule == "bradley-terry" else None,
-               "input_format": settings.input_format, "sources": sources}
+               "input_format": settings.input_format, "sources": sources, **scoring_precision(settings)}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:24]
 
 
@@ -79,7 +86,7 @@ def expected_manifest(settings: GoldSettings, gold_fingerprint: str) -> dict:
     """The manifest fields a copy must carry to be reused for `settings`."""
     return {"gold_fingerprint": gold_fingerprint, "rule": settings.rule, "seed": settings.seed,
             "temperature": settings.temperature if settings.rule == "bradley-terry" else None,
-            "input_format": settings.input_format}
+            "input_format": settings.input_format, **scoring_precision(settings)}
 
 
 def check_manifest(folder: Path, expected: dict) -> dict:
@@ -170,12 +177,12 @@ def relabel(files: list[Path], root: Path, folder: Path, settings: GoldSettings,
 
 def gold_scores(pairs: list, settings: GoldSettings, scorer) -> tuple[np.ndarray, np.ndarray]:
     """The gold model's scores of every pair's chosen and rejected response. Cached apart from the label rule
-    (keyed by the gold model, the pairs and the input format), so that another rule, temperature or seed
-    relabels without scoring again."""
+    (keyed by the gold model, the pairs, the input format and a reward model's precision), so that another rule,
+    temperature or seed relabels without scoring again."""
     cache = JsonCache("gold_scores")
     key = JsonCache.key({"gold": scorer_fingerprint(settings.model), "input_format": settings.input_format,
                          "pairs": hashlib.sha256(json.dumps([[p.prompt, p.chosen, p.rejected] for p in pairs])
-                                                 .encode()).hexdigest()})
+                                                 .encode()).hexdigest(), **scoring_precision(settings)})
     cached = cache.load(key)
     if cached is None:
         prompts = [p.prompt for p in pairs]

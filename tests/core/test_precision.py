@@ -52,3 +52,37 @@ def test_a_report_names_the_cpu_and_whether_it_computes_in_bf16(tmp_path):
     cpuinfo.write_text("model name\t: Intel Xeon\nflags\t\t: avx512_bf16 amx_bf16 amx_tile\n")
     assert cpu_description(cpuinfo) == "Intel Xeon, bf16 arithmetic (AMX and AVX512-BF16)"
     assert cpu_description(tmp_path / "missing") == "CPU unknown"
+
+
+def test_sampling_and_scoring_run_on_the_gpu_where_there_is_one(monkeypatch):
+    if not torch.cuda.is_available():
+        assert precision.inference_device() == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)  # the rank's GPU, as Lightning's DDP sets it
+    assert precision.inference_device() == torch.device("cuda", 1)
+    # Evaluation's default precision is read for the GPU, not for this CPU's flags.
+    for gpu_has_bf16 in (False, True):
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: gpu_has_bf16)
+        assert bf16_arithmetic() is gpu_has_bf16
+        assert EvalSettings.from_dict({}).bf16 is gpu_has_bf16
+
+
+def test_models_that_sample_or_score_load_on_the_inference_device_and_training_s_on_the_cpu(monkeypatch, reward_models):
+    from bench.core.models import load_causal_lm
+    from modules.dpo import DPO
+    from modules.reward_model import load_proxy, load_reward_model
+    from modules.rloo import RLOO
+
+    # "meta" stands in for a GPU: a device other than the CPU, which this machine can place models on.
+    monkeypatch.setattr(precision, "inference_device", lambda: torch.device("meta"))
+    assert next(load_causal_lm("tiny").parameters()).device.type == "meta"
+    assert next(load_reward_model(reward_models["judge"], role="judge").parameters()).device.type == "meta"
+    assert next(load_proxy(reward_models["proxy"]).parameters()).device.type == "meta"
+    assert next(load_causal_lm("tiny", device="cpu").parameters()).device.type == "cpu"
+    # Lightning moves training's models to its own device (and FSDP shards them from the CPU).
+    dpo = DPO(policy="tiny", reference_cache=False)
+    dpo.configure_model()
+    rloo = RLOO(policy="tiny", proxy=reward_models["proxy"], num_generations=2, max_new_tokens=6)
+    rloo.configure_model()
+    for model in (dpo.policy, dpo.reference, rloo.policy, rloo.proxy):
+        assert next(model.parameters()).device.type == "cpu"

@@ -9,6 +9,7 @@ import pytest
 
 from bench.core.errors import ConfigError
 from bench.core.precision import inference_autocast
+from bench.evaluation.judges import load_scorer
 from bench.experiments.gold import GoldSettings, check_manifest, label_pairs, relabelled_source
 from datamodules.hh_rlhf import load_splits
 from modules.reward_model import load_reward_model
@@ -119,3 +120,34 @@ def test_bad_gold_settings_name_the_field():
         GoldSettings(model="x", rule="majority")
     with pytest.raises(ConfigError, match="gold.temperature must be > 0"):
         GoldSettings(model="x", temperature=0)
+
+
+def test_a_reward_model_gold_s_labels_are_keyed_by_the_precision_it_scored_in(source, tmp_path, reward_models,
+                                                                             monkeypatch):
+    from bench.core import precision
+
+    monkeypatch.setenv("BENCH_CACHE", str(tmp_path / "bench-cache"))
+    data, root = {"path": str(source)}, tmp_path / "cache"
+    calls = []
+
+    def scorer(spec, role="gold"):
+        def made():
+            calls.append(spec)
+            return load_scorer(spec, role)
+        return made
+
+    def never():
+        raise AssertionError("scored again in the precision it was cached in")
+
+    folders = {}
+    for spec in (reward_models["judge"], "reward:vader"):
+        settings = GoldSettings(model=spec, rule="deterministic")
+        for bf16 in (True, False):
+            monkeypatch.setattr(precision, "bf16_arithmetic", lambda device_type=None, bf16=bf16: bf16)
+            folders[spec, bf16], manifest = relabelled_source(settings, data, scorer(spec), root=root)
+            assert manifest.get("precision") == (None if bf16 or spec == "reward:vader" else "fp32")
+            assert relabelled_source(settings, data, never, root=root)[0] == folders[spec, bf16]
+    # bf16 autocast keeps the key it had before precision was recorded; fp32 scores of a model are kept apart.
+    assert folders[reward_models["judge"], True] != folders[reward_models["judge"], False]
+    assert folders["reward:vader", True] == folders["reward:vader", False]  # text in, a number out
+    assert calls == [reward_models["judge"], reward_models["judge"], "reward:vader"]

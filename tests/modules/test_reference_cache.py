@@ -63,7 +63,7 @@ def test_second_run_does_not_load_the_reference(hh_path, tmp_path, caplog, monke
     assert computed_count(caplog) == n_sequences
     loaded = []
     real_load = modules.base.load_causal_lm
-    monkeypatch.setattr(modules.base, "load_causal_lm", lambda spec, *a: loaded.append(spec) or real_load(spec, *a))
+    monkeypatch.setattr(modules.base, "load_causal_lm", lambda spec, *a, **k: loaded.append(spec) or real_load(spec, *a, **k))
     module = DPO(policy="tiny", beta=0.2)  # another run of another config, same reference and data
     fit(module, datamodule(hh_path), tmp_path)
     assert loaded == ["tiny"], "only the policy is loaded"
