@@ -9,6 +9,7 @@ from typing import NamedTuple
 
 from bench.cli.logs import configure_logging
 from bench.core.errors import BenchError
+from bench.core.signals import sigterm_as_ctrl_c
 
 
 class Command(NamedTuple):
@@ -74,10 +75,11 @@ def run_command(argv: list[str]) -> None:
 
             check_reachable(create=command.store == "create")  # a table reads a store, never makes one
             check_writable_dir(cache_dir(), "the cache folder (BENCH_CACHE)")  # before work that fills it
-        importlib.import_module(f"bench.cli.{argv[0]}").run(argv[1:])
+        with sigterm_as_ctrl_c():  # `kill` or a scheduler stops a command as Ctrl-C does (bench.core.signals)
+            importlib.import_module(f"bench.cli.{argv[0]}").run(argv[1:])
     except BenchError as err:
         print(f"bench {argv[0]}: error: {err}", file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:  # outside training (which says how to resume): no traceback
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM outside training (which says how to resume): no traceback
         print(f"bench {argv[0]}: interrupted", file=sys.stderr)
         sys.exit(130)

@@ -21,6 +21,7 @@ import yaml
 from bench.core import precision
 from bench.core.errors import BenchError, first_line
 from bench.core.paths import check_writable_dir, is_disk_full
+from bench.core.signals import sigterm_to_lightning
 from bench.core.workers import WORKER_TAG, close_dead_runs, lock_run_dir, this_worker
 from bench.runs import recipes, tracking
 
@@ -491,9 +492,9 @@ def fit(cli, output_path: Path) -> TrainResult:
     os.environ[RUN_DIR_ENV] = str(cli.run_dir.resolve())
     try:
         # Lightning's progress bars write to stdout, which carries the command's result only (a run, a JSON line)
-        with contextlib.redirect_stdout(sys.stderr):
+        with contextlib.redirect_stdout(sys.stderr), sigterm_to_lightning():
             cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.resume_from)
-    except SystemExit:  # Lightning exits after Ctrl-C, with the run marked FAILED
+    except SystemExit:  # Lightning exits after Ctrl-C or SIGTERM, with the run marked FAILED
         if cli.trainer.interrupted and cli.trainer.is_global_zero:
             interrupted(cli)
             sys.exit(130)

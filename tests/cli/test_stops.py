@@ -95,3 +95,68 @@ def test_a_stopped_study_is_killed_and_the_same_command_finishes_it(workdir, hh_
     assert parent.info.status == "FINISHED" and parent.data.tags["finished_trials"] == "1"
     trials = {r.info.run_name: r.info.status for r in runs if r.data.tags.get("sweep_role") == "trial"}
     assert trials == {"tiny-dpo trial 0 · seed 0 · 3 steps": "KILLED", "tiny-dpo trial 1 · seed 0 · 3 steps": "FINISHED"}
+
+
+@pytest.fixture
+def sigterm_at_first_call(monkeypatch):
+    """`arm(module, name)`: SIGTERM is sent to this process, as `kill` or a scheduler sends it, when
+    `module.name` is first called. A SIGTERM that reaches the handler in place before the command (the default
+    would end pytest) is recorded in the returned list."""
+    import os
+    import signal
+
+    reached_outside = []
+
+    def arm(module, name: str) -> list:
+        real, sent = getattr(module, name), []
+
+        def sends_sigterm(*args, **kwargs):
+            if not sent:
+                sent.append(os.kill(os.getpid(), signal.SIGTERM))
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, sends_sigterm)
+        return reached_outside
+
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: reached_outside.append(signum))
+    yield arm
+    signal.signal(signal.SIGTERM, previous)
+
+
+@pytest.mark.slow  # over 3 s: left out of `make test-fast`
+def test_sigterm_outside_training_stops_a_comparison_as_ctrl_c_does(small_compare, capsys, sigterm_at_first_call):
+    import bench.evaluation.evaluate
+
+    reached_outside = sigterm_at_first_call(bench.evaluation.evaluate, "sample")  # the first evaluation's sampling
+    with pytest.raises(SystemExit) as exit_info:
+        main(small_compare)
+    assert exit_info.value.code == 130 and reached_outside == []
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    (parent,) = parents("small")
+    assert parent.info.status == "KILLED" and parent.data.tags["stopped"] == "interrupted"
+    assert f"its MLflow parent run {parent.info.run_id} is marked KILLED. The same command carries on" in err
+    assert [r.info.run_name for r in all_runs("small") if r.info.status == "RUNNING"] == []
+
+
+@pytest.mark.slow  # over 3 s: left out of `make test-fast`
+def test_sigterm_in_training_stops_at_the_next_batch_and_the_run_resumes(workdir, hh_path, capsys, caplog,
+                                                                         sigterm_at_first_call):
+    import modules.dpo
+
+    reached_outside = sigterm_at_first_call(modules.dpo, "dpo_loss")
+    train = ["train", "dpo", "--recipe", "tiny", f"--data.path={hh_path}", "--eval", "false",
+             "--checkpoint.every_n_train_steps=1", "--trainer.max_steps=4"]
+    with pytest.raises(SystemExit) as exit_info:
+        main(train)
+    assert exit_info.value.code == 130 and reached_outside == []
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert "Received SIGTERM" in caplog.text  # Lightning's own handling, not ours mid-step
+    (run,) = all_runs("tiny")
+    assert run.info.status == "KILLED"
+    client = mlflow.MlflowClient(tracking.tracking_uri())
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == [0]  # the batch it was in
+    assert f"interrupted; MLflow run {run.info.run_id} is marked KILLED. Continue it from its last checkpoint" in err
+    main([*train, "--resume"])
+    assert client.get_run(run.info.run_id).info.status == "FINISHED"
