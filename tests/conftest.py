@@ -48,13 +48,18 @@ def refused_tiny_training(workdir, capsys):
 
 @pytest.fixture(scope="session")
 def reward_models(tmp_path_factory):
-    """Untrained MiniLM reward models saved as a proxy and as a judge."""
+    """Untrained MiniLM reward models saved as a proxy and as a judge, their fresh heads drawn from a fixed seed
+    (a test that fails on them fails again)."""
+    import torch
+
     from modules.reward_model import ROLE_KEY, RewardModel
 
     root = tmp_path_factory.mktemp("reward_models")
-    for role in ("proxy", "judge"):
+    for seed, role in enumerate(("proxy", "judge")):  # two heads: the judge does not score as the proxy does
         module = RewardModel(backbone="all-minilm-l6-v2", role=role)
-        module.configure_model()
+        with torch.random.fork_rng():  # the tests' own random state is left as it was
+            torch.manual_seed(seed)
+            module.configure_model()
         setattr(module.model.config, ROLE_KEY, role)
         module.model.save_pretrained(root / role)
         module.tokenizer.save_pretrained(root / role)
