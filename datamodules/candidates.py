@@ -11,7 +11,7 @@ from dataclasses import asdict
 
 from bench.core.errors import ConfigError
 from bench.core.models import load_causal_lm
-from bench.core.precision import autocast_enabled, cache_key_part, inference_autocast, inference_device
+from bench.core.precision import inference_autocast, inference_key_part
 from bench.sampling.generation import JsonCache, Sampling, decode_responses, model_fingerprint, sample
 from datamodules.formatting import Formatter
 from datamodules.hh_rlhf import Pair
@@ -51,7 +51,7 @@ def ranked_rows(
         "responses": [[p.chosen, p.rejected] for p in pairs],
         "samples_per_prompt": samples_per_prompt,
         "sampling": asdict(sampling),
-        **cache_key_part(autocast_enabled(inference_device())),  # the precision the policy samples and the proxy scores in
+        **inference_key_part(),  # the precision the policy samples and the proxy scores in
     })
     cached = cache.load(key)
     if cached is not None and len(cached.get("rewards", [])) == len(pairs):

@@ -68,3 +68,9 @@ def cache_key_part(autocast: bool) -> dict:
     so an entry of one is not reused for the other. bf16 autocast, which every cached entry had before keys
     recorded it, adds nothing, so those entries keep their keys."""
     return {} if autocast else {"precision": "fp32"}
+
+
+def inference_key_part() -> dict:
+    """`cache_key_part` of the precision that sampling and scoring on `inference_device()` run in by default: what
+    a cache of on-policy samples, RRHF's candidates or a reward-model gold's scores records of it."""
+    return cache_key_part(autocast_enabled(inference_device()))

@@ -30,7 +30,7 @@ import torch
 
 from bench.core.errors import ConfigError
 from bench.core.models import cache_dir, load_causal_lm, load_tokenizer
-from bench.core.precision import autocast_enabled, cache_key_part, inference_autocast, inference_device
+from bench.core.precision import inference_autocast, inference_key_part
 from bench.core.settings import check_values
 from bench.evaluation import labelling
 from bench.evaluation.judges import load_scorer, scorer_fingerprint
@@ -95,7 +95,7 @@ def reference_responses(policy: str, formatter: Formatter, prompts: list[str], s
     prompt_ids = [formatter.generation_prompt_ids(p) for p in prompts]
     cache = JsonCache("onpolicy_samples")
     key = JsonCache.key({"model": model_fingerprint(policy), "prompts": prompt_ids, "k": k,
-                         "sampling": asdict(settings.sampling), **cache_key_part(autocast_enabled(inference_device()))})
+                         "sampling": asdict(settings.sampling), **inference_key_part()})
     cached = cache.load(key)
     if cached is not None:
         log.info("on-policy data: reusing %d x %d cached reference samples (%s)", len(prompts), k, key)
@@ -123,7 +123,7 @@ def expected_manifest(gold_spec: str, policy: str, settings: OnPolicySettings, l
         del on_policy["pairs"]
     return {"kind": "on-policy", "gold": gold_spec, "gold_fingerprint": scorer_fingerprint(gold_spec),
             "reference": policy, "reference_fingerprint": model_fingerprint(policy),
-            "on_policy": on_policy, **label, **cache_key_part(autocast_enabled(inference_device())),
+            "on_policy": on_policy, **label, **inference_key_part(),
             "chat_template": data.get("chat_template", True)}
 
 

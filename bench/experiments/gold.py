@@ -27,7 +27,7 @@ import numpy as np
 import modules
 from bench.core.errors import ConfigError, DataError
 from bench.core.models import cache_dir
-from bench.core.precision import autocast_enabled, cache_key_part, inference_autocast, inference_device
+from bench.core.precision import inference_autocast, inference_key_part
 from bench.core.settings import check_values
 from bench.evaluation import labelling, onpolicy
 from bench.evaluation.judges import load_scorer, scorer_fingerprint
@@ -72,7 +72,7 @@ def scoring_precision(settings: GoldSettings) -> dict:
     """What the gold's scores record of the precision they were computed in: nothing for a computable reward
     (text in, a number out; a hub classifier scores in fp32 itself), bf16 autocast or fp32 for a reward model
     (`cache_key_part`: bf16 entries keep the keys they had before this was recorded)."""
-    return {} if is_reward_spec(settings.model) else cache_key_part(autocast_enabled(inference_device()))
+    return {} if is_reward_spec(settings.model) else inference_key_part()
 
 
 def labels_key(settings: GoldSettings, gold_fingerprint: str, sources: list[dict]) -> str:
