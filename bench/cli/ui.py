@@ -11,6 +11,7 @@ folder beside the sqlite file), which the server reads directly; `--serve-artifa
 `mlflow-artifacts:` URIs, so `--artifacts-destination` points at the same folder for those.
 """
 
+import errno
 import ipaddress
 import os
 import signal
@@ -23,7 +24,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from bench.cli.options import OneLineParser
+from bench.cli.options import OneLineParser, int_in_range
 from bench.core.errors import BenchError
 from bench.runs.tracking import tracking_uri
 
@@ -35,8 +36,8 @@ def run(argv: list[str]) -> None:
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to bind (default 127.0.0.1, this machine only); binding beyond loopback, "
                              "e.g. 0.0.0.0, must be asked for explicitly and exposes every run to the network")
-    parser.add_argument("--port", type=int, default=5000, help="port (default 5000)")
-    parser.add_argument("--workers", type=int, default=1, help="server worker processes (default 1)")
+    parser.add_argument("--port", type=int_in_range(1, 65535), default=5000, help="port (default 5000)")
+    parser.add_argument("--workers", type=int_in_range(1, 64), default=1, help="server worker processes (default 1)")
     parser.add_argument("--hostname", action="append", default=[], metavar="NAME",
                         help="a name or address browsers use to reach the server when it is not --host "
                              "(e.g. with --host 0.0.0.0); repeatable; allowed by the Host and CORS checks")
@@ -57,8 +58,8 @@ def run(argv: list[str]) -> None:
 def serve(args, stop_asked: threading.Event) -> None:
     """Start the server in its own process group (mlflow runs uvicorn and job runners under it), print its URLs
     once it answers, and stop the whole group when asked to or when bench ends."""
+    check_port_free(args.host, args.port)  # before the store is made: a refused command leaves nothing
     command, urls = server_command(args.host, args.port, args.workers, args.hostname)
-    check_port_free(args.host, args.port)
     if stop_asked.is_set():
         return
     # The server's own output goes to stderr (stdout carries the URLs), without the deprecation warnings of its
@@ -132,14 +133,20 @@ def default_allowed(name: str) -> bool:
 
 
 def check_port_free(host: str, port: int) -> None:
+    """Bind the address as the server will, and name what is wrong with it: the port (in use, or reserved) or
+    the host (not a name that resolves, or not an address of this machine)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does
         try:
             sock.bind((host, port))
         except OSError as err:
-            raise BenchError(f"port {port} on {host} is not available ({err.strerror}); "
-                             f"stop what uses it or pass --port") from err
+            reason = err.strerror or str(err)
+            if err.errno in (errno.EADDRINUSE, errno.EACCES):
+                raise BenchError(f"port {port} on {host} is not available ({reason}); "
+                                 f"stop what uses it or pass --port") from err
+            raise BenchError(f"--host {host} cannot be bound on this machine ({reason}); pass one of its "
+                             f"addresses, 127.0.0.1 (the default) or 0.0.0.0") from err
 
 
 def wait_until_up(server: subprocess.Popen, url: str, port: int, stop_asked: threading.Event) -> bool:

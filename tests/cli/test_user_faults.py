@@ -202,3 +202,28 @@ def test_a_trainer_setting_lightning_refuses_is_one_line(workdir, hh_path, capsy
         return
     (run,) = mlflow.MlflowClient().search_runs([mlflow.get_experiment_by_name("tiny").experiment_id])
     assert run.info.status == "FAILED" and f"MLflow run {run.info.run_id} is marked FAILED; nothing was trained" in line
+
+
+@pytest.fixture
+def busy_port():
+    """A port of this machine that something is listening on."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        yield sock.getsockname()[1]
+
+
+@pytest.mark.parametrize("flags, needles", [
+    (["--port", "99999"], ["argument --port", "from 1 to 65535", "'99999'"]),
+    (["--port", "-1"], ["argument --port", "'-1'"]),
+    (["--workers", "0"], ["argument --workers", "from 1 to 64", "'0'"]),
+    (["--host", "999.1.1.1"], ["--host 999.1.1.1 cannot be bound on this machine"]),
+    (["--host", "192.0.2.1"], ["--host 192.0.2.1 cannot be bound", "Cannot assign requested address"]),  # TEST-NET-1
+    (["--port", "busy"], ["is not available", "Address already in use", "pass --port"]),
+])
+def test_bench_ui_names_a_bad_address_and_makes_no_store(workdir, capsys, busy_port, flags, needles):
+    flags = [str(busy_port) if flag == "busy" else flag for flag in flags]
+    fails_in_one_line(capsys, ["ui", *flags], *needles)
+    assert list(workdir.iterdir()) == []  # no mlflow.db: nothing was served, so nothing is made
