@@ -113,6 +113,7 @@ class Comparison:
         self.stages, self.seeds = list(self.settings.stages), list(self.settings.seeds)
         self.budget = self.settings.budget_prompts
         self.best_of_n, self.best_of_n_gold = list(self.settings.best_of_n), list(self.settings.best_of_n_gold)
+        self.check_overrides()  # before the store: a refused comparison leaves nothing
         self.client = mlflow.MlflowClient(tracking.tracking_uri())
         self.runs: dict[str, str] = {}
 
@@ -127,6 +128,22 @@ class Comparison:
         if self.best_of_n:
             self.client.log_param(run.info.run_id, "best_of_n", ",".join(map(str, self.best_of_n)))
         return run.info.run_id
+
+    def check_overrides(self) -> None:
+        """The command line's overrides, parsed against the config of every stage that needs nothing an earlier
+        stage makes: an unknown flag or a bad value is one line naming the stage, before any run exists. (A stage
+        that optimises the proxy is checked when it starts: its proxy does not exist yet.)"""
+        from bench.runs.training import train_one
+
+        for stage in self.stages:
+            algorithm = self.algorithm(stage)
+            if modules.module_class(algorithm).proxy_setting:
+                continue
+            try:
+                train_one(algorithm, self.recipe_name, self.stage_config(stage, algorithm),
+                          [*self.seed_args(self.seeds[0]), *self.argv], check_only=True)
+            except BenchError as err:
+                raise BenchError(f"stage {stage}: {err}") from None
 
     def stage_key(self, stage: str, seed: int) -> str:
         return stage if len(self.seeds) == 1 else f"{stage}.seed{seed}"

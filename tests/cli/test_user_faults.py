@@ -227,3 +227,13 @@ def test_bench_ui_names_a_bad_address_and_makes_no_store(workdir, capsys, busy_p
     flags = [str(busy_port) if flag == "busy" else flag for flag in flags]
     fails_in_one_line(capsys, ["ui", *flags], *needles)
     assert list(workdir.iterdir()) == []  # no mlflow.db: nothing was served, so nothing is made
+
+
+@pytest.mark.parametrize("flag, needles", [
+    ("--stages=nosuch", ["stage rm: unrecognized arguments: --stages=nosuch", "`bench train rm --help`"]),
+    ("--data.batch_size=0", ["stage rm:", "data.batch_size", "v>0"]),
+])
+def test_a_bad_override_of_every_stage_is_refused_before_the_comparison_makes_anything(workdir, hh_path, capsys,
+                                                                                       flag, needles):
+    fails_in_one_line(capsys, ["compare", "--recipe", "tiny", "--data-path", hh_path, flag], *needles)
+    assert list(workdir.iterdir()) == []  # no store, no parent run, no run folder
