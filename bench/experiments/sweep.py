@@ -19,7 +19,6 @@ import mlflow
 import numpy as np
 import optuna
 import sqlalchemy.exc
-import yaml
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
@@ -32,7 +31,7 @@ from bench.core.workers import WORKER_TAG, is_dead_local_worker, this_worker
 from bench.experiments.recipe import Recipe
 from bench.reports import figures
 from bench.runs import tracking
-from bench.runs.recipes import SWEEP_DIR
+from bench.runs.recipes import SWEEP_DIR, read_yaml_file
 
 log = logging.getLogger(__name__)
 # Optuna's default handler writes to the sys.stderr it found when first used, which may since be closed or
@@ -55,11 +54,8 @@ def load_space(algorithm: str, path: str | None = None) -> SearchSpace:
     file = Path(path) if path else SWEEP_DIR / f"{algorithm}.yaml"
     if not file.is_file():
         raise ConfigError(f"no search space for {algorithm!r}: {file} does not exist")
-    try:
-        content = yaml.safe_load(file.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"search space {file} is not valid YAML: {err}") from err
-    space = content.get("space")
+    content = read_yaml_file(file, "search space")
+    space = content.get("space") if isinstance(content, dict) else None
     if not isinstance(space, dict) or not space:
         raise ConfigError(f"search space {file}: `space` must map config paths to distributions")
     distributions = {name: _distribution(file, name, spec) for name, spec in space.items()}

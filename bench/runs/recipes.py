@@ -87,13 +87,34 @@ def _resolve_data_paths(recipe: dict, base: Path) -> None:
             section["path"] = resolve_data_path(section["path"], base)
 
 
+def read_yaml_file(path: Path, what: str):
+    """A user's YAML file (a recipe, a search space), or one line naming it and what is wrong with it."""
+    try:
+        return yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{what} {path} is not valid YAML: {yaml_problem(err)}") from err
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{what} {path} is not a text file ({err.reason} at byte {err.start})") from err
+    except OSError as err:
+        raise ConfigError(f"{what} {path} cannot be read ({err.strerror or err})") from err
+
+
+def yaml_problem(err: yaml.YAMLError) -> str:
+    """A YAML parser's error in one line: what is wrong and where, lines and columns counted from 1."""
+    problem, mark = getattr(err, "problem", None), getattr(err, "problem_mark", None)
+    if not problem or mark is None:
+        return " ".join(str(err).split())
+    where = f"{problem} at line {mark.line + 1}, column {mark.column + 1}"
+    context, context_mark = getattr(err, "context", None), getattr(err, "context_mark", None)
+    if context and context_mark is not None:
+        where += f" ({context} from line {context_mark.line + 1}, column {context_mark.column + 1})"
+    return where
+
+
 def load(name_or_path: str) -> tuple[str, dict]:
     """(recipe name, the recipe with its data paths resolved)."""
     path = recipe_path(name_or_path)
-    try:
-        recipe = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"recipe {path} is not valid YAML: {err}") from err
+    recipe = read_yaml_file(path, "recipe")
     if not isinstance(recipe, dict):
         raise ConfigError(f"recipe {path} must be a mapping of config sections")
     check_keys(path, recipe)

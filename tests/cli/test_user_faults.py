@@ -237,3 +237,18 @@ def test_a_bad_override_of_every_stage_is_refused_before_the_comparison_makes_an
                                                                                        flag, needles):
     fails_in_one_line(capsys, ["compare", "--recipe", "tiny", "--data-path", hh_path, flag], *needles)
     assert list(workdir.iterdir()) == []  # no store, no parent run, no run folder
+
+
+@pytest.mark.parametrize("content, needles", [
+    (b"trainer: [unclosed\n", ["is not valid YAML: expected ',' or ']', but got '<stream end>' at line 2, column 1",
+                               "(while parsing a flow sequence from line 1, column 10)"]),
+    (b"a: 1\n  b: 2\n", ["is not valid YAML: mapping values are not allowed here at line 2, column 4"]),
+    (gzip.compress(b"space: {}\n"), ["is not a text file (invalid start byte at byte 1)"]),
+], ids=["unclosed", "indented", "gzip"])
+def test_a_broken_recipe_or_search_space_file_is_one_line_with_where(workdir, capsys, content, needles):
+    broken = workdir / "broken.yaml"
+    broken.write_bytes(content)
+    fails_in_one_line(capsys, ["train", "dpo", "--recipe", str(broken)], f"recipe {broken} ", *needles)
+    fails_in_one_line(capsys, ["sweep", "dpo", "--recipe", "tiny", "--space", str(broken)],
+                      f"search space {broken} ", *needles)
+    assert sorted(p.name for p in workdir.iterdir()) == ["broken.yaml"]
