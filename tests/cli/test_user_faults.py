@@ -252,3 +252,12 @@ def test_a_broken_recipe_or_search_space_file_is_one_line_with_where(workdir, ca
     fails_in_one_line(capsys, ["sweep", "dpo", "--recipe", "tiny", "--space", str(broken)],
                       f"search space {broken} ", *needles)
     assert sorted(p.name for p in workdir.iterdir()) == ["broken.yaml"]
+
+
+def test_a_checkpoint_with_a_damaged_config_is_named_by_bench_eval(tmp_path, workdir, capsys):
+    damaged = tmp_path / "policy"
+    damaged.mkdir()
+    (damaged / "config.json").write_text("{not json")
+    fails_in_one_line(capsys, ["eval", str(damaged)], f"checkpoint {damaged} could not be read",
+                      "config.json' is not a valid JSON file")
+    assert sorted(p.name for p in workdir.iterdir()) == ["policy"]  # no store
