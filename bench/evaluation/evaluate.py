@@ -487,13 +487,18 @@ def record_eval(target: Target, settings: EvalSettings, judge, proxy, metrics: d
     return run_id
 
 
-def check_evaluation_possible(recipe_name: str, settings: EvalSettings) -> None:
-    """`--eval true` needs a judge: the recipe's, or the experiment's newest judge reward model."""
-    if settings.judge == "latest":
-        try:
-            tracking.find_reward_model(recipe_name, "judge")
-        except BenchError as err:
-            raise BenchError(f"--eval true: {err} (--eval.judge=PATH)") from None
+def check_evaluation_possible(recipe_name: str, settings: EvalSettings, why: str = "--eval true",
+                              needs_proxy: bool = False) -> None:
+    """An evaluation that must happen (`why`) needs a judge: the recipe's, or the experiment's newest judge reward
+    model; with `needs_proxy` (a study that selects on the proxy's score), a proxy too."""
+    for role, spec, needed in (("judge", settings.judge, True), ("proxy", settings.proxy, needs_proxy)):
+        if needed and spec in ("latest", None):
+            try:
+                if spec is None:
+                    raise BenchError("eval.proxy is off")
+                tracking.find_reward_model(recipe_name, role)
+            except BenchError as err:
+                raise BenchError(f"{why}: {err} (--eval.{role}=PATH)") from None
 
 
 def evaluate_after_training(run_id: str, recipe_name: str, settings: EvalSettings, required: bool) -> Evaluated | None:

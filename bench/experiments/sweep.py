@@ -446,6 +446,10 @@ def sweep(
             log.warning("the grid holds %d points; running %d trials, not %d", grid_size, grid_size, n_trials)
             n_trials = grid_size
     check_trial_config(algorithm, recipe, space, overrides)
+    from bench.evaluation.evaluate import check_evaluation_possible
+
+    check_evaluation_possible(recipe_name, recipe.eval, "a study evaluates every trial",
+                              needs_proxy=any(o.metric.startswith("eval/proxy") for o in objectives))
     storage = open_storage(storage_url or default_storage(), heartbeat_interval, grace_period)
     study_name = study_name or f"{recipe_name}-{algorithm}"
     pruner = (optuna.pruners.MedianPruner(n_startup_trials=2) if prune and len(objectives) == 1

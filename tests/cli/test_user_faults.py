@@ -261,3 +261,16 @@ def test_a_checkpoint_with_a_damaged_config_is_named_by_bench_eval(tmp_path, wor
     fails_in_one_line(capsys, ["eval", str(damaged)], f"checkpoint {damaged} could not be read",
                       "config.json' is not a valid JSON file")
     assert sorted(p.name for p in workdir.iterdir()) == ["policy"]  # no store
+
+
+@pytest.mark.parametrize("extra, needle", [
+    ([], "a study evaluates every trial: no finished judge reward model in experiment 'tiny'"),
+    (["--eval.judge=JUDGE", "--objective", "eval/proxy_score"],
+     "a study evaluates every trial: no finished proxy reward model in experiment 'tiny'"),
+])
+def test_a_study_without_its_judge_or_proxy_is_refused_before_trial_0_trains(workdir, hh_path, reward_models, capsys,
+                                                                             extra, needle):
+    extra = [flag.replace("JUDGE", reward_models["judge"]) for flag in extra]
+    fails_in_one_line(capsys, ["sweep", "dpo", "--recipe", "tiny", "--n-trials", "1", f"--data.path={hh_path}", *extra],
+                      needle)
+    assert list(workdir.iterdir()) == []  # no study, no store, no trial's folder
