@@ -28,7 +28,7 @@ from bench.core.memory import collections_of_new_objects_only
 from bench.core.workers import WORKER_TAG, close_dead_runs, this_worker
 from bench.evaluation.best_of_n import evaluate_best_of_n
 from bench.evaluation.best_of_n import stage_name as best_of_n_stage_name
-from bench.evaluation.evaluate import EvalSettings
+from bench.evaluation.evaluate import EvalSettings, check_evaluation_possible
 from bench.evaluation.overoptimisation import ScoresAlongTraining
 from bench.experiments.recipe import Recipe, resolve
 from bench.reports import figures
@@ -113,7 +113,7 @@ class Comparison:
         self.stages, self.seeds = list(self.settings.stages), list(self.settings.seeds)
         self.budget = self.settings.budget_prompts
         self.best_of_n, self.best_of_n_gold = list(self.settings.best_of_n), list(self.settings.best_of_n_gold)
-        self.check_overrides()  # before the store: a refused comparison leaves nothing
+        self.budgets = self.check_before_anything()
         self.client = mlflow.MlflowClient(tracking.tracking_uri())
         self.runs: dict[str, str] = {}
 
@@ -128,6 +128,18 @@ class Comparison:
         if self.best_of_n:
             self.client.log_param(run.info.run_id, "best_of_n", ",".join(map(str, self.best_of_n)))
         return run.info.run_id
+
+    def check_before_anything(self) -> dict[str, list[str]]:
+        """What a user can get wrong is refused before the store, a parent run or a stage exists: the command
+        line's overrides, every stage's budget (returned: each stage's overrides that set it) and the judge."""
+        self.check_overrides()
+        budgets = {stage: budget_overrides(self.algorithm(stage), self.stage_config(stage, self.algorithm(stage)),
+                                           self.budget)
+                   for stage in self.aligned_stages() if self.budget}
+        if modules.reward_model_name() not in self.stages and (self.aligned_stages() or "sft" in self.stages):
+            # No judge of its own: the one it names, or the experiment's newest, must exist before a stage trains.
+            check_evaluation_possible(self.recipe_name, self.recipe.eval, "a comparison evaluates every stage")
+        return budgets
 
     def check_overrides(self) -> None:
         """The command line's overrides, parsed against the config of every stage that needs nothing an earlier
@@ -178,10 +190,6 @@ class Comparison:
         return result
 
     def run(self) -> dict:
-        # Every stage's budget is checked before the first one trains.
-        budgets = {stage: budget_overrides(self.algorithm(stage), self.stage_config(stage, self.algorithm(stage)),
-                                           self.budget)
-                   for stage in self.aligned_stages() if self.budget}
         close_dead_runs(self.client, self.recipe_name)
         self.parent = self.parent_run()
         log.info("comparison of %s over seeds %s under MLflow parent run %s", ", ".join(self.stages), self.seeds,
@@ -191,7 +199,7 @@ class Comparison:
         with tracking.closed_on_error(self.client, self.parent, "the comparison", self.command,
                                       discard=self.refused_before_any_stage), collections_of_new_objects_only():
             for seed in self.seeds:
-                self.run_seed(seed, budgets)
+                self.run_seed(seed, self.budgets)
         self.client.set_terminated(self.parent)  # first: `bench table` reads finished comparisons only
         figures.log_figures_of_finished_run(self.client, self.parent, figures.comparison_run_ids(self.client, self.parent))
         if self.aligned_stages() or self.best_of_n:  # rows to table: the parent run carries the table itself

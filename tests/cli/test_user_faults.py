@@ -274,3 +274,16 @@ def test_a_study_without_its_judge_or_proxy_is_refused_before_trial_0_trains(wor
     fails_in_one_line(capsys, ["sweep", "dpo", "--recipe", "tiny", "--n-trials", "1", f"--data.path={hh_path}", *extra],
                       needle)
     assert list(workdir.iterdir()) == []  # no study, no store, no trial's folder
+
+
+def test_a_comparison_without_a_judge_is_refused_before_its_first_stage_trains(workdir, hh_path, capsys):
+    import yaml
+
+    from bench.runs import recipes
+
+    _, recipe = recipes.load("tiny")
+    recipe["compare"]["stages"] = ["dpo"]  # no reward-model stage: no judge of its own
+    (workdir / "one.yaml").write_text(yaml.safe_dump(recipe))
+    fails_in_one_line(capsys, ["compare", "--recipe", "one.yaml", "--data-path", hh_path],
+                      "a comparison evaluates every stage: no finished judge reward model in experiment 'one'")
+    assert sorted(p.name for p in workdir.iterdir()) == ["one.yaml"]  # no store, parent run or stage's folder
