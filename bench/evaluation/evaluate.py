@@ -492,10 +492,10 @@ def check_evaluation_possible(recipe_name: str, settings: EvalSettings, why: str
     """An evaluation that must happen (`why`) needs a judge: the recipe's, or the experiment's newest judge reward
     model; with `needs_proxy` (a study that selects on the proxy's score), a proxy too."""
     for role, spec, needed in (("judge", settings.judge, True), ("proxy", settings.proxy, needs_proxy)):
-        if needed and spec in ("latest", None):
+        if needed and spec is None:
+            raise BenchError(f"{why}: eval.{role} is off (--eval.{role}=PATH)")
+        if needed and spec == "latest":
             try:
-                if spec is None:
-                    raise BenchError("eval.proxy is off")
                 tracking.find_reward_model(recipe_name, role)
             except BenchError as err:
                 raise BenchError(f"{why}: {err} (--eval.{role}=PATH)") from None
