@@ -13,8 +13,8 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig
 
 from bench.core import precision
-from bench.core.errors import BenchError, ConfigError, first_line
-from bench.core.models import load_reward_backbone, load_tokenizer
+from bench.core.errors import BenchError, ConfigError
+from bench.core.models import load_reward_backbone, load_tokenizer, read_model_config
 from bench.core.models import resolve as resolve_model
 from datamodules.formatting import RewardFormatter
 from modules.base import NonFiniteLossPolicy, TrainedHFModel
@@ -134,10 +134,7 @@ def check_reward_model(path: str, role: str) -> str:
         raise ConfigError(f"{role} reward model {path}: {err}") from err
     if Path(source).exists() and not (Path(source) / "config.json").exists():
         raise ConfigError(f"{role} reward model {path}: no config.json, so it is not a saved reward model")
-    try:
-        config = AutoConfig.from_pretrained(source)
-    except (OSError, ValueError) as err:
-        raise ConfigError(f"{role} reward model {path} could not be read: {first_line(err)}") from err
+    config = read_model_config(source, f"{role} reward model {path}")
     architectures = config.architectures or []
     if not any(a.endswith("ForSequenceClassification") for a in architectures) or config.num_labels != 1:
         raise ConfigError(

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
@@ -25,7 +26,7 @@ from transformers import (
 
 from bench.core import precision
 from bench.core.atomic import held_lock, written_whole
-from bench.core.errors import ModelSpecError
+from bench.core.errors import ConfigError, ModelSpecError, first_line
 from bench.core.paths import cache_dir
 
 log = logging.getLogger(__name__)
@@ -149,6 +150,15 @@ def check_weights(spec: str, folder: Path) -> None:
             fix = (f"delete it (rm -r {where}) and it is rebuilt on the next run" if where.is_relative_to(cache_dir().resolve())
                    else "restore it, or train it again")
             raise ModelSpecError(f"model spec {spec!r}: {weights} is damaged ({' '.join(str(err).split())}); {fix}") from None
+
+
+def read_model_config(source, what: str):
+    """The transformers config of a model folder or hub id, or one line naming `what` could not be read (a damaged
+    config.json)."""
+    try:
+        return AutoConfig.from_pretrained(source)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"{what} could not be read: {first_line(err)}") from None
 
 
 def _from_pretrained(loader, spec: str, **kwargs):

@@ -37,13 +37,12 @@ import torch
 import yaml
 from mlflow.exceptions import MlflowException
 from tqdm.auto import tqdm
-from transformers import AutoConfig
 
 import modules
 from bench.core import precision
 from bench.core.batches import length_batches
-from bench.core.errors import BenchError, ConfigError, first_line
-from bench.core.models import BUILTIN_SPECS, load_causal_lm, load_tokenizer, resolve
+from bench.core.errors import BenchError, ConfigError
+from bench.core.models import BUILTIN_SPECS, load_causal_lm, load_tokenizer, read_model_config, resolve
 from bench.core.settings import check_values
 from bench.evaluation.judges import RewardModelJudge, judge_class
 from bench.evaluation.metrics import BootstrapMean, WinRate
@@ -129,10 +128,7 @@ def _check_is_policy(spec: str, what: str) -> None:
     folder = Path(resolve(spec))
     if not (folder / "config.json").exists():
         return  # a hub id: transformers checks when it loads
-    try:
-        architectures = AutoConfig.from_pretrained(folder).architectures or []
-    except (OSError, ValueError) as err:  # a damaged config.json
-        raise BenchError(f"{what} {spec} could not be read: {first_line(err)}") from None
+    architectures = read_model_config(folder, f"{what} {spec}").architectures or []
     if architectures and not any(a.endswith("ForCausalLM") for a in architectures):
         raise BenchError(f"{what} {spec} is not a policy (a causal LM): its architectures are {architectures}; "
                          "a reward model cannot be evaluated as a policy")
