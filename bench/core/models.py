@@ -125,7 +125,7 @@ def resolve(spec: str) -> str:
     if path.exists():
         if not (path / "config.json").exists():
             raise ModelSpecError(f"model spec {spec!r}: folder {path} has no config.json, so it is not an HF model")
-        check_weights(spec, path)
+        check_files(spec, path)
         return str(path)
     looks_like_hub_id = spec.count("/") == 1 and not spec.startswith((".", "/", "~"))
     if not looks_like_hub_id:
@@ -136,20 +136,29 @@ def resolve(spec: str) -> str:
     return spec
 
 
-def check_weights(spec: str, folder: Path) -> None:
-    """Every safetensors file's header covers the file (a truncated or damaged one fails here in milliseconds,
-    not as a traceback inside a run)."""
+def check_files(spec: str, folder: Path) -> None:
+    """config.json parses and every safetensors file's header covers the file (a truncated or damaged one fails
+    here in milliseconds, before any run or store is made, not as a traceback inside a run)."""
     from safetensors import safe_open
 
+    config = folder / "config.json"
+    try:
+        json.loads(config.read_text())
+    except (OSError, ValueError) as err:  # ValueError: not JSON, or not text (UnicodeDecodeError)
+        raise damaged_file(spec, folder, config, err) from None
     for weights in sorted(folder.glob("*.safetensors")):
         try:
             with safe_open(weights, "pt"):
                 pass
         except Exception as err:  # SafetensorError, OSError
-            where = folder.resolve()
-            fix = (f"delete it (rm -r {where}) and it is rebuilt on the next run" if where.is_relative_to(cache_dir().resolve())
-                   else "restore it, or train it again")
-            raise ModelSpecError(f"model spec {spec!r}: {weights} is damaged ({' '.join(str(err).split())}); {fix}") from None
+            raise damaged_file(spec, folder, weights, err) from None
+
+
+def damaged_file(spec: str, folder: Path, file: Path, err: Exception) -> ModelSpecError:
+    where = folder.resolve()
+    fix = (f"delete it (rm -r {where}) and it is rebuilt on the next run" if where.is_relative_to(cache_dir().resolve())
+           else "restore it, or train it again")
+    return ModelSpecError(f"model spec {spec!r}: {file} is damaged ({' '.join(str(err).split())}); {fix}")
 
 
 def read_model_config(source, what: str):

@@ -305,12 +305,19 @@ def train_cli_class():
             options = self.run_options
             if options.check_only:
                 return None
+            # Its logger comes later (`attach_logger`), as the logger makes the MLflow store.
+            trainer = super().instantiate_trainer(logger=False, default_root_dir=str(self.run_dir), **kwargs)
+            trainer.callbacks.extend([TrainingThroughput(), *(options.callbacks or [])])
+            return trainer
+
+        def attach_logger(self) -> None:
+            """The run's MLflow logger, made once the settings and the data have been read: a fault in either
+            stops the command before it has made a store."""
+            options = self.run_options
             resumed_run_id = self.earlier["mlflow_run_id"] if self.resume_from and self.earlier else None
             self.run_logger = tracking.make_logger(options.recipe_name, self.run_dir.name, options.tags,
                                                    run_id=resumed_run_id)
-            trainer = super().instantiate_trainer(logger=self.run_logger, default_root_dir=str(self.run_dir), **kwargs)
-            trainer.callbacks.extend([TrainingThroughput(), *(options.callbacks or [])])
-            return trainer
+            self.trainer.logger = self.run_logger
 
     return TrainCLI
 
@@ -473,6 +480,7 @@ def train_one(
     output_path = (cli.run_dir / module_class.output_name).resolve()
     # The data is read now, not in fit: a fault in it then stops the command before any run or folder exists.
     cli.datamodule.setup("fit")
+    cli.attach_logger()
     if not is_rank_zero:
         return fit(cli, output_path)
     cli.rerun_command = rerun_command

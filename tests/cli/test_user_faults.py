@@ -25,9 +25,11 @@ def fails_in_one_line(capsys, argv: list[str], *needles: str) -> str:
     return errors[0]
 
 
-def nothing_written(workdir: Path) -> None:
+def nothing_written(workdir: Path, store_was_there: bool = False) -> None:
+    """No run folder, and no MLflow store made (one that was there holds no run)."""
     assert not (workdir / "runs").exists()
-    if (workdir / "mlflow.db").exists():
+    assert (workdir / "mlflow.db").exists() == store_was_there
+    if store_was_there:
         client = mlflow.MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")  # not an earlier test's global URI
         assert not client.search_runs([e.experiment_id for e in client.search_experiments()])
 
@@ -78,7 +80,7 @@ def test_unwritable_or_bad_output_folders_are_named_before_any_work(workdir, cap
     for root_dir, problem in (("/sys/dpo-run", "cannot write in /sys"), (f"{a_file}/run", "a file, not a folder")):
         fails_in_one_line(capsys, ["train", "dpo", "--recipe", "tiny", f"--trainer.default_root_dir={root_dir}"],
                           f"--trainer.default_root_dir {root_dir}", problem)
-    nothing_written(workdir)
+    nothing_written(workdir, store_was_there=True)
     assert sorted(p.name for p in workdir.iterdir()) == ["a-file", "mlflow.db"]
 
 
@@ -254,12 +256,14 @@ def test_a_broken_recipe_or_search_space_file_is_one_line_with_where(workdir, ca
     assert sorted(p.name for p in workdir.iterdir()) == ["broken.yaml"]
 
 
-def test_a_checkpoint_with_a_damaged_config_is_named_by_bench_eval(tmp_path, workdir, capsys):
+def test_a_checkpoint_with_a_damaged_config_is_named_before_any_store(tmp_path, workdir, hh_path, capsys):
     damaged = tmp_path / "policy"
     damaged.mkdir()
     (damaged / "config.json").write_text("{not json")
-    fails_in_one_line(capsys, ["eval", str(damaged)], f"checkpoint {damaged} could not be read",
-                      "config.json' is not a valid JSON file")
+    for argv in (["eval", str(damaged)], ["train", "dpo", "--recipe", "tiny", f"--data.path={hh_path}",
+                                          f"--model.policy={damaged}"]):
+        fails_in_one_line(capsys, argv, f"model spec '{damaged}': {damaged / 'config.json'} is damaged (Expecting",
+                          "restore it, or train it again")
     assert sorted(p.name for p in workdir.iterdir()) == ["policy"]  # no store
 
 
