@@ -63,11 +63,14 @@ def inference_autocast(device: torch.device | str, enabled: bool | None = None):
 
 
 def cache_key_part(autocast: bool) -> dict:
-    """What a cache key records of the precision samples or scores were computed in (bf16 `autocast` or
-    fp32): they differ between bf16 autocast and fp32 (a sampled token can flip at a near-tie),
-    so an entry of one is not reused for the other. bf16 autocast, which every cached entry had before keys
-    recorded it, adds nothing, so those entries keep their keys."""
-    return {} if autocast else {"precision": "fp32"}
+    """What a cache key records of how samples or scores were computed: the precision (bf16 `autocast` or fp32)
+    and the kind of device they ran on (`inference_device()`'s: a CUDA kernel rounds otherwise than a CPU's). Either
+    can flip a sampled token at a near-tie, so an entry of one is not reused for another (a cache folder shared by
+    a CPU machine and a GPU node). bf16 autocast on the CPU, which every cached entry had before keys recorded
+    these, adds nothing, so those entries keep their keys."""
+    part = {} if autocast else {"precision": "fp32"}
+    device_type = inference_device().type
+    return part if device_type == "cpu" else {**part, "device": device_type}
 
 
 def inference_key_part() -> dict:

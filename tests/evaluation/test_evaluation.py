@@ -10,6 +10,7 @@ import mlflow
 import pytest
 import torch
 
+import bench.core.precision
 import bench.evaluation.evaluate
 import bench.evaluation.judges
 import bench.runs.tracking
@@ -111,6 +112,11 @@ def test_reference_samples_are_drawn_and_cached_in_the_precision_asked_for(token
     before = JsonCache.key({"model": model_fingerprint("tiny"), "prompts": prompt_ids, "sampling": drawn.__dict__})
     assert reference_samples_key("tiny", prompt_ids, drawn, autocast=True) == before
     assert reference_samples_key("tiny", prompt_ids, drawn, autocast=False) != before
+    # nor is an entry drawn on the CPU reused on a GPU, which rounds otherwise
+    on_cpu = {reference_samples_key("tiny", prompt_ids, drawn, autocast=a) for a in (True, False)}
+    monkeypatch.setattr(bench.core.precision, "inference_device", lambda: torch.device("cuda", 0))
+    on_gpu = {reference_samples_key("tiny", prompt_ids, drawn, autocast=a) for a in (True, False)}
+    assert len(on_gpu) == 2 and not on_gpu & on_cpu
 
 
 @pytest.mark.slow  # over 3 s: left out of `make test-fast`
