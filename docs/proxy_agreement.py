@@ -12,7 +12,7 @@ import sys
 from bench.core.models import load_tokenizer
 from bench.evaluation.evaluate import eval_formatter
 from bench.evaluation.judges import load_scorer
-from bench.evaluation.onpolicy import OnPolicySettings, candidate_pairs, reference_responses
+from bench.evaluation.onpolicy import OnPolicySettings, candidate_pairs, order_agreement, reference_responses
 from bench.sampling.generation import Sampling
 from datamodules.hh_rlhf import load_splits
 
@@ -20,9 +20,7 @@ REFERENCE = "smollm2-135m-instruct"
 
 
 def agreement(scorer, gold_margin, prompts, first, second) -> float:
-    margin = scorer.score(prompts, first) - scorer.score(prompts, second)
-    decided = gold_margin != 0
-    return ((margin > 0) == (gold_margin > 0))[decided].float().mean().item()
+    return order_agreement(scorer.score(prompts, first) - scorer.score(prompts, second), gold_margin)
 
 
 def main(folder: str, proxies: list[str]) -> None:

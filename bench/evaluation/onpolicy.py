@@ -231,7 +231,13 @@ def proxy_gold_agreement(proxy_spec: str, gold_spec: str, data: dict, split: str
     gold_margin = (gold.score(prompts, chosen) - gold.score(prompts, rejected)).double()
     proxy_margin = (proxy.score(prompts, chosen) - proxy.score(prompts, rejected)).double()
     decided = gold_margin != 0
-    agrees = (proxy_margin > 0) == (gold_margin > 0)
-    return {"eval/proxy_gold_agreement": agrees[decided].float().mean().item(),
+    return {"eval/proxy_gold_agreement": order_agreement(proxy_margin, gold_margin),
             "eval/label_gold_agreement": (gold_margin[decided] > 0).float().mean().item(),
             "eval/proxy_gold_agreement_pairs": int(decided.sum())}
+
+
+def order_agreement(margin: torch.Tensor, gold_margin: torch.Tensor) -> float:
+    """The share of pairs that a scorer's `margin` (first minus second response) orders as `gold_margin` does,
+    of the pairs the gold does not score equal."""
+    decided = gold_margin != 0
+    return ((margin > 0) == (gold_margin > 0))[decided].float().mean().item()

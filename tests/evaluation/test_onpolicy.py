@@ -225,3 +225,13 @@ def test_a_reward_named_like_a_builtin_is_refused_and_a_subclass_keeping_its_nam
         pass
 
     assert REWARDS["vader"].__name__ == "VaderSentiment" and StricterVader.name == "vader"
+
+
+def test_order_agreement_counts_only_the_pairs_the_gold_decides():
+    import torch
+
+    from bench.evaluation.onpolicy import order_agreement
+
+    margin = torch.tensor([1.0, -1.0, 2.0, 0.5, -0.2])
+    gold = torch.tensor([0.3, 0.1, 0.0, -3.0, -1.0])  # the third pair is a tie of the gold: left out
+    assert order_agreement(margin, gold) == pytest.approx(2 / 4)  # the first and the last agree
