@@ -162,8 +162,9 @@ def damaged_file(spec: str, folder: Path, file: Path, err: Exception) -> ModelSp
 
 
 def read_model_config(source, what: str):
-    """The transformers config of a model folder or hub id, or one line naming `what` could not be read (a damaged
-    config.json)."""
+    """The transformers config of a model folder or hub id, or one line naming `what` could not be read: a hub
+    config that cannot be fetched, or a config.json that is JSON but not one transformers knows (an unknown
+    model_type). A local config.json that is not JSON at all is refused earlier, by `resolve`."""
     try:
         return AutoConfig.from_pretrained(source)
     except (OSError, ValueError) as err:

@@ -264,6 +264,9 @@ def test_a_checkpoint_with_a_damaged_config_is_named_before_any_store(tmp_path, 
                                           f"--model.policy={damaged}"]):
         fails_in_one_line(capsys, argv, f"model spec '{damaged}': {damaged / 'config.json'} is damaged (Expecting",
                           "restore it, or train it again")
+    (damaged / "config.json").write_text('{"model_type": "nosuch"}')  # JSON, but no model transformers knows
+    fails_in_one_line(capsys, ["eval", str(damaged)], f"checkpoint {damaged} could not be read",
+                      "has model type `nosuch` but Transformers does not recognize this architecture")
     assert sorted(p.name for p in workdir.iterdir()) == ["policy"]  # no store
 
 
